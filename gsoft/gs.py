@@ -1,0 +1,264 @@
+"""Group-and-Shuffle (GS) orthogonal matrices: the one place where the math lives.
+
+Conventions (see README, "The math"):
+
+* A GS matrix of size ``n = n_blocks * block_size`` with ``m = n_factors`` factors is
+
+      Q = (P^T)^(m-1) · B_m · P · B_(m-1) · ... · P · B_1
+
+  where every ``B_i`` is block-diagonal with ``n_blocks`` orthogonal ``block_size x block_size`` blocks and
+  ``P = P_(n_blocks, n)`` is the perfect shuffle. For ``m = 2`` this is the paper's ``Q = P^T L P R``
+  (``R = B_1`` acts first); for ``m = 1`` it is OFT's block-diagonal rotation.
+* ``P_(k, n)`` acting on a vector: reshape row-major to ``(k, n // k)``, transpose, flatten. Its inverse is
+  ``P_(n // k, n)``.
+* Blocks are stored as a tensor of shape ``(n_factors, n_blocks, block_size, block_size)``; ``gs_apply`` computes
+  ``Q x`` for every vector ``x`` along one dimension of a tensor, without materialising ``Q``.
+* Skew-symmetric blocks are parametrised by their ``b (b - 1) / 2`` strictly-upper-triangular entries, in
+  ``torch.triu_indices(b, b, 1)`` order (the same order as PEFT's OFT), ``K = U - U^T``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Literal, Union
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+OrthogonalMap = Literal["cayley", "cayley_neumann", "exp"]
+ORTHOGONAL_MAPS: tuple[str, ...] = ("cayley", "cayley_neumann", "exp")
+NFactors = Union[int, Literal["auto"]]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sizes
+# ----------------------------------------------------------------------------------------------------------------------
+def divisors(n: int) -> list[int]:
+    """All divisors of ``n``, used to tell users which block sizes would fit a layer."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def resolve_blocks(n: int, block_size: int | None = None, n_blocks: int | None = None, where: str = "") -> tuple[int, int]:
+    """Turn exactly one of ``block_size`` / ``n_blocks`` into ``(block_size, n_blocks)`` for a dimension ``n``.
+
+    Raises a ``ValueError`` that lists the sizes that would fit instead of silently adjusting them (PEFT's OFT rounds
+    the block size to a neighbour with a warning; we prefer an explicit choice).
+    """
+    where = f" for {where}" if where else ""
+    if (block_size is None) == (n_blocks is None):
+        raise ValueError(
+            f"Give exactly one of `block_size` and `n_blocks`{where} (got block_size={block_size}, n_blocks={n_blocks});"
+            " n = block_size * n_blocks."
+        )
+    valid = [d for d in divisors(n) if d >= 2]
+    if block_size is not None:
+        if block_size < 2 or n % block_size != 0:
+            raise ValueError(
+                f"block_size={block_size} does not divide the dimension {n}{where}. Block sizes that would: {valid}."
+            )
+        return block_size, n // block_size
+    valid_nb = [n // d for d in valid]
+    if n_blocks < 1 or n % n_blocks != 0 or n // n_blocks < 2:
+        raise ValueError(
+            f"n_blocks={n_blocks} does not divide the dimension {n}{where} into blocks of size >= 2. "
+            f"Numbers of blocks that would: {sorted(valid_nb)}."
+        )
+    return n // n_blocks, n_blocks
+
+
+def auto_n_factors(n_blocks: int, block_size: int) -> int:
+    """Fewest GS factors giving a dense matrix: ``1 + ceil(log_b r)`` (computed in integers, no float rounding)."""
+    if block_size < 2:
+        raise ValueError(f"block_size must be >= 2, got {block_size}.")
+    k, reach = 0, 1
+    while reach < n_blocks:
+        reach *= block_size
+        k += 1
+    return 1 + k
+
+
+def resolve_n_factors(n_factors: NFactors, n_blocks: int, block_size: int, where: str = "") -> int:
+    """Validate ``n_factors`` (an int >= 1 or ``"auto"``) for one dimension and return it as an int."""
+    where = f" for {where}" if where else ""
+    if n_factors == "auto":
+        return auto_n_factors(n_blocks, block_size)
+    if isinstance(n_factors, bool) or not isinstance(n_factors, int) or n_factors < 1:
+        raise ValueError(f"n_factors must be an int >= 1 or 'auto', got {n_factors!r}.")
+    if n_factors > 1 and n_blocks == 1:
+        raise ValueError(
+            f"n_factors={n_factors} needs at least 2 blocks, but block_size={block_size} covers the whole dimension"
+            f"{where}: one factor is already a dense rotation. Use n_factors=1 or 'auto', or a smaller block_size."
+        )
+    return n_factors
+
+
+def gs_param_count(n: int, block_size: int, n_factors: int) -> int:
+    """Trainable skew parameters of one GS matrix: ``n_factors * n_blocks * b (b - 1) / 2``."""
+    return n_factors * (n // block_size) * n_skew_params(block_size)
+
+
+def n_skew_params(block_size: int) -> int:
+    """Free entries of one ``b x b`` skew-symmetric block."""
+    return block_size * (block_size - 1) // 2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Orthogonal blocks
+# ----------------------------------------------------------------------------------------------------------------------
+def skew_symmetric(params: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``(..., b(b-1)/2)`` free entries -> ``(..., b, b)`` skew-symmetric matrices ``K = U - U^T``."""
+    if params.shape[-1] != n_skew_params(block_size):
+        raise ValueError(
+            f"Expected {n_skew_params(block_size)} skew parameters per block of size {block_size}, "
+            f"got {params.shape[-1]}."
+        )
+    rows, cols = torch.triu_indices(block_size, block_size, 1, device=params.device)
+    upper = params.new_zeros(*params.shape[:-1], block_size, block_size)
+    upper[..., rows, cols] = params
+    return upper - upper.transpose(-1, -2)
+
+
+def skew_params(skew: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`skew_symmetric`: the strictly-upper entries of ``(..., b, b)`` matrices."""
+    rows, cols = torch.triu_indices(skew.shape[-1], skew.shape[-1], 1, device=skew.device)
+    return skew[..., rows, cols]
+
+
+def orthogonal_from_skew(
+    skew: torch.Tensor, orthogonal_map: OrthogonalMap = "cayley", neumann_terms: int = 5
+) -> torch.Tensor:
+    """Map skew-symmetric ``K`` (``(..., b, b)``) to orthogonal blocks.
+
+    * ``cayley`` (exact): ``(I + K)(I - K)^{-1}``, one batched ``torch.linalg.solve``.
+    * ``cayley_neumann`` (approximate): ``(I + K)(I + K + ... + K^(t-1))`` with ``t = neumann_terms``. It equals the
+      exact Cayley map times ``(I - K^t)``, so ``||Q - Q_cayley||_2 <= ||K||_2^t``: accurate while ``||K||_2 << 1``,
+      which is the fine-tuning regime (K starts at zero), and not orthogonal for large K.
+    * ``exp`` (exact): ``torch.matrix_exp(K)``.
+    """
+    eye = torch.eye(skew.shape[-1], dtype=skew.dtype, device=skew.device)
+    if orthogonal_map == "cayley":
+        return torch.linalg.solve(eye - skew, eye + skew)
+    if orthogonal_map == "cayley_neumann":
+        if neumann_terms < 1:
+            raise ValueError(f"neumann_terms must be >= 1, got {neumann_terms}.")
+        series = eye.expand_as(skew)
+        power = eye.expand_as(skew)
+        for _ in range(1, neumann_terms):
+            power = power @ skew
+            series = series + power
+        return (eye + skew) @ series
+    if orthogonal_map == "exp":
+        return torch.linalg.matrix_exp(skew)
+    raise ValueError(f"Unknown orthogonal_map {orthogonal_map!r}; choose one of {ORTHOGONAL_MAPS}.")
+
+
+def orthogonal_blocks(
+    params: torch.Tensor, block_size: int, orthogonal_map: OrthogonalMap = "cayley", neumann_terms: int = 5
+) -> torch.Tensor:
+    """Free skew parameters ``(..., b(b-1)/2)`` -> orthogonal blocks ``(..., b, b)`` in the parameters' dtype.
+
+    Computed in at least float32 with autocast off: a Cayley solve in fp16/bf16 loses orthogonality (and CPUs have
+    no half-precision solve).
+    """
+    compute = params if params.dtype in (torch.float32, torch.float64) else params.float()
+    with torch.autocast(device_type=params.device.type, enabled=False):
+        blocks = orthogonal_from_skew(skew_symmetric(compute, block_size), orthogonal_map, neumann_terms)
+    return blocks.to(params.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Applying GS matrices
+# ----------------------------------------------------------------------------------------------------------------------
+def perfect_shuffle(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Apply ``P_(k, n)`` to the rows of ``x`` (shape ``(N, n)``): reshape to ``(k, n/k)``, transpose, flatten."""
+    rows, n = x.shape
+    return x.view(rows, k, n // k).transpose(1, 2).reshape(rows, n)
+
+
+def block_diag_apply(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``y = B x`` for rows ``x`` of shape ``(N, r * b)`` and block-diagonal ``B`` given as ``(r, b, b)`` blocks."""
+    rows, n = x.shape
+    r, b, _ = blocks.shape
+    return torch.einsum("nkj,kij->nki", x.view(rows, r, b), blocks).reshape(rows, n)
+
+
+def gs_apply(x: torch.Tensor, blocks: torch.Tensor, dim: int = -1, transpose: bool = False) -> torch.Tensor:
+    """Compute ``Q x`` (or ``Q^T x`` with ``transpose=True``) for every vector of ``x`` along ``dim``.
+
+    ``blocks`` has shape ``(n_factors, n_blocks, b, b)``. Works for any leading shape and never builds the dense
+    ``n x n`` matrix: each factor is a batched block multiply, each shuffle a reshape/transpose.
+    """
+    m, r, b, b2 = blocks.shape
+    n = r * b
+    if b != b2:
+        raise ValueError(f"GS blocks must be square, got shape {tuple(blocks.shape)}.")
+    move = dim not in (-1, x.ndim - 1)
+    moved = x.movedim(dim, -1) if move else x
+    if moved.shape[-1] != n:
+        raise ValueError(
+            f"GS matrix of size {n} (n_blocks={r} x block_size={b}) cannot act on dimension {dim} of size "
+            f"{moved.shape[-1]} (input shape {tuple(x.shape)})."
+        )
+    h = moved.reshape(-1, n)
+    if not transpose:
+        for i in range(m):
+            if i > 0:
+                h = perfect_shuffle(h, r)
+            h = block_diag_apply(h, blocks[i])
+        for _ in range(m - 1):
+            h = perfect_shuffle(h, b)
+    else:
+        blocks_t = blocks.transpose(-1, -2)
+        for _ in range(m - 1):
+            h = perfect_shuffle(h, r)
+        for i in reversed(range(m)):
+            h = block_diag_apply(h, blocks_t[i])
+            if i > 0:
+                h = perfect_shuffle(h, b)
+    y = h.reshape(moved.shape)
+    return y.movedim(-1, dim) if move else y
+
+
+def materialize(blocks: torch.Tensor) -> torch.Tensor:
+    """The dense ``n x n`` matrix ``Q`` (for merging small layers and for tests)."""
+    m, r, b, _ = blocks.shape
+    eye = torch.eye(r * b, dtype=blocks.dtype, device=blocks.device)
+    # Rows of the identity through Q^T give the rows of Q.
+    return gs_apply(eye, blocks, transpose=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Structure
+# ----------------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=256)
+def is_dense(n: int, block_size: int, n_factors: int) -> bool:
+    """Whether a GS matrix with these sizes has no structural zeros (generic orthogonal blocks).
+
+    Exact and cheap (O(n^2 m) on the CPU): after the first factor every output depends on whole first-factor blocks,
+    so it suffices to push one input per block through ``gs_apply`` with positive (averaging) blocks and check that
+    every output sees every block.
+    """
+    r = n // block_size
+    if r == 1:
+        return True
+    if block_size ** n_factors < n:  # each factor at most multiplies a row's support by b
+        return False
+    blocks = torch.full((n_factors, r, block_size, block_size), 1.0 / block_size, dtype=torch.float64)
+    probes = torch.zeros(r, n, dtype=torch.float64)
+    probes[torch.arange(r), torch.arange(r) * block_size] = 1.0
+    return bool((gs_apply(probes, blocks) > 0).all())
+
+
+def describe(n: int, block_size: int, n_factors: int) -> str:
+    """A one-line summary for logs, e.g. ``n=768 b=8 r=96 m=2 (not dense: 64/768 non-zeros per row)``."""
+    r = n // block_size
+    dense = is_dense(n, block_size, n_factors)
+    if dense:
+        return f"n={n} block_size={block_size} n_blocks={r} n_factors={n_factors} (dense)"
+    nnz = min(n, block_size**n_factors)
+    return (
+        f"n={n} block_size={block_size} n_blocks={r} n_factors={n_factors} (not dense: at most {nnz}/{n} non-zeros "
+        f"per row; n_factors={auto_n_factors(r, block_size)} would be dense)"
+    )

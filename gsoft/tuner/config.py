@@ -1,0 +1,150 @@
+"""`GSOFTConfig`: the PEFT config of GSOFT and Double GSOFT."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from ..gs import ORTHOGONAL_MAPS
+from .peft_type import GSOFTPeftType
+
+
+@dataclass
+class GSOFTConfig(PeftConfig):
+    """Configuration of a GSOFT adapter (Gorbunov et al., NeurIPS 2024).
+
+    Each targeted layer ``y = W x + b`` becomes ``y = s * (W (Q x)) + b`` (GSOFT) or
+    ``y = s * (Q_out (W (Q_in x))) + b`` (Double GSOFT, ``double=True``), where ``Q`` are orthogonal
+    Group-and-Shuffle matrices and ``s`` a per-output magnitude vector. Give exactly one of ``block_size`` and
+    ``n_blocks``. Every field is documented in ``metadata["help"]`` and in the README's config reference.
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Module names (exact or suffix match) or one regex (full match) of the layers to adapt. "
+            "'all-linear' adapts every linear layer except the output head. None uses the default for known "
+            "architectures (BERT/RoBERTa, GPT-2, Llama-style, CLIP text, diffusers UNet attention)."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Module names or regex of layers never to adapt, even if they match `target_modules`."},
+    )
+    block_size: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Size b of the orthogonal blocks; must divide every adapted dimension (in_features, and "
+            "out_features when double=True). Exactly one of block_size / n_blocks."
+        },
+    )
+    n_blocks: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Number r of blocks per factor; block_size = dimension / n_blocks per layer. "
+            "Exactly one of block_size / n_blocks."
+        },
+    )
+    n_factors: Union[int, Literal["auto"]] = field(
+        default=2,
+        metadata={
+            "help": "Block-diagonal factors per GS matrix: 1 = OFT's block-diagonal rotation, 2 = the paper's GS "
+            "matrix P^T L P R, more = the multi-factor GS class; 'auto' = the fewest that give a dense matrix, "
+            "1 + ceil(log_b r). A non-dense choice is allowed and reported once in the log."
+        },
+    )
+    double: bool = field(
+        default=False,
+        metadata={"help": "Double GSOFT: also rotate the output side, y = s * Q_out W Q_in x + b."},
+    )
+    scaling: bool = field(
+        default=True,
+        metadata={
+            "help": "Learn the per-output magnitude vector s (initialised to ones). False gives a pure rotation, "
+            "which keeps the singular values of W exactly."
+        },
+    )
+    orthogonal_map: Literal["cayley", "cayley_neumann", "exp"] = field(
+        default="cayley",
+        metadata={
+            "help": "Skew-symmetric -> orthogonal map per block: 'cayley' (exact, batched solve), 'cayley_neumann' "
+            "(approximate truncated Neumann series, accurate for small rotations), 'exp' (matrix exponential)."
+        },
+    )
+    neumann_terms: int = field(
+        default=5,
+        metadata={"help": "Number of Neumann-series terms for orthogonal_map='cayley_neumann' (ignored otherwise)."},
+    )
+    fan_in_fan_out: bool = field(
+        default=False,
+        metadata={
+            "help": "True for layers storing the weight as (in, out), such as GPT-2's transformers Conv1D. It is "
+            "set automatically for Conv1D layers."
+        },
+    )
+    bias: Literal["none", "all", "gsoft_only"] = field(
+        default="none",
+        metadata={
+            "help": "Which biases train: 'none', 'all' (every bias of the model) or 'gsoft_only' (biases of adapted "
+            "layers). Trained biases are saved with the adapter; disabling the adapter does not undo them."
+        },
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Modules besides the adapted layers to train fully and save with the adapter, e.g. a new "
+            "classification head ('classifier', 'score')."
+        },
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None,
+        metadata={"help": "Only adapt layers with these indices in the layer list (see layers_pattern)."},
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Name of the nn.ModuleList holding the layers that layers_to_transform indexes, e.g. 'layer' "
+            "or 'h'. Only used with layers_to_transform."
+        },
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: Q = I and s = 1, so the adapted model equals the base model at the start. False: random "
+            "small rotations and scales (for tests only)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = GSOFTPeftType.GSOFT
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if (self.block_size is None) == (self.n_blocks is None):
+            raise ValueError(
+                "Give exactly one of `block_size` and `n_blocks` (got "
+                f"block_size={self.block_size}, n_blocks={self.n_blocks}): the other follows per layer from "
+                "dimension = block_size * n_blocks. Example: GSOFTConfig(block_size=32, ...)."
+            )
+        if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size < 2):
+            raise ValueError(f"block_size must be an int >= 2, got {self.block_size!r}.")
+        if self.n_blocks is not None and (not isinstance(self.n_blocks, int) or self.n_blocks < 1):
+            raise ValueError(f"n_blocks must be an int >= 1, got {self.n_blocks!r}.")
+        if self.n_factors != "auto" and (
+            isinstance(self.n_factors, bool) or not isinstance(self.n_factors, int) or self.n_factors < 1
+        ):
+            raise ValueError(f"n_factors must be an int >= 1 or 'auto', got {self.n_factors!r}.")
+        if self.orthogonal_map not in ORTHOGONAL_MAPS:
+            raise ValueError(
+                f"Unknown orthogonal_map {self.orthogonal_map!r}; choose one of {ORTHOGONAL_MAPS}."
+            )
+        if not isinstance(self.neumann_terms, int) or self.neumann_terms < 1:
+            raise ValueError(f"neumann_terms must be an int >= 1, got {self.neumann_terms!r}.")
+        if self.bias not in ("none", "all", "gsoft_only"):
+            raise ValueError(f"bias must be 'none', 'all' or 'gsoft_only', got {self.bias!r}.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("`layers_pattern` only works together with `layers_to_transform`; set both.")

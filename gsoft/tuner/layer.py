@@ -1,0 +1,270 @@
+"""GSOFT tuner layers: rotate activations while training, merge into the weight for inference.
+
+All GS math comes from :mod:`gsoft.gs`; this module only decides where the rotations go.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from torch import nn
+
+from .. import gs
+from .config import GSOFTConfig
+
+
+class GSOrthogonal(nn.Module):
+    """One orthogonal GS matrix (one side of one layer). Stores only the free skew entries of every block."""
+
+    def __init__(
+        self, n: int, block_size: int, n_factors: int, orthogonal_map: gs.OrthogonalMap, neumann_terms: int
+    ) -> None:
+        super().__init__()
+        self.n = n
+        self.block_size = block_size
+        self.n_blocks = n // block_size
+        self.n_factors = n_factors
+        self.orthogonal_map = orthogonal_map
+        self.neumann_terms = neumann_terms
+        self.skew = nn.Parameter(torch.zeros(n_factors, self.n_blocks, gs.n_skew_params(block_size)))
+
+    def blocks(self) -> torch.Tensor:
+        """Orthogonal blocks, shape ``(n_factors, n_blocks, b, b)``."""
+        return gs.orthogonal_blocks(self.skew, self.block_size, self.orthogonal_map, self.neumann_terms)
+
+    def forward(self, x: torch.Tensor, dim: int = -1, transpose: bool = False) -> torch.Tensor:
+        return gs.gs_apply(x, self.blocks(), dim=dim, transpose=transpose)
+
+    def extra_repr(self) -> str:
+        return (
+            f"n={self.n}, block_size={self.block_size}, n_blocks={self.n_blocks}, n_factors={self.n_factors}, "
+            f"orthogonal_map={self.orthogonal_map!r}"
+        )
+
+
+class GSOFTLayer(BaseTunerLayer):
+    """Shared logic of GSOFT layers. Subclasses say where features live and how to run the base op without bias."""
+
+    adapter_layer_names: tuple[str, ...] = ("gsoft_in", "gsoft_out", "gsoft_scale")
+    other_param_names: tuple[str, ...] = ("gsoft_settings",)
+    # dimension of the feature/channel axis in activations
+    feature_dim: int = -1
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.gsoft_in = nn.ModuleDict({})
+        self.gsoft_out = nn.ModuleDict({})
+        self.gsoft_scale = nn.ParameterDict({})
+        self.gsoft_settings: dict[str, dict[str, Any]] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.cast_input_dtype_enabled = True
+        self.kwargs = kwargs
+        self.in_features, self.out_features = self._features(self.get_base_layer())
+
+    # -- layer-type specifics ------------------------------------------------------------------------------------------
+    def _features(self, base: nn.Module) -> tuple[int, int]:
+        return _get_in_out_features(base)
+
+    def _weight_out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight viewed as ``(out, in, ...)``."""
+        return weight
+
+    def _base_forward_no_bias(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- adapter management --------------------------------------------------------------------------------------------
+    def update_layer(
+        self, adapter_name: str, config: GSOFTConfig, inference_mode: bool = False, layer_name: str = "", **kwargs: Any
+    ) -> None:
+        where = f"layer '{layer_name}'" if layer_name else type(self.get_base_layer()).__name__
+        sides = {"in": self.in_features}
+        if config.double:
+            sides["out"] = self.out_features
+        settings: dict[str, Any] = {}
+        for side, n in sides.items():
+            b, r = gs.resolve_blocks(n, config.block_size, config.n_blocks, where=f"{side}_features={n} of {where}")
+            m = gs.resolve_n_factors(config.n_factors, r, b, where=f"{side}_features={n} of {where}")
+            module = GSOrthogonal(n, b, m, config.orthogonal_map, config.neumann_terms)
+            getattr(self, f"gsoft_{side}")[adapter_name] = module
+            settings[side] = {"n": n, "block_size": b, "n_factors": m, "dense": gs.is_dense(n, b, m)}
+        if config.scaling:
+            self.gsoft_scale[adapter_name] = nn.Parameter(torch.ones(self.out_features))
+        self.gsoft_settings[adapter_name] = settings
+        self.reset_gsoft_parameters(adapter_name, config.init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def reset_gsoft_parameters(self, adapter_name: str, init_weights: bool) -> None:
+        """Identity rotation and unit scale (``init_weights=True``); small random ones otherwise (tests)."""
+        with torch.no_grad():
+            for table in (self.gsoft_in, self.gsoft_out):
+                if adapter_name in table:
+                    skew = table[adapter_name].skew
+                    skew.zero_() if init_weights else skew.normal_(0.0, 0.1)
+            if adapter_name in self.gsoft_scale:
+                scale = self.gsoft_scale[adapter_name]
+                scale.fill_(1.0) if init_weights else scale.copy_(1.0 + 0.1 * torch.randn_like(scale))
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        if scale != 1:
+            warnings.warn("GSOFT is a rotation: scaling an adapter is not supported; keeping scale 1.")
+
+    def scale_layer(self, scale: float) -> None:
+        self.set_scale("", scale)
+
+    def unscale_layer(self, scale: Optional[float] = None) -> None:
+        return None
+
+    # -- merging -------------------------------------------------------------------------------------------------------
+    def _merge_one(self, weight: torch.Tensor, adapter: str, inverse: bool = False) -> torch.Tensor:
+        """``s * Q_out W Q_in`` for a weight viewed as ``(out, in, ...)``; ``inverse=True`` undoes it."""
+        rot_in, rot_out = self.gsoft_in[adapter], self.gsoft_out[adapter] if adapter in self.gsoft_out else None
+        scale = self.gsoft_scale[adapter] if adapter in self.gsoft_scale else None
+        dtype = rot_in.skew.dtype if rot_in.skew.dtype in (torch.float32, torch.float64) else torch.float32
+        w = weight.to(dtype)
+        shape_s = (-1,) + (1,) * (w.ndim - 1)
+        if not inverse:
+            w = gs.gs_apply(w, rot_in.blocks().to(dtype), dim=1, transpose=True)  # W Q_in
+            if rot_out is not None:
+                w = gs.gs_apply(w, rot_out.blocks().to(dtype), dim=0)  # Q_out W
+            if scale is not None:
+                w = w * scale.to(dtype).view(shape_s)
+            return w
+        if scale is not None:
+            if (scale == 0).any():
+                raise ValueError(f"Cannot unmerge adapter '{adapter}': its scaling vector has zeros.")
+            w = w / scale.to(dtype).view(shape_s)
+        if rot_out is not None:
+            w = gs.gs_apply(w, rot_out.blocks().to(dtype), dim=0, transpose=True)
+        return gs.gs_apply(w, rot_in.blocks().to(dtype), dim=1)
+
+    def _set_weight_out_in(self, new_out_in: torch.Tensor) -> None:
+        weight = self.get_base_layer().weight
+        new = self._weight_out_in(new_out_in)  # the out/in view is its own inverse
+        weight.data.copy_(new.to(weight.dtype))
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Fold active (or the given) adapters into the base weight: zero inference overhead."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for adapter in adapter_names:
+            if adapter not in self.gsoft_in:
+                continue
+            base_weight = self.get_base_layer().weight
+            with torch.no_grad():
+                merged = self._merge_one(self._weight_out_in(base_weight.data), adapter)
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(
+                        f"NaN or inf in the merged weights of adapter '{adapter}'; the adapter seems broken. "
+                        "The base weights were left unchanged."
+                    )
+                self._set_weight_out_in(merged)
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter not in self.gsoft_in:
+                continue
+            with torch.no_grad():
+                base_weight = self.get_base_layer().weight
+                self._set_weight_out_in(self._merge_one(self._weight_out_in(base_weight.data), adapter, inverse=True))
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """The merged weight minus the current base weight (in the base layer's layout), for inspection."""
+        weight = self.get_base_layer().weight
+        merged = self._weight_out_in(self._merge_one(self._weight_out_in(weight.detach()), adapter))
+        return merged.to(weight.dtype) - weight.detach()
+
+    # -- forward -------------------------------------------------------------------------------------------------------
+    def _scale_view(self, s: torch.Tensor, ndim: int) -> torch.Tensor:
+        if self.feature_dim in (-1, ndim - 1):
+            return s
+        shape = [1] * ndim
+        shape[self.feature_dim] = -1
+        return s.view(shape)
+
+    def _gsoft_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        previous_dtype = x.dtype
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        adapters = [a for a in self.active_adapters if a in self.gsoft_in and a not in self.merged_adapters]
+        if not adapters:
+            return self.base_layer(x, *args, **kwargs)
+        base = self.get_base_layer()
+        dim = self.feature_dim
+        # Input side: the last adapter to be merged acts first, so that forward == merge in any order.
+        for adapter in reversed(adapters):
+            rot_in = self.gsoft_in[adapter]
+            x = rot_in(self._cast_input_dtype(x, rot_in.skew.dtype), dim=dim)
+        y = self._base_forward_no_bias(self._cast_input_dtype(x, base.weight.dtype))
+        for adapter in adapters:
+            if adapter in self.gsoft_out:
+                rot_out = self.gsoft_out[adapter]
+                y = rot_out(self._cast_input_dtype(y, rot_out.skew.dtype), dim=dim)
+            if adapter in self.gsoft_scale:
+                y = y * self._scale_view(self.gsoft_scale[adapter], y.ndim)
+        if base.bias is not None:
+            y = y + self._scale_view(base.bias, y.ndim)
+        return y.to(previous_dtype)
+
+    def __repr__(self) -> str:
+        return "gsoft." + nn.Module.__repr__(self)
+
+
+class Linear(nn.Module, GSOFTLayer):
+    """GSOFT around ``nn.Linear`` or transformers' ``Conv1D`` (``fan_in_fan_out=True``, weight stored ``(in, out)``)."""
+
+    # nn.Module comes first in the MRO (as in PEFT's layers), so point its hooks at the shared implementation
+    forward = GSOFTLayer._gsoft_forward
+    __repr__ = GSOFTLayer.__repr__
+
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: GSOFTConfig, fan_in_fan_out: bool = False, **kwargs: Any
+    ) -> None:
+        super().__init__()
+        GSOFTLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = fan_in_fan_out
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, **kwargs)
+
+    def _weight_out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T if self.fan_in_fan_out else weight
+
+    def _base_forward_no_bias(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._weight_out_in(self.get_base_layer().weight))
+
+
+class Conv2d(nn.Module, GSOFTLayer):
+    """GSOFT around ``nn.Conv2d``: rotates channels, which commutes with any kernel, stride, padding and dilation."""
+
+    feature_dim = 1
+    forward = GSOFTLayer._gsoft_forward
+    __repr__ = GSOFTLayer.__repr__
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: GSOFTConfig, **kwargs: Any) -> None:
+        super().__init__()
+        if base_layer.groups != 1:
+            raise ValueError(
+                f"GSOFT cannot adapt a Conv2d with groups={base_layer.groups}: a channel rotation mixes groups and "
+                "cannot be merged. Exclude this layer (exclude_modules) or target only Conv2d layers with groups=1."
+            )
+        GSOFTLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, **kwargs)
+
+    def _features(self, base: nn.Module) -> tuple[int, int]:
+        return base.in_channels, base.out_channels
+
+    def _base_forward_no_bias(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        return base._conv_forward(x, base.weight, None)

@@ -1,0 +1,152 @@
+"""`GSOFTModel`: injects GSOFT layers into a model, PEFT-style."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from .config import GSOFTConfig
+from .layer import Conv2d, GSOFTLayer, Linear
+from .peft_type import PREFIX
+
+logger = logging.getLogger("gsoft")
+
+_ROBERTA_LIKE = r".*\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+_LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_DIFFUSERS_UNET = ["to_q", "to_k", "to_v", "to_out.0"]
+
+#: Default target modules per ``config.model_type`` (transformers) or ``config._class_name`` (diffusers): every
+#: attention and MLP projection, as in the paper's GLUE setup; the attention projections of diffusers UNets, as in its
+#: DreamBooth setup. A string is a full-match regex.
+TARGET_MODULES_MAPPING: dict[str, Any] = {
+    "bert": _ROBERTA_LIKE,
+    "roberta": _ROBERTA_LIKE,
+    "xlm-roberta": _ROBERTA_LIKE,
+    "deberta-v2": r".*\.layer\.\d+\.(attention\.self\.(query_proj|key_proj|value_proj)|attention\.output\.dense|intermediate\.dense|output\.dense)",
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "clip_text_model": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "clip": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "UNet2DConditionModel": _DIFFUSERS_UNET,
+    "UNet2DModel": _DIFFUSERS_UNET,
+    "SD3Transformer2DModel": _DIFFUSERS_UNET,
+    "FluxTransformer2DModel": _DIFFUSERS_UNET,
+}
+
+
+def _conv1d_cls() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return Conv1D
+
+
+class GSOFTModel(BaseTuner):
+    """Creates a GSOFT / Double GSOFT model from a pretrained model (use through ``peft.get_peft_model``).
+
+    Example::
+
+        import gsoft
+        from peft import get_peft_model
+        model = get_peft_model(base, gsoft.GSOFTConfig(block_size=32, target_modules=["query", "value"]))
+    """
+
+    prefix: str = PREFIX
+    tuner_layer_cls = GSOFTLayer
+    target_module_mapping = TARGET_MODULES_MAPPING
+
+    def _prepare_adapter_config(self, peft_config: GSOFTConfig, model_config: dict) -> GSOFTConfig:
+        if peft_config.target_modules is None:
+            key = model_config.get("model_type") or model_config.get("_class_name")
+            target_modules = self.target_module_mapping.get(key)
+            if target_modules is None:
+                raise ValueError(
+                    f"No default target_modules for model type {key!r}; set `target_modules` in GSOFTConfig "
+                    f"(e.g. ['q_proj', 'v_proj'] or 'all-linear'). Known types: {sorted(self.target_module_mapping)}."
+                )
+            peft_config.target_modules = target_modules if isinstance(target_modules, str) else set(target_modules)
+        return peft_config
+
+    @staticmethod
+    def get_model_config(model: nn.Module) -> dict:
+        config = BaseTuner.get_model_config(model)
+        model_config = getattr(model, "config", None)
+        if "model_type" not in config and model_config is not None and hasattr(model_config, "get"):
+            # diffusers models keep a FrozenDict config that names the class instead of a model_type
+            config = dict(config, _class_name=model_config.get("_class_name"))
+        return config
+
+    def _create_and_replace(
+        self,
+        gsoft_config: GSOFTConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if current_key is None:
+            raise ValueError("Current key shouldn't be `None`.")
+        if isinstance(target, GSOFTLayer):
+            target.update_layer(adapter_name, gsoft_config, layer_name=current_key)
+            return
+        new_module = self._create_new_module(gsoft_config, adapter_name, target, layer_name=current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added, inactive adapter is not trainable
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _create_new_module(
+        gsoft_config: GSOFTConfig, adapter_name: str, target: nn.Module, layer_name: str = ""
+    ) -> GSOFTLayer:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        conv1d = _conv1d_cls()
+        if isinstance(base, nn.Linear):
+            if gsoft_config.fan_in_fan_out:
+                logger.warning("fan_in_fan_out=True but '%s' is an nn.Linear; using fan_in_fan_out=False.", layer_name)
+            return Linear(target, adapter_name, gsoft_config, fan_in_fan_out=False, layer_name=layer_name)
+        if conv1d is not None and isinstance(base, conv1d):
+            return Linear(target, adapter_name, gsoft_config, fan_in_fan_out=True, layer_name=layer_name)
+        if isinstance(base, nn.Conv2d):
+            return Conv2d(target, adapter_name, gsoft_config, layer_name=layer_name)
+        raise TypeError(
+            f"Target module '{layer_name}' is a {type(base).__name__}, which GSOFT does not support. Supported: "
+            "torch.nn.Linear, torch.nn.Conv2d and transformers' Conv1D. Narrow `target_modules` (or add this "
+            "name to `exclude_modules`)."
+        )
+
+    def _post_injection_hook(self, model: nn.Module, config: GSOFTConfig, adapter_name: str) -> None:
+        """Report, once per adapter, the layer sizes whose GS matrices are not dense."""
+        sparse: dict[str, int] = {}
+        for module in model.modules():
+            if isinstance(module, GSOFTLayer) and adapter_name in module.gsoft_settings:
+                for side in module.gsoft_settings[adapter_name].values():
+                    if not side["dense"]:
+                        key = f"n={side['n']}, block_size={side['block_size']}, n_factors={side['n_factors']}"
+                        sparse[key] = sparse.get(key, 0) + 1
+        if sparse:
+            listing = "; ".join(f"{k} ({v} matrices)" for k, v in sparse.items())
+            logger.warning(
+                "GSOFT adapter '%s': some GS matrices are not dense (they rotate within groups of features only): %s. "
+                "This is allowed; n_factors='auto' or a larger block_size makes them dense.",
+                adapter_name,
+                listing,
+            )
+
+
+def count_trainable_parameters(model: nn.Module) -> int:
+    """Trainable parameters of a (PEFT-wrapped) model."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
