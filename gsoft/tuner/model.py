@@ -82,8 +82,9 @@ class GSOFTModel(BaseTuner):
         config = BaseTuner.get_model_config(model)
         model_config = getattr(model, "config", None)
         if "model_type" not in config and model_config is not None and hasattr(model_config, "get"):
-            # diffusers models keep a FrozenDict config that names the class instead of a model_type
-            config = dict(config, _class_name=model_config.get("_class_name"))
+            # diffusers models keep a FrozenDict config that names the class instead of a model_type; it only has
+            # `_class_name` when loaded with from_pretrained, not when built from a config, so fall back to the class
+            config = dict(config, _class_name=model_config.get("_class_name") or type(model).__name__)
         return config
 
     def _create_and_replace(
@@ -125,6 +126,15 @@ class GSOFTModel(BaseTuner):
             "torch.nn.Linear, torch.nn.Conv2d and transformers' Conv1D. Narrow `target_modules` (or add this "
             "name to `exclude_modules`)."
         )
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # PEFT's base version copies `child.weight` onto unloaded modules, which breaks merge_and_unload for
+        # modules_to_save without a weight of their own (e.g. RobertaClassificationHead); LoRA overrides it too.
+        unwrapped = child.base_layer if hasattr(child, "base_layer") else child
+        if not hasattr(new_module, "base_layer") and "weight" not in dict(unwrapped.named_parameters(recurse=False)):
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
 
     def _post_injection_hook(self, model: nn.Module, config: GSOFTConfig, adapter_name: str) -> None:
         """Report, once per adapter, the layer sizes whose GS matrices are not dense."""

@@ -1,0 +1,233 @@
+"""Shared fixtures and tiny-model builders for the gsoft test-suite.
+
+Every model here is built from a config with fixed seeds (no downloads, no weights) and is small enough for a 2-core
+CPU. Builders are cached and handed out as deep copies, so two calls give two *identical, independent* base models:
+tests use that for "a fresh copy of the base model".
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import random
+from typing import Any, Callable
+
+import pytest
+import torch
+from torch import nn
+
+# Keep runs reproducible and quiet; the machine has 2 cores.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    random.seed(0)
+    yield
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Plain torch models
+# ----------------------------------------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    """``lin0 -> relu -> lin1 -> relu -> lin2`` (``lin2`` is the head, a natural ``modules_to_save`` candidate)."""
+
+    def __init__(self, sizes: tuple[int, int, int] = (16, 32, 16), n_out: int = 4, bias: bool = True) -> None:
+        super().__init__()
+        n_in, n_hidden, n_last = sizes
+        self.lin0 = nn.Linear(n_in, n_hidden, bias=bias)
+        self.act0 = nn.ReLU()
+        self.lin1 = nn.Linear(n_hidden, n_last, bias=bias)
+        self.act1 = nn.ReLU()
+        self.lin2 = nn.Linear(n_last, n_out, bias=bias)
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:  # noqa: N803 - PEFT's custom-model tests use `X`
+        return self.lin2(self.act1(self.lin1(self.act0(self.lin0(X)))))
+
+
+class ConvNet(nn.Module):
+    """Two Conv2d layers with stride / padding / dilation / non-square kernels / circular padding, then a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(8, 16, kernel_size=(3, 2), stride=2, padding=1, dilation=2)
+        self.act0 = nn.ReLU()
+        self.conv1 = nn.Conv2d(16, 8, kernel_size=3, padding=1, padding_mode="circular")
+        self.act1 = nn.ReLU()
+        self.flat = nn.Flatten()
+        self.lin = nn.Linear(8 * 5 * 5, 4)
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:  # noqa: N803
+        return self.lin(self.flat(self.act1(self.conv1(self.act0(self.conv0(X))))))
+
+
+class EmbeddingMLP(nn.Module):
+    """An embedding followed by a linear layer (for the unsupported-layer error test)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.lin0 = nn.Linear(16, 16)
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:  # noqa: N803
+        return self.lin0(self.emb(X))
+
+
+class GroupedConvNet(nn.Module):
+    """A grouped convolution (``groups=2``), which GSOFT must refuse."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(8, 8, kernel_size=3, padding=1, groups=2)
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:  # noqa: N803
+        return self.conv0(X)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Builders (cached, deep-copied)
+# ----------------------------------------------------------------------------------------------------------------------
+def _cached(fn: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """Build once with a fixed seed, then hand out deep copies (identical, independent base models)."""
+
+    @functools.lru_cache(maxsize=None)
+    def build() -> nn.Module:
+        state = torch.random.get_rng_state()
+        torch.manual_seed(1234)
+        try:
+            return fn().eval()
+        finally:
+            torch.random.set_rng_state(state)
+
+    @functools.wraps(fn)
+    def fresh() -> nn.Module:
+        return copy.deepcopy(build())
+
+    return fresh
+
+
+@_cached
+def tiny_mlp() -> nn.Module:
+    return MLP((16, 32, 16))
+
+
+@_cached
+def tiny_mlp_no_bias() -> nn.Module:
+    return MLP((16, 32, 16), bias=False)
+
+
+@_cached
+def tiny_mlp_odd() -> nn.Module:
+    return MLP((24, 40, 24))
+
+
+@_cached
+def tiny_convnet() -> nn.Module:
+    return ConvNet()
+
+
+@_cached
+def tiny_roberta() -> nn.Module:
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    config = RobertaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        type_vocab_size=1,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        classifier_dropout=0.0,
+        pad_token_id=1,
+        initializer_range=0.1,  # larger than the default 0.02, so that tiny adapters visibly change outputs
+    )
+    return RobertaForSequenceClassification(config)
+
+
+@_cached
+def tiny_gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        vocab_size=100,
+        n_positions=32,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=True,
+        initializer_range=0.1,
+    )
+    return GPT2LMHeadModel(config)
+
+
+@_cached
+def tiny_unet() -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8,
+        attention_head_dim=2,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inputs (deterministic, independent of the global RNG)
+# ----------------------------------------------------------------------------------------------------------------------
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def mlp_inputs(n_in: int = 16, seed: int = 0) -> dict[str, Any]:
+    return {"X": torch.randn(6, n_in, generator=_gen(seed))}
+
+
+def conv_inputs(seed: int = 0) -> dict[str, Any]:
+    return {"X": torch.randn(2, 8, 11, 9, generator=_gen(seed))}
+
+
+def token_inputs(seed: int = 0, vocab_size: int = 100, batch: int = 2, length: int = 8) -> dict[str, Any]:
+    ids = torch.randint(3, vocab_size, (batch, length), generator=_gen(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def unet_inputs(seed: int = 0) -> dict[str, Any]:
+    g = _gen(seed)
+    return {
+        "sample": torch.randn(2, 4, 8, 8, generator=g),
+        "timestep": torch.tensor([1, 10]),
+        "encoder_hidden_states": torch.randn(2, 3, 8, generator=g),
+    }
+
+
+def model_output(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """Run a model and return its main output tensor (logits for transformers, ``sample`` for diffusers)."""
+    out = model(**inputs)
+    if isinstance(out, torch.Tensor):
+        return out
+    for name in ("logits", "sample"):
+        value = getattr(out, name, None)
+        if value is not None:
+            return value
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    raise TypeError(f"Don't know how to get the output tensor of {type(out).__name__}.")
