@@ -245,8 +245,8 @@ def is_dense(n: int, block_size: int, n_factors: int) -> bool:
         return True
     if block_size ** n_factors < n:  # each factor at most multiplies a row's support by b
         return False
-    blocks = torch.full((n_factors, r, block_size, block_size), 1.0 / block_size, dtype=torch.float64)
-    probes = torch.zeros(r, n, dtype=torch.float64)
+    blocks = torch.full((n_factors, r, block_size, block_size), 1.0 / block_size)
+    probes = torch.zeros(r, n)
     probes[torch.arange(r), torch.arange(r) * block_size] = 1.0
     return bool((gs_apply(probes, blocks) > 0).all())
 

@@ -23,6 +23,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+# The models are tiny: intra-op threads only add overhead, and with 2 cores they thrash badly as soon as anything else
+# runs (every op then waits ~10 ms on its OpenMP team). One thread makes the suite fast and its timings stable.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed_everything():
@@ -51,7 +55,7 @@ class MLP(nn.Module):
 
 
 class ConvNet(nn.Module):
-    """Two Conv2d layers with stride / padding / dilation / non-square kernels / circular padding, then a linear head."""
+    """Two Conv2d layers (stride, padding, dilation, a non-square kernel, circular padding), then a linear head."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -168,6 +172,8 @@ def tiny_gpt2() -> nn.Module:
         attn_pdrop=0.0,
         tie_word_embeddings=True,
         initializer_range=0.1,
+        bos_token_id=0,  # the defaults (50256) lie outside the tiny vocabulary
+        eos_token_id=0,
     )
     return GPT2LMHeadModel(config)
 

@@ -14,9 +14,8 @@ import copy
 import functools
 import json
 import re
-import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -53,6 +52,12 @@ import gsoft
 from gsoft import gs
 from gsoft.tuner import GSOFTLayer, GSOFTModel
 
+pytestmark = [
+    # transformers 5 renamed gradient checkpointing; PEFT 0.21 still reads the old attribute on every get_peft_model
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning"),
+]
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Model cases
 # ----------------------------------------------------------------------------------------------------------------------
@@ -68,7 +73,6 @@ class Case:
     inputs: Callable[..., dict[str, Any]]  # inputs(seed=0) -> kwargs of the forward
     config: dict[str, Any]  # GSOFTConfig kwargs (double / init_weights are added per test)
     targets: str  # full-match regex over the base model's module names: exactly these must be adapted
-    family: str
 
     def __repr__(self) -> str:  # short ids in failure messages
         return f"Case({self.name})"
@@ -77,29 +81,27 @@ class Case:
 CASES = [
     # n_factors="auto" gives 2 factors for 16 features and 3 for 32 with block_size=4
     Case("mlp", tiny_mlp, mlp_inputs, {"target_modules": ["lin0", "lin1"], "block_size": 4, "n_factors": "auto"},
-         r"lin[01]", "mlp"),
+         r"lin[01]"),
     Case("mlp-no-bias", tiny_mlp_no_bias, mlp_inputs,
-         {"target_modules": ["lin0", "lin1"], "n_blocks": 4, "orthogonal_map": "exp"}, r"lin[01]", "mlp"),
+         {"target_modules": ["lin0", "lin1"], "n_blocks": 4, "orthogonal_map": "exp"}, r"lin[01]"),
     # 24 / 40 features: block_size 8 gives 3 and 5 blocks; one factor = OFT-like block-diagonal rotation
     Case("mlp-odd", tiny_mlp_odd, functools.partial(mlp_inputs, 24),
-         {"target_modules": ["lin0", "lin1"], "block_size": 8, "n_factors": 1, "scaling": False}, r"lin[01]", "mlp"),
+         {"target_modules": ["lin0", "lin1"], "block_size": 8, "n_factors": 1, "scaling": False}, r"lin[01]"),
     Case("conv", tiny_convnet, conv_inputs,
-         {"target_modules": ["conv0", "conv1"], "block_size": 4, "orthogonal_map": "cayley_neumann"}, r"conv[01]",
-         "conv"),
+         {"target_modules": ["conv0", "conv1"], "block_size": 4, "orthogonal_map": "cayley_neumann"}, r"conv[01]"),
     Case("roberta", tiny_roberta, token_inputs,
          {"target_modules": ["query", "key", "value"], "block_size": 8, "task_type": "SEQ_CLS"},
-         r".*\.attention\.self\.(query|key|value)", "roberta"),
+         r".*\.attention\.self\.(query|key|value)"),
     Case("roberta-default", tiny_roberta, token_inputs,
-         {"target_modules": None, "block_size": 4, "n_factors": "auto", "orthogonal_map": "exp"}, _ROBERTA_DEFAULT,
-         "roberta"),
+         {"target_modules": None, "block_size": 4, "n_factors": "auto", "orthogonal_map": "exp"}, _ROBERTA_DEFAULT),
     Case("gpt2", tiny_gpt2, token_inputs,
          {"target_modules": None, "block_size": 8, "orthogonal_map": "cayley_neumann", "scaling": False},
-         r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)", "gpt2"),
+         r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)"),
     Case("unet-attn", tiny_unet, unet_inputs, {"target_modules": None, "block_size": 4},
-         r".*\.attn[12]\.(to_q|to_k|to_v|to_out\.0)", "unet"),
+         r".*\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"),
     Case("unet-conv", tiny_unet, unet_inputs,
          {"target_modules": r".*resnets\.\d+\.(conv1|conv2|conv_shortcut)", "block_size": 4, "n_factors": "auto"},
-         r".*resnets\.\d+\.(conv1|conv2|conv_shortcut)", "unet"),
+         r".*resnets\.\d+\.(conv1|conv2|conv_shortcut)"),
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}
 
@@ -122,6 +124,9 @@ def case_and_double(*names: str):
 # ----------------------------------------------------------------------------------------------------------------------
 EXACT = {"atol": 1e-6, "rtol": 1e-6}  # same computation up to a few float32 roundings
 MERGE = {"atol": 2e-5, "rtol": 2e-4}  # merged weights vs rotating activations: different op order
+# max |half - float32| / max |float32| of whole-model outputs. Measured: <= 0.03 (bf16 / autocast), <= 0.004 (fp16),
+# while the random adapters change the outputs by >= 0.17 of their magnitude, so ignoring an adapter cannot pass.
+HALF_REL_TOL = {torch.bfloat16: 0.06, torch.float16: 0.01}
 
 
 def make_config(case: Case, **overrides: Any) -> gsoft.GSOFTConfig:
@@ -225,6 +230,9 @@ def test_adapted_layers_and_state_dict_keys(case: Case, double: bool) -> None:
 
     expected_keys = set()
     for name, layer in layers.items():
+        # transformers' Conv1D (GPT-2) stores its weight as (in, out): fan_in_fan_out is set automatically
+        is_conv1d = type(layer.get_base_layer()).__name__ == "Conv1D"
+        assert getattr(layer, "fan_in_fan_out", False) is is_conv1d, name
         expected_keys.add(f"{name}.gsoft_in.skew")
         assert tuple(layer.gsoft_in["default"].skew.shape) == expected_skew_shape(config, layer.in_features)
         if double:
@@ -303,23 +311,27 @@ def test_merge_matches_unmerged_forward(case: Case, double: bool) -> None:
 
 @case_and_double()
 def test_merge_fp16_base_model(case: Case, double: bool) -> None:
-    model32 = make_peft(case, double)
+    adapter = get_peft_model_state_dict(make_peft(case, double))
+
     base16 = case.build().to(torch.float16)
     model16 = get_peft_model(base16, make_config(case, double=double, init_weights=True))
     # get_peft_model's autocast_adapter_dtype keeps adapter weights in float32
     assert all(p.dtype == torch.float32 for n, p in model16.named_parameters() if "gsoft_" in n)
-    set_peft_model_state_dict(model16, get_peft_model_state_dict(model32))
+    set_peft_model_state_dict(model16, adapter)
+    # reference: the same fp16-rounded base weights, merged in float32
+    reference = get_peft_model(case.build().to(torch.float16).float(), make_config(case, double=double))
+    set_peft_model_state_dict(reference, adapter)
 
-    model32.merge_adapter()
     model16.merge_adapter()
-    merged32, merged16 = base_weights(model32), base_weights(model16)
-    base_dtypes = {n: p.dtype for n, p in base16.named_parameters() if "gsoft_" not in n}
+    reference.merge_adapter()
+    merged16, merged32 = base_weights(model16), base_weights(reference)
     assert merged16.keys() == merged32.keys()
     for name, weight in merged16.items():
         assert weight.dtype == torch.float16, name
-        torch.testing.assert_close(weight.float(), merged32[name], atol=2e-3, rtol=1e-2)
+        # the merge is computed in float32 and rounded once: at most an ulp away from the float32 result
+        torch.testing.assert_close(weight, merged32[name].to(torch.float16), msg=lambda m, name=name: f"{name}: {m}")
     # nothing else in the base model changed dtype
-    assert all(dtype == torch.float16 for dtype in base_dtypes.values())
+    assert all(p.dtype == torch.float16 for n, p in base16.named_parameters() if "gsoft_" not in n)
 
 
 @case_and_double()
@@ -330,7 +342,7 @@ def test_merge_twice_does_nothing(case: Case, double: bool) -> None:
     merged_weights = base_weights(model)
     merged_out = run(model, inputs)
 
-    with pytest.warns(UserWarning, match="Already following adapters were merged"):
+    with pytest.warns(UserWarning, match="already merged"):
         model.merge_adapter()
     assert all(layer.merged_adapters == ["default"] for layer in gsoft_layers(model).values())
     for name, weight in base_weights(model).items():
@@ -379,7 +391,9 @@ def test_unmerge_restores_base_weights(case: Case, double: bool) -> None:
     model.unmerge_adapter()
     assert not any(layer.merged for layer in gsoft_layers(model).values())
     for name, weight in base_weights(model).items():
-        torch.testing.assert_close(weight, original[name], atol=1e-5, rtol=1e-4, msg=f"unmerge did not restore {name}")
+        torch.testing.assert_close(
+            weight, original[name], atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"unmerge did not restore {name}: {m}"
+        )
     torch.testing.assert_close(run(model, inputs), unmerged_out, **MERGE)
 
     with pytest.warns(UserWarning, match="Already unmerged"):
@@ -524,6 +538,8 @@ def test_delete_adapter(case: Case, double: bool) -> None:
     # deleting the last adapter leaves the base model's function
     model.delete_adapter("default")
     assert not any("gsoft_" in name for name, _ in model.named_parameters())
+    # (PeftModel.forward itself needs an active config, so run the wrapped model)
+    torch.testing.assert_close(run(model.base_model.model, inputs), run(case.build(), inputs), atol=0, rtol=0)
 
 
 @case_and_double()
@@ -586,13 +602,19 @@ def test_forward_bfloat16(case: Case, double: bool) -> None:
     _check_half_forward(case, double, torch.bfloat16)
 
 
-@case_and_double("mlp", "mlp-odd", "conv")
+@case_and_double()
 def test_forward_float16(case: Case, double: bool) -> None:
     _check_half_forward(case, double, torch.float16)
 
 
 def _cast_inputs(inputs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
     return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+
+
+def assert_half_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    err = (actual.float() - expected.float()).abs().max().item()
+    scale = expected.float().abs().max().item()
+    assert err <= HALF_REL_TOL[dtype] * scale, f"{what}: max |diff| {err} > {HALF_REL_TOL[dtype]} * {scale}"
 
 
 def _check_half_forward(case: Case, double: bool, dtype: torch.dtype) -> None:
@@ -608,14 +630,21 @@ def _check_half_forward(case: Case, double: bool, dtype: torch.dtype) -> None:
     out = run(model, _cast_inputs(inputs, dtype))
     assert out.dtype == dtype
     assert torch.isfinite(out).all()
-    err = (out.float() - expected).abs().max().item()
-    assert err <= 0.05 * expected.abs().max().item() + 0.02, f"{dtype} output too far from float32: {err}"
+    assert_half_close(out, expected, dtype, f"{dtype} output vs float32")
 
     # training in half precision: adapter grads in float32
     model.train()
     loss_fn(model, _cast_inputs(inputs, dtype)).backward()
     for name, param in gsoft_params.items():
         assert param.grad is not None and param.grad.dtype == torch.float32 and torch.isfinite(param.grad).all(), name
+
+    # merging into the half-precision weights keeps their dtype and the function (up to half-precision rounding)
+    model.eval()
+    model.merge_adapter()
+    assert all(w.dtype == dtype for w in base_weights(model).values())
+    merged = run(model, _cast_inputs(inputs, dtype))
+    assert merged.dtype == dtype
+    assert_half_close(merged, out, dtype, f"merged vs unmerged {dtype} output")
 
 
 @case_and_double()
@@ -626,9 +655,25 @@ def test_autocast_bfloat16(case: Case, double: bool) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = run(model, inputs)
     assert torch.isfinite(out).all()
-    err = (out.float() - expected).abs().max().item()
-    assert err <= 0.05 * expected.abs().max().item() + 0.02, f"autocast output too far from float32: {err}"
+    assert_half_close(out, expected, torch.bfloat16, "autocast output vs float32")
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "gsoft_" in n)
+
+
+def test_adapter_weights_in_half_precision_without_autocast() -> None:
+    """autocast_adapter_dtype=False keeps bf16 adapter weights; the rotations are still built in float32."""
+    case = CASES_BY_NAME["mlp"]
+    inputs = _cast_inputs(case.inputs(), torch.bfloat16)
+    model = get_peft_model(
+        case.build().to(torch.bfloat16),
+        make_config(case, double=True, init_weights=False),
+        autocast_adapter_dtype=False,
+    )
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if "gsoft_" in n)
+    unmerged = run(model, inputs)
+    assert unmerged.dtype == torch.bfloat16 and torch.isfinite(unmerged).all()
+    model.merge_adapter()
+    assert all(w.dtype == torch.bfloat16 for w in base_weights(model).values())
+    assert_half_close(run(model, inputs), unmerged, torch.bfloat16, "merged vs unmerged bf16 output")
 
 
 @case_and_double()
@@ -787,7 +832,7 @@ def test_bias(case_name: str, bias: str, tmp_path) -> None:
 
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "adapter_model.safetensors")
-    assert {k for k in saved if "gsoft_" not in k} == {strip_base_layer(n) for n in expected_biases}
+    assert {k for k in saved if "gsoft_" not in k} == expected_biases  # saved under their model names
     loaded = PeftModel.from_pretrained(case.build(), tmp_path)
     torch.testing.assert_close(run(loaded, inputs), expected, atol=0, rtol=0)
 
@@ -795,11 +840,6 @@ def test_bias(case_name: str, bias: str, tmp_path) -> None:
     with pytest.warns(UserWarning, match="disabling adapter layers with bias"):
         with model.disable_adapter():
             pass
-
-
-def strip_base_layer(name: str) -> str:
-    """Saved keys of adapted-layer biases drop nothing; other keys are saved as they are in the PeftModel."""
-    return name
 
 
 @pytest.mark.parametrize("double", DOUBLE_PARAMS)
@@ -837,15 +877,21 @@ def test_gradient_checkpointing(case_name: str, double: bool) -> None:
         torch.testing.assert_close(grads["checkpointed"][name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("double", DOUBLE_PARAMS)
-def test_torch_compile(double: bool) -> None:
+@pytest.mark.parametrize(
+    "case_name, double", [("mlp", False), ("mlp", True), ("conv", True)], ids=["mlp-gsoft", "mlp-double", "conv-double"]
+)
+def test_torch_compile(case_name: str, double: bool) -> None:
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
-    case = CASES_BY_NAME["mlp"]
+    counters.clear()
+    case = CASES_BY_NAME[case_name]
     inputs = case.inputs()
     eager = make_peft(case, double)
     compiled_model = make_peft(case, double, init_weights=True)
     set_peft_model_state_dict(compiled_model, get_peft_model_state_dict(eager))
-    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=False)
+    # fullgraph: the whole PeftModel, GS rotations included, traces without graph breaks
+    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True)
 
     eager.train()
     compiled_model.train()
@@ -861,6 +907,7 @@ def test_torch_compile(double: bool) -> None:
         assert compiled_grads[name] is not None, name
         torch.testing.assert_close(compiled_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
     torch.testing.assert_close(run(compiled, inputs), run(eager, inputs), **EXACT)
+    assert counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
 
 
 @pytest.mark.parametrize("case_name", ["mlp", "unet-attn", "gpt2"])
@@ -947,7 +994,7 @@ def test_grouped_conv_raises() -> None:
     ],
 )
 def test_invalid_config_raises(kwargs: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=re.escape(match) if "`" in match else match):
+    with pytest.raises(ValueError, match=re.escape(match)):
         gsoft.GSOFTConfig(target_modules=["lin0"], **kwargs)
 
 
@@ -955,5 +1002,13 @@ def test_loading_adapter_of_other_shape_raises(tmp_path) -> None:
     model = get_peft_model(tiny_mlp(), gsoft.GSOFTConfig(block_size=4, target_modules=["lin0", "lin1"]))
     model.save_pretrained(tmp_path)
     bigger = MLP((24, 48, 16))  # block_size=4 still fits, but the skew tensors have other shapes
-    with pytest.raises(RuntimeError, match=r"size mismatch for base_model\.model\.lin0\.gsoft_in\.default\.skew"):
+    match = r"GSOFT adapter does not fit this model: 'base_model\.model\.lin0\.gsoft_in\.default\.skew' has shape \(2, 4, 6\)"
+    with pytest.raises(ValueError, match=match):
         PeftModel.from_pretrained(bigger, tmp_path)
+
+    # a model whose sizes the saved block_size does not divide fails while building the layers, naming the layer
+    other = MLP((18, 32, 16))
+    match = r"block_size=4 does not divide the dimension 18 for in_features=18 of layer 'lin0'.*\[2, 3, 6, 9, 18\]"
+    with pytest.raises(ValueError, match=match):
+        PeftModel.from_pretrained(other, tmp_path)
+

@@ -17,6 +17,12 @@ from .. import gs
 from .config import GSOFTConfig
 
 
+def _inverse_transpose(blocks: torch.Tensor) -> torch.Tensor:
+    """``B^{-T}`` per block (equals ``B`` for exactly orthogonal blocks), computed in at least float32."""
+    compute = blocks if blocks.dtype in (torch.float32, torch.float64) else blocks.float()
+    return torch.linalg.inv(compute).transpose(-1, -2).to(blocks.dtype)
+
+
 class GSOrthogonal(nn.Module):
     """One orthogonal GS matrix (one side of one layer). Stores only the free skew entries of every block."""
 
@@ -139,9 +145,11 @@ class GSOFTLayer(BaseTunerLayer):
             if (scale == 0).any():
                 raise ValueError(f"Cannot unmerge adapter '{adapter}': its scaling vector has zeros.")
             w = w / scale.to(dtype).view(shape_s)
+        # Undo with the true inverse, not the transpose: 'cayley_neumann' blocks are only approximately orthogonal.
+        # A GS matrix with blocks B has inverse Q_B^{-1} = Q_C^T with C = B^{-T} (the shuffles are permutations).
         if rot_out is not None:
-            w = gs.gs_apply(w, rot_out.blocks().to(dtype), dim=0, transpose=True)
-        return gs.gs_apply(w, rot_in.blocks().to(dtype), dim=1)
+            w = gs.gs_apply(w, _inverse_transpose(rot_out.blocks().to(dtype)), dim=0, transpose=True)
+        return gs.gs_apply(w, _inverse_transpose(rot_in.blocks().to(dtype)), dim=1)
 
     def _set_weight_out_in(self, new_out_in: torch.Tensor) -> None:
         weight = self.get_base_layer().weight
@@ -202,7 +210,7 @@ class GSOFTLayer(BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
         dim = self.feature_dim
-        # Input side: the last adapter to be merged acts first, so that forward == merge in any order.
+        # Input side in reverse order, so that this forward equals merging the adapters in active order.
         for adapter in reversed(adapters):
             rot_in = self.gsoft_in[adapter]
             x = rot_in(self._cast_input_dtype(x, rot_in.skew.dtype), dim=dim)

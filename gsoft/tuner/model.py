@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
@@ -135,6 +136,27 @@ class GSOFTModel(BaseTuner):
             setattr(parent, child_name, new_module)
             return
         super()._replace_module(parent, child_name, new_module, child)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: GSOFTConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Check GSOFT tensor shapes before PEFT's load_state_dict, with an error that says what differs."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        own = model.state_dict()
+        for key, value in remapped.items():
+            if PREFIX not in key or key not in own or own[key].shape == value.shape:
+                continue
+            what = (
+                "(n_factors, n_blocks, block_size*(block_size-1)/2)" if key.endswith(".skew") else "(out_features,)"
+            )
+            raise ValueError(
+                f"The GSOFT adapter does not fit this model: '{key}' has shape {tuple(value.shape)} in the adapter "
+                f"file but {tuple(own[key].shape)} here, both {what}. The adapter was trained for other layer sizes "
+                "or with another block_size / n_blocks / n_factors; load it into the model it was trained on, or "
+                "make sure its adapter_config.json matches the file."
+            )
+        return remapped
 
     def _post_injection_hook(self, model: nn.Module, config: GSOFTConfig, adapter_name: str) -> None:
         """Report, once per adapter, the layer sizes whose GS matrices are not dense."""
