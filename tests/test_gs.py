@@ -214,3 +214,20 @@ def test_resolve_n_factors_errors():
     with pytest.raises(ValueError, match="needs at least 2 blocks"):
         gs.resolve_n_factors(2, 1, 16)
     assert gs.resolve_n_factors("auto", 1, 16) == 1
+
+
+@pytest.mark.parametrize("r,b", [(8, 2), (4, 4), (16, 8), (12, 4)])
+def test_grouped_two_factor_path_equals_general_path(r, b, monkeypatch):
+    """Two factors with b | r use dense b^2 groups; both paths must equal the dense reference."""
+    torch.manual_seed(8)
+    blocks = random_blocks(2, r, b)
+    q = dense_gs(blocks)
+    groups = gs.two_factor_groups(blocks)
+    torch.testing.assert_close(torch.block_diag(*groups), q)
+    x = torch.randn(3, r * b, dtype=torch.float64)
+    grouped = gs.gs_apply(x, blocks), gs.gs_apply(x, blocks, transpose=True)
+    monkeypatch.setattr(gs, "GROUPED_MAX_BLOCK", 0)
+    general = gs.gs_apply(x, blocks), gs.gs_apply(x, blocks, transpose=True)
+    for a, c, ref in zip(grouped, general, (x @ q.T, x @ q)):
+        torch.testing.assert_close(a, ref)
+        torch.testing.assert_close(c, ref)
