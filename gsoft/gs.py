@@ -154,6 +154,17 @@ def orthogonal_from_skew(
     raise ValueError(f"Unknown orthogonal_map {orthogonal_map!r}; choose one of {ORTHOGONAL_MAPS}.")
 
 
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def inverse_transpose_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """``B^{-T}`` per block, so that ``gs_apply(., inverse_transpose_blocks(B), transpose=True)`` applies ``Q_B^{-1}``
+    (the shuffles are permutations). Equals ``B`` for exactly orthogonal blocks; unmerging needs it because
+    ``cayley_neumann`` blocks are only approximately orthogonal. Computed in at least float32."""
+    return torch.linalg.inv(_at_least_float32(blocks)).transpose(-1, -2).to(blocks.dtype)
+
+
 def orthogonal_blocks(
     params: torch.Tensor, block_size: int, orthogonal_map: OrthogonalMap = "cayley", neumann_terms: int = 5
 ) -> torch.Tensor:
@@ -162,7 +173,7 @@ def orthogonal_blocks(
     Computed in at least float32 with autocast off: a Cayley solve in fp16/bf16 loses orthogonality (and CPUs have
     no half-precision solve).
     """
-    compute = params if params.dtype in (torch.float32, torch.float64) else params.float()
+    compute = _at_least_float32(params)
     with torch.autocast(device_type=params.device.type, enabled=False):
         blocks = orthogonal_from_skew(skew_symmetric(compute, block_size), orthogonal_map, neumann_terms)
     return blocks.to(params.dtype)

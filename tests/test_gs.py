@@ -231,3 +231,11 @@ def test_grouped_two_factor_path_equals_general_path(r, b, monkeypatch):
     for a, c, ref in zip(grouped, general, (x @ q.T, x @ q)):
         torch.testing.assert_close(a, ref)
         torch.testing.assert_close(c, ref)
+
+
+def test_inverse_transpose_blocks_invert_non_orthogonal_gs():
+    torch.manual_seed(9)
+    blocks = torch.randn(2, 4, 3, 3, dtype=torch.float64) + 3 * torch.eye(3, dtype=torch.float64)  # invertible
+    x = torch.randn(5, 12, dtype=torch.float64)
+    y = gs.gs_apply(x, blocks)
+    torch.testing.assert_close(gs.gs_apply(y, gs.inverse_transpose_blocks(blocks), transpose=True), x)

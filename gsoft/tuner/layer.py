@@ -17,12 +17,6 @@ from .. import gs
 from .config import GSOFTConfig
 
 
-def _inverse_transpose(blocks: torch.Tensor) -> torch.Tensor:
-    """``B^{-T}`` per block (equals ``B`` for exactly orthogonal blocks), computed in at least float32."""
-    compute = blocks if blocks.dtype in (torch.float32, torch.float64) else blocks.float()
-    return torch.linalg.inv(compute).transpose(-1, -2).to(blocks.dtype)
-
-
 class GSOrthogonal(nn.Module):
     """One orthogonal GS matrix (one side of one layer). Stores only the free skew entries of every block."""
 
@@ -146,10 +140,9 @@ class GSOFTLayer(BaseTunerLayer):
                 raise ValueError(f"Cannot unmerge adapter '{adapter}': its scaling vector has zeros.")
             w = w / scale.to(dtype).view(shape_s)
         # Undo with the true inverse, not the transpose: 'cayley_neumann' blocks are only approximately orthogonal.
-        # A GS matrix with blocks B has inverse Q_B^{-1} = Q_C^T with C = B^{-T} (the shuffles are permutations).
         if rot_out is not None:
-            w = gs.gs_apply(w, _inverse_transpose(rot_out.blocks().to(dtype)), dim=0, transpose=True)
-        return gs.gs_apply(w, _inverse_transpose(rot_in.blocks().to(dtype)), dim=1)
+            w = gs.gs_apply(w, gs.inverse_transpose_blocks(rot_out.blocks().to(dtype)), dim=0, transpose=True)
+        return gs.gs_apply(w, gs.inverse_transpose_blocks(rot_in.blocks().to(dtype)), dim=1)
 
     def _set_weight_out_in(self, new_out_in: torch.Tensor) -> None:
         weight = self.get_base_layer().weight
