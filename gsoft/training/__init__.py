@@ -1,0 +1,39 @@
+"""Shared pieces of the training recipes (``recipes/*.py``): YAML + CLI options, method -> PEFT config, output
+directories and results.json, checkpoints, metrics logging.
+
+Recipes differ in data and loss; everything a user expects to behave the same way across them lives here, once.
+"""
+
+from .args import config_to_dict, parse_recipe_args
+from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .methods import METHODS, apply_method, build_peft_config
+from .run import (
+    RESULTS_SCHEMA,
+    VOLATILE_KEYS,
+    StepTimer,
+    count_parameters,
+    peak_memory_mb,
+    prepare_output_dir,
+    write_results,
+)
+from .tracking import MetricsLogger, tensorboard_available
+
+__all__ = [
+    "METHODS",
+    "RESULTS_SCHEMA",
+    "VOLATILE_KEYS",
+    "MetricsLogger",
+    "StepTimer",
+    "apply_method",
+    "build_peft_config",
+    "config_to_dict",
+    "count_parameters",
+    "load_checkpoint",
+    "parse_recipe_args",
+    "peak_memory_mb",
+    "prepare_output_dir",
+    "resolve_checkpoint",
+    "save_checkpoint",
+    "tensorboard_available",
+    "write_results",
+]

@@ -1,0 +1,93 @@
+"""``--method gsoft|double_gsoft|lora|oft|boft|full``: one switch for side-by-side runs in every recipe.
+
+Each recipe keeps per-method options in its YAML (``method_options: {gsoft: {block_size: 8}, lora: {r: 8}, ...}``) and
+passes the selected method's mapping here, so comparing methods never means editing a config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Optional, Union
+
+from peft import BOFTConfig, LoraConfig, OFTConfig, PeftConfig, get_peft_model
+from torch import nn
+
+from ..tuner import GSOFTConfig
+
+METHODS = ("gsoft", "double_gsoft", "lora", "oft", "boft", "full")
+
+_CONFIG_CLASSES: dict[str, type[PeftConfig]] = {
+    "gsoft": GSOFTConfig,
+    "double_gsoft": GSOFTConfig,
+    "lora": LoraConfig,
+    "oft": OFTConfig,
+    "boft": BOFTConfig,
+}
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        close = difflib.get_close_matches(str(method), METHODS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"Unknown method {method!r}{hint}; choose one of {', '.join(METHODS)}.")
+
+
+def build_peft_config(
+    method: str,
+    target_modules: Optional[Union[list[str], str]],
+    *,
+    modules_to_save: Optional[list[str]] = None,
+    task_type: Optional[str] = None,
+    options: Optional[dict[str, Any]] = None,
+) -> Optional[PeftConfig]:
+    """The PEFT config for ``method`` (``None`` for full fine-tuning).
+
+    ``options`` are keyword arguments of the method's config class (``GSOFTConfig``, ``LoraConfig``, ``OFTConfig``,
+    ``BOFTConfig``); an unknown one is an error rather than silently ignored, since a typo would change the run.
+    """
+    _check_method(method)
+    options = dict(options or {})
+    if method == "full":
+        if options:
+            raise ValueError(f"Method 'full' takes no options, got {sorted(options)}.")
+        return None
+    config_cls = _CONFIG_CLASSES[method]
+    known = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"Unknown option {key!r} for method {method!r} ({config_cls.__name__}){hint}")
+    if method == "double_gsoft":
+        if options.get("double") is False:
+            raise ValueError("Method 'double_gsoft' means double=True; use method 'gsoft' for one-sided GSOFT.")
+        options["double"] = True
+    elif method == "gsoft" and options.get("double"):
+        raise ValueError("Method 'gsoft' with double=True: use method 'double_gsoft' so results are labelled right.")
+    kwargs: dict[str, Any] = {"target_modules": target_modules, "modules_to_save": modules_to_save}
+    if task_type is not None:
+        kwargs["task_type"] = task_type
+    for key in ("target_modules", "modules_to_save"):
+        if key in options:
+            kwargs[key] = options.pop(key)
+    return config_cls(**kwargs, **options)
+
+
+def apply_method(
+    model: nn.Module,
+    method: str,
+    target_modules: Optional[Union[list[str], str]],
+    *,
+    modules_to_save: Optional[list[str]] = None,
+    task_type: Optional[str] = None,
+    options: Optional[dict[str, Any]] = None,
+) -> nn.Module:
+    """Wrap ``model`` for ``method``: a ``PeftModel``, or for ``"full"`` the model itself with every weight trainable."""
+    config = build_peft_config(
+        method, target_modules, modules_to_save=modules_to_save, task_type=task_type, options=options
+    )
+    if config is None:
+        model.requires_grad_(True)
+        return model
+    return get_peft_model(model, config)

@@ -1,0 +1,183 @@
+"""Run bookkeeping shared by the recipes: output directories that protect earlier runs, one results.json schema,
+honest step timing and peak memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+#: The keys every recipe's ``results.json`` has; recipes add their own (``task``, ``eval``, ...) next to them.
+RESULTS_SCHEMA: dict[str, str] = {
+    "method": "gsoft | double_gsoft | lora | oft | boft | full",
+    "trainable_params": "parameters updated by the optimiser (adapter + any modules_to_save)",
+    "total_params": "all parameters of the trained model, frozen ones included",
+    "train_steps": "optimizer steps taken (after gradient accumulation), resumed steps included",
+    "train_runtime_s": "wall-clock seconds of the training loop in this process (excludes set-up; after a resume "
+    "only the resumed part)",
+    "step_time_s_median": "median seconds per optimizer step (first step excluded as warm-up)",
+    "peak_memory_mb": "CUDA: peak allocated tensor memory; CPU: peak resident memory of the process (MiB)",
+    "world_size": "number of data-parallel processes",
+}
+
+#: Options that may change between runs in one output directory without making it a different run.
+VOLATILE_KEYS = frozenset(
+    {
+        "output_dir",
+        "overwrite_output_dir",
+        "resume_from_checkpoint",
+        "stop_after_steps",
+        "logging_steps",
+        "eval_steps",
+        "save_steps",
+        "checkpointing_steps",
+        "checkpoints_total_limit",
+        "validation_steps",
+        "report_to",
+        "dataloader_num_workers",
+        "num_workers",
+        "progress_bar",
+    }
+)
+
+RUN_CONFIG = "run_config.json"
+RESULTS = "results.json"
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)``; PEFT models count their frozen base and adapters once (PEFT's own counter)."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        trainable, total = model.get_nb_trainable_parameters()
+        return int(trainable), int(total)
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+class StepTimer:
+    """Times optimizer steps (``with timer: ...``); synchronises the device so GPU steps are not undercounted."""
+
+    def __init__(self, device: Union[torch.device, str], warmup: int = 1) -> None:
+        self.device = torch.device(device)
+        self.warmup = warmup
+        self.times: list[float] = []
+        self._start: Optional[float] = None
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __enter__(self) -> "StepTimer":
+        self._sync()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._sync()
+        self.times.append(time.perf_counter() - self._start)
+
+    @property
+    def median_s(self) -> Optional[float]:
+        timed = self.times[self.warmup :] or self.times
+        return statistics.median(timed) if timed else None
+
+
+def peak_memory_mb(device: Union[torch.device, str]) -> float:
+    """Peak memory in MiB: allocated tensors on CUDA; on CPU the process's peak resident set (the whole process, so
+    compare runs of the same recipe, not against GPU numbers)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+def _atomic_write_json(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _comparable(config: dict[str, Any], volatile: Iterable[str]) -> dict[str, Any]:
+    skip = set(volatile)
+    # Round-trip through JSON so tuples vs lists and paths vs strings compare equal.
+    return json.loads(json.dumps({k: v for k, v in config.items() if k not in skip}, sort_keys=True, default=str))
+
+
+def prepare_output_dir(
+    output_dir: Union[str, Path],
+    run_config: dict[str, Any],
+    *,
+    overwrite: bool,
+    resume: bool,
+    is_main_process: bool = True,
+    volatile_keys: Iterable[str] = (),
+) -> Path:
+    """Create ``output_dir`` for this run, refusing to mix it with a different one.
+
+    A directory holding another run (a different ``run_config.json``, ignoring :data:`VOLATILE_KEYS`), a finished
+    run of the same config (``results.json``) when not resuming, or foreign files is refused unless
+    ``overwrite``, which deletes it first (only directories a recipe made, or empty ones). Safe to call on every
+    process: all check, only the main process writes.
+    """
+    out = Path(output_dir)
+    volatile = VOLATILE_KEYS | set(volatile_keys)
+    if overwrite and resume:
+        raise ValueError("--overwrite_output_dir and --resume_from_checkpoint contradict each other: pick one.")
+    existing = out / RUN_CONFIG
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output_dir {str(out)!r} exists and is not a directory.")
+    contents = list(out.iterdir()) if out.is_dir() else []
+    if contents and not existing.is_file():
+        raise ValueError(
+            f"--output_dir {str(out)!r} is not empty and was not made by a gsoft recipe (no {RUN_CONFIG}); "
+            "choose another --output_dir. (--overwrite_output_dir only deletes directories a recipe made.)"
+        )
+    if contents and overwrite:
+        if is_main_process:
+            shutil.rmtree(out)
+    elif contents:
+        try:
+            previous = json.loads(existing.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{existing} is unreadable ({exc}); use --overwrite_output_dir or another --output_dir.")
+        old, new = _comparable(previous, volatile), _comparable(run_config, volatile)
+        if old != new:
+            changed = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
+            detail = ", ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in changed[:5])
+            raise ValueError(
+                f"--output_dir {str(out)!r} already holds a different run ({detail}"
+                f"{', ...' if len(changed) > 5 else ''}). Pass --overwrite_output_dir to replace it, or choose "
+                "another --output_dir."
+            )
+        if (out / RESULTS).is_file() and not resume:
+            raise ValueError(
+                f"--output_dir {str(out)!r} already holds a finished run of this config ({RESULTS}). Pass "
+                "--overwrite_output_dir to run it again, or --resume_from_checkpoint latest to continue it."
+            )
+    if is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write_json(out / RUN_CONFIG, run_config)
+    return out
+
+
+def write_results(output_dir: Union[str, Path], results: dict[str, Any]) -> Path:
+    """Write ``results.json`` (flat, sorted keys) after checking the common keys of :data:`RESULTS_SCHEMA`."""
+    missing = [key for key in RESULTS_SCHEMA if key not in results]
+    if missing:
+        raise ValueError(f"results are missing the common keys {missing} (see gsoft.training.RESULTS_SCHEMA).")
+    path = Path(output_dir) / RESULTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_json(path, results)
+    return path
