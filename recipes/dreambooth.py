@@ -461,12 +461,28 @@ def diffusion_loss(
     prior_loss_weight: float,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The DreamBooth objective: MSE between the UNet's prediction and the scheduler's target (noise for epsilon,
-    velocity for v-prediction) on noised VAE latents; with class images, ``+ prior_loss_weight x`` the class half."""
+    """The DreamBooth objective on a batch of images: VAE latents (a posterior sample), then :func:`latent_loss`."""
     pixels = batch["pixel_values"].to(vae.device, dtype=dtype)
     with torch.no_grad():
         latents = vae.encode(pixels).latent_dist.sample(generator=generator) * vae.config.scaling_factor
-    latents = latents.float()
+    return latent_loss(latents.float(), int(batch["n_instance"]), unet=unet, noise_scheduler=noise_scheduler,
+                       prompt_embeds=prompt_embeds, generator=generator, prior_loss_weight=prior_loss_weight, dtype=dtype)
+
+
+def latent_loss(
+    latents: torch.Tensor,
+    n_instance: int,
+    *,
+    unet: Any,
+    noise_scheduler: Any,
+    prompt_embeds: torch.Tensor,
+    generator: torch.Generator,
+    prior_loss_weight: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """MSE between the UNet's prediction and the scheduler's target (noise for epsilon, velocity for v-prediction)
+    on noised latents; latents past the first ``n_instance`` are class images and add ``prior_loss_weight x`` their
+    loss (diffusers' prior preservation)."""
     noise = torch.randn(latents.shape, generator=generator, device=latents.device)
     timesteps = torch.randint(
         0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device
@@ -482,7 +498,7 @@ def diffusion_loss(
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         raise ValueError(f"Unsupported prediction_type {kind!r} in the scheduler config (epsilon or v_prediction).")
-    n = int(batch["n_instance"])
+    n = n_instance
     loss = F.mse_loss(pred[:n].float(), target[:n], reduction="mean")
     stats = {"instance_loss": float(loss.detach())}
     if pred.shape[0] > n:

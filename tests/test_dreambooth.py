@@ -1,0 +1,283 @@
+"""The DreamBooth recipe end to end on a tiny offline Stable Diffusion (recipes/dreambooth_tiny.py), CPU only.
+
+Covers: the smoke config, loading the saved adapter into a StableDiffusionPipeline (reproducing the training-time
+validation images; merged == unmerged), dreambooth_infer.py, prior preservation with generated class images
+(v-prediction model, text-encoder adapter, conv targets), resume == uninterrupted, eval_subject.py on tiny CLIP / DINO
+models, the benchmark's quick mode, and the recipe's error messages.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gsoft
+from gsoft.diffusion import adapter_dirs, generate_images, load_adapter
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "recipes"))
+
+import dreambooth  # noqa: E402
+import dreambooth_common  # noqa: E402
+import dreambooth_tiny  # noqa: E402
+
+SMOKE = REPO_ROOT / "configs" / "dreambooth" / "smoke.yaml"
+FAST = ["--max_train_steps", "6", "--validation_steps", "0", "--checkpointing_steps", "0", "--num_validation_images", "1",
+        "--validation_prompts", "[a photo of sks disc]", "--validation_inference_steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dreambooth_assets")
+    model, instance = root / "tiny-sd", root / "instance"
+    dreambooth_tiny.ensure_smoke_assets(model, instance)
+    return {"root": root, "model": model, "instance": instance}
+
+
+def run(assets: dict[str, Path], out: Path, *extra: str, instance: Path | None = None) -> dict:
+    """The smoke config on the shared tiny model (no asset creation: an empty instance directory stays empty)."""
+    argv = ["--config", str(SMOKE), "--pretrained_model_name_or_path", str(assets["model"]), "--smoke_assets", "false",
+            "--instance_data_dir", str(instance or assets["instance"]), "--output_dir", str(out), *extra]
+    return dreambooth.main(argv)
+
+
+def pipeline(model_dir: Path, scheduler: str = "DPMSolverMultistepScheduler"):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+    return dreambooth_common.set_scheduler(pipe, scheduler)
+
+
+def sample_like_validation(pipe, out: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images with the run's validation settings, and the run's own final validation images."""
+    saved = torch.load(out / dreambooth.VALIDATION_DIR / dreambooth.FINAL_IMAGES)
+    cfg = json.loads((out / "run_config.json").read_text())
+    images = generate_images(
+        pipe, saved["prompts"], seed=saved["seed"], num_images_per_prompt=cfg["num_validation_images"],
+        num_inference_steps=cfg["validation_inference_steps"], guidance_scale=cfg["validation_guidance_scale"],
+        height=cfg["resolution"], width=cfg["resolution"],
+    )
+    return images, saved["images"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Smoke run, loading, merging, inference
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    """The smoke config as shipped (assets created by the recipe itself), in a temporary directory."""
+    root = tmp_path_factory.mktemp("dreambooth_smoke")
+    out = root / "run"
+    results = dreambooth.main(["--config", str(SMOKE), "--pretrained_model_name_or_path", str(root / "assets" / "tiny-sd"),
+                               "--instance_data_dir", str(root / "assets" / "instance"), "--output_dir", str(out)])
+    assert results["finished"]
+    return out
+
+
+def test_smoke_run_outputs(smoke_run: Path) -> None:
+    results = json.loads((smoke_run / "results.json").read_text())
+    for key in ("method", "trainable_params", "train_steps", "train_runtime_s", "step_time_s_median", "peak_memory_mb"):
+        assert results[key] is not None, key
+    assert results["method"] == "gsoft" and results["train_steps"] == 20
+    assert 0 < results["trainable_params"] < results["total_params"]
+    assert (smoke_run / "unet" / "adapter_config.json").is_file()
+    assert json.loads((smoke_run / "unet" / "adapter_config.json").read_text())["peft_type"] == "GSOFT"
+    grids = sorted(p.name for p in (smoke_run / "validation").glob("*.png"))
+    assert grids == ["final_step_000020.png", "step_000010.png"]
+    from PIL import Image
+
+    assert Image.open(smoke_run / "validation" / "final_step_000020.png").size[0] > 32
+    logged = [json.loads(line) for line in (smoke_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [5, 10, 15, 20] and all(r["loss"] > 0 for r in logged)
+    assert sorted(p.name for p in (smoke_run / "checkpoints").iterdir()) == ["step_00000010", "step_00000020"]
+
+
+def test_adapter_reproduces_validation_images(smoke_run: Path) -> None:
+    from peft import PeftModel
+
+    model_dir = smoke_run.parent / "assets" / "tiny-sd"
+    pipe = pipeline(model_dir)
+    pipe.unet = PeftModel.from_pretrained(pipe.unet, smoke_run / "unet")  # the README's one-liner
+    images, saved = sample_like_validation(pipe, smoke_run)
+    assert images.shape == saved.shape == (4, 3, 32, 32)
+    torch.testing.assert_close(images, saved, atol=1e-5, rtol=0)
+    base, _ = sample_like_validation(pipeline(model_dir), smoke_run)
+    assert (base - saved).abs().max() > 1e-3  # the adapter changed something
+
+
+def test_merged_matches_unmerged(smoke_run: Path) -> None:
+    from diffusers import UNet2DConditionModel
+    from peft import PeftModel
+
+    model_dir = smoke_run.parent / "assets" / "tiny-sd"
+    unmerged = load_adapter(pipeline(model_dir), smoke_run)
+    merged = load_adapter(pipeline(model_dir), smoke_run, merge=True)
+    assert isinstance(unmerged.unet, PeftModel)
+    assert type(merged.unet) is UNet2DConditionModel
+    a, saved = sample_like_validation(unmerged, smoke_run)
+    b, _ = sample_like_validation(merged, smoke_run)
+    torch.testing.assert_close(a, saved, atol=1e-5, rtol=0)
+    torch.testing.assert_close(b, a, atol=1e-3, rtol=0)
+
+
+def test_infer_script_reproduces_validation(smoke_run: Path, tmp_path: Path) -> None:
+    import dreambooth_infer
+
+    saved = torch.load(smoke_run / dreambooth.VALIDATION_DIR / dreambooth.FINAL_IMAGES)
+    out = dreambooth_infer.main(["--adapter_dir", str(smoke_run), "--prompts", json.dumps(saved["prompts"]),
+                                 "--num_images_per_prompt", "2", "--output_dir", str(tmp_path / "samples"),
+                                 "--merge"])
+    images = torch.load(out / "images.pt")["images"]
+    torch.testing.assert_close(images, saved["images"], atol=1e-3, rtol=0)
+    rows = dreambooth_common.read_manifest(out)
+    assert [r["prompt"] for r in rows] == [p for p in saved["prompts"] for _ in range(2)]
+    assert all((out / r["file"]).is_file() for r in rows) and (out / "grid.png").is_file()
+
+
+def test_adapter_dirs_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        adapter_dirs(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prior preservation, text encoder, v-prediction, resume
+# ----------------------------------------------------------------------------------------------------------------------
+def test_prior_preservation_text_encoder_v_prediction(assets: dict[str, Path], tmp_path: Path) -> None:
+    """Class images are generated for the missing ones; the prior loss is logged; a text-encoder adapter and conv
+    targets train; the saved unet + text_encoder adapters load with the helper and reproduce the validation images."""
+    model = dreambooth_tiny.build_tiny_sd(tmp_path / "tiny-sd-v", prediction_type="v_prediction")
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    shutil.copy(next(assets["instance"].iterdir()), class_dir / "user_image.png")  # one image the user already had
+    out = tmp_path / "run"
+    results = dreambooth.main([
+        "--config", str(SMOKE), "--pretrained_model_name_or_path", str(model), "--smoke_assets", "false",
+        "--instance_data_dir",
+        str(assets["instance"]), "--output_dir", str(out), *FAST, "--max_train_steps", "3",
+        "--with_prior_preservation", "--class_prompt", "a photo of a disc", "--class_data_dir", str(class_dir),
+        "--num_class_images", "3", "--class_inference_steps", "2", "--sample_batch_size", "2",
+        "--train_text_encoder", "--method", "double_gsoft", "--logging_steps", "1",
+        "--unet_target_modules", "to_q,to_k,to_v,to_out.0,conv1,conv2",
+    ])
+    assert sorted(p.name for p in class_dir.iterdir()) == ["class_00001.png", "class_00002.png", "user_image.png"]
+    assert results["class_images"] == 3 and results["train_text_encoder"]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("prior_loss" in r for r in logged)
+    assert set(adapter_dirs(out)) == {"unet", "text_encoder"}
+    unet_cfg = json.loads((out / "unet" / "adapter_config.json").read_text())
+    assert unet_cfg["double"] and {"conv1", "conv2"} <= set(unet_cfg["target_modules"])
+    pipe = load_adapter(pipeline(model), out)
+    images, saved = sample_like_validation(pipe, out)
+    torch.testing.assert_close(images, saved, atol=1e-5, rtol=0)
+
+
+def test_resume_matches_uninterrupted(assets: dict[str, Path], tmp_path: Path) -> None:
+    # batch 1 x accumulation 2 over 4 images: 2 optimizer steps per epoch, so stopping after step 1 resumes mid-epoch
+    common = [*FAST, "--train_batch_size", "1", "--gradient_accumulation_steps", "2", "--max_train_steps", "3"]
+    full = run(assets, tmp_path / "full", *common)
+    assert full["finished"]
+    part = run(assets, tmp_path / "part", *common, "--stop_after_steps", "1")
+    assert not part["finished"] and not (tmp_path / "part" / "results.json").exists()
+    resumed = run(assets, tmp_path / "part", *common, "--resume_from_checkpoint", "latest")
+    assert resumed["finished"] and resumed["train_steps"] == 3
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "full" / "unet" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "part" / "unet" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "skew" in k or "gsoft" in k)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=key)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------------------------------
+def test_empty_instance_dir(assets: dict[str, Path], tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="--instance_data_dir .*empty.* is empty"):
+        run(assets, tmp_path / "out", instance=empty)
+
+
+def test_unreadable_instance_image_is_named(assets: dict[str, Path], tmp_path: Path) -> None:
+    bad = tmp_path / "instance"
+    shutil.copytree(assets["instance"], bad)
+    (bad / "broken.png").write_text("not an image")
+    with pytest.raises(ValueError, match="Cannot read image .*broken.png"):
+        run(assets, tmp_path / "out", instance=bad)
+
+
+def test_prompt_without_identifier(assets: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="does not contain the identifier 'sks'"):
+        run(assets, tmp_path / "out", "--instance_prompt", "a photo of a disc")
+
+
+def test_target_modules_match_nothing(assets: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"match no Linear/Conv2d layer of the UNet.*to_q"):
+        run(assets, tmp_path / "out", "--unet_target_modules", "query,value")
+
+
+def test_resolution_not_divisible_by_vae_factor(assets: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not divisible by the VAE's down-sampling factor 2"):
+        run(assets, tmp_path / "out", "--resolution", "33")
+
+
+def test_identifier_matching() -> None:
+    assert dreambooth_common.has_identifier("a photo of sks dog", "sks")
+    assert not dreambooth_common.has_identifier("a photo of a dog that asks", "sks")
+    assert dreambooth_common.strip_identifier("a sks dog in the snow", "sks") == "a dog in the snow"
+    prompts = dreambooth_common.dreambooth_prompts("sks", "dog", "live")
+    assert len(prompts) == 25 and len(set(prompts)) == 25 and prompts[0] == "a sks dog in the jungle"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# eval_subject.py and the benchmark
+# ----------------------------------------------------------------------------------------------------------------------
+def test_eval_subject_tiny_models(assets: dict[str, Path], tmp_path: Path) -> None:
+    import eval_subject
+
+    clip = dreambooth_tiny.build_tiny_clip(tmp_path / "clip")
+    dino = dreambooth_tiny.build_tiny_dino(tmp_path / "dino")
+    # "Generated" images identical to the single instance image: CLIP-I and DINO are exactly 1.
+    instance = tmp_path / "one"
+    instance.mkdir()
+    first = sorted(assets["instance"].iterdir())[0]
+    shutil.copy(first, instance / first.name)
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    for i in range(2):
+        shutil.copy(first, samples / f"{i:04d}.png")
+    dreambooth_common.write_manifest(samples, [
+        {"file": "0000.png", "prompt": "a sks disc in the snow", "index": 0, "seed": 0},
+        {"file": "0001.png", "prompt": "a red sks disc", "index": 1, "seed": 1},
+    ])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    from gsoft.training import RESULTS_SCHEMA
+
+    (run_dir / "results.json").write_text(json.dumps({k: 0 for k in RESULTS_SCHEMA}))
+    scores = eval_subject.main(["--images_dir", str(samples), "--instance_data_dir", str(instance), "--clip_model",
+                                str(clip), "--dino_model", str(dino), "--results_json", str(run_dir / "results.json")])
+    assert scores["clip_i"] == pytest.approx(1.0, abs=1e-5) and scores["dino"] == pytest.approx(1.0, abs=1e-5)
+    assert -1.0 <= scores["clip_t"] <= 1.0
+    assert [r["prompt"] for r in scores["per_prompt"]] == ["a red sks disc", "a sks disc in the snow"]
+    saved = json.loads((samples / "eval.json").read_text())
+    assert saved["clip_t"] == pytest.approx(scores["clip_t"])
+    merged = json.loads((run_dir / "results.json").read_text())
+    assert merged["eval_clip_i"] == pytest.approx(1.0, abs=1e-5) and "eval_dino" in merged
+
+
+def test_bench_quick(tmp_path: Path) -> None:
+    import bench_dreambooth
+
+    result = bench_dreambooth.main(["--quick", "--output_dir", str(tmp_path)])
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"gsoft", "double_gsoft", "lora", "oft", "boft"}
+    assert all(r["step_ms"] > 0 and r["trainable_params"] > 0 for r in rows.values())
+    assert (tmp_path / "results.json").is_file() and "| method |" in (tmp_path / "tables.md").read_text()
