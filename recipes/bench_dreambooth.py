@@ -44,8 +44,18 @@ sys.path.insert(0, str(REPO_ROOT / "recipes"))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from bench_adapters import boft_fbd, optimizer_state_bytes, peak_step_bytes, summary, tensor_bytes  # noqa: E402
-from bench_adapters import _restore_fbd  # noqa: E402
+from bench_adapters import (  # noqa: E402  (the adapter benchmark's measurement helpers, shared)
+    _loadavg,
+    _restore_fbd,
+    boft_fbd,
+    device_label,
+    optimizer_state_bytes,
+    peak_step_bytes,
+    summary,
+    tensor_bytes,
+    timed,
+    versions,
+)
 from dreambooth import latent_loss  # noqa: E402
 
 MiB = 2**20
@@ -170,6 +180,7 @@ def describe(method: str, options: dict[str, Any], model: torch.nn.Module) -> st
 
 
 def run(args: BenchArgs) -> dict[str, Any]:
+    import diffusers
     from diffusers import DDPMScheduler
 
     from gsoft.training import count_parameters
@@ -196,15 +207,6 @@ def run(args: BenchArgs) -> dict[str, Any]:
         loss.backward()
         opts[method].step()
 
-    def timed(method: str) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        step(method)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
-
     load_start = _loadavg()
     for method in models:
         for _ in range(args.warmup):
@@ -212,7 +214,7 @@ def run(args: BenchArgs) -> dict[str, Any]:
     times: dict[str, list[float]] = {m: [] for m in models}
     for _ in range(args.rounds):
         for method in models:
-            times[method] += [timed(method) for _ in range(args.steps_per_round)]
+            times[method] += [timed(lambda m=method: step(m), device) for _ in range(args.steps_per_round)]
     rows = []
     for method, model in models.items():
         trainable, _ = count_parameters(model)
@@ -236,7 +238,7 @@ def run(args: BenchArgs) -> dict[str, Any]:
                     row[f"mem_vs_{other}"] = row["peak_train_mib"] / ref[other]["peak_train_mib"]
     blocks = config["block_out_channels"]
     return {
-        "device": _device_name(device),
+        "device": device_label(device),
         "unet": args.unet,
         "reduced": reduced,
         "unet_config": config,
@@ -249,30 +251,8 @@ def run(args: BenchArgs) -> dict[str, Any]:
         "steps_per_round": args.steps_per_round,
         "loadavg": [load_start, _loadavg()],
         "rows": rows,
-        "versions": _versions(),
+        "versions": {**versions(), "diffusers": diffusers.__version__},
     }
-
-
-def _loadavg() -> Optional[list[float]]:
-    try:
-        import os
-
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:  # pragma: no cover
-        return None
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.machine()}, {torch.get_num_threads()} thread(s))"
-
-
-def _versions() -> dict[str, str]:
-    import diffusers
-    import peft
-
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__}
 
 
 def markdown(result: dict[str, Any]) -> str:
