@@ -216,11 +216,54 @@ def two_factor_groups(blocks: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ihpl,hlij->hpilj", second, first).reshape(groups, b * b, b * b)
 
 
-def gs_apply(x: torch.Tensor, blocks: torch.Tensor, dim: int = -1, transpose: bool = False) -> torch.Tensor:
+Backend = Literal["auto", "torch", "triton", "cuda"]
+BACKENDS: tuple[str, ...] = ("auto", "torch", "triton", "cuda")
+_AUTO_CHOICES_LOGGED: set[tuple[str, str]] = set()
+
+
+def resolve_backend(backend: str, x: torch.Tensor, blocks: torch.Tensor | None = None) -> str:
+    """The backend that multiplies ``x`` (``"torch"``, ``"triton"`` or ``"cuda"``), following :func:`gs_apply`'s
+    rules. An explicit fused backend that cannot run raises a ``RuntimeError`` saying why; nothing falls back."""
+    if backend == "torch":
+        return "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown GS backend {backend!r}; choose one of {BACKENDS}.")
+    if backend == "auto":
+        if x.device.type != "cuda":  # checked first: CPU users never import gsoft.kernels
+            choice, why = "torch", f"tensors on {x.device.type!r}"
+        else:
+            from .kernels.availability import unavailable_reason
+
+            reason = unavailable_reason("triton", x, blocks)
+            choice, why = ("torch", reason) if reason else ("triton", "CUDA tensors and Triton installed")
+        if (choice, x.device.type) not in _AUTO_CHOICES_LOGGED:
+            _AUTO_CHOICES_LOGGED.add((choice, x.device.type))
+            logger.info("GS backend 'auto' uses %r (%s).", choice, why)
+        return choice
+    from .kernels.availability import unavailable_reason
+
+    reason = unavailable_reason(backend, x, blocks)
+    if reason:
+        raise RuntimeError(f"GS backend {backend!r} cannot run: {reason}. Use backend='torch' or 'auto'.")
+    return backend
+
+
+def gs_apply(
+    x: torch.Tensor, blocks: torch.Tensor, dim: int = -1, transpose: bool = False, backend: Backend = "torch"
+) -> torch.Tensor:
     """Compute ``Q x`` (or ``Q^T x`` with ``transpose=True``) for every vector of ``x`` along ``dim``.
 
     ``blocks`` has shape ``(n_factors, n_blocks, b, b)``. Works for any leading shape and never builds the dense
-    ``n x n`` matrix: each factor is a batched block multiply, each shuffle a reshape/transpose.
+    ``n x n`` matrix. This is the one dispatch point between backends:
+
+    * ``"torch"`` (the default here, and the reference): each factor is a batched block multiply, each shuffle a
+      reshape/transpose; ``x`` and ``blocks`` must share a dtype.
+    * ``"triton"``: the fused kernels of :mod:`gsoft.kernels` (one pass over the activations for two factors with
+      ``b | r``, else one pass per factor with the shuffles folded in); ``x`` may be fp16/bf16/fp32/fp64 with fp32
+      blocks, accumulation is fp32 and the result has ``x``'s dtype. CUDA tensors, or CPU ones under
+      ``TRITON_INTERPRET=1``.
+    * ``"cuda"``: the optional CUDA extension (one-pass cases only), built on first use.
+    * ``"auto"``: ``"triton"`` for CUDA tensors when Triton is installed, ``"torch"`` otherwise (logged once).
     """
     m, r, b, b2 = blocks.shape
     n = r * b
@@ -234,7 +277,12 @@ def gs_apply(x: torch.Tensor, blocks: torch.Tensor, dim: int = -1, transpose: bo
             f"{moved.shape[-1]} (input shape {tuple(x.shape)})."
         )
     h = moved.reshape(-1, n)
-    if m == 2 and b <= GROUPED_MAX_BLOCK and r % b == 0:
+    chosen = resolve_backend(backend, x, blocks)
+    if chosen != "torch":
+        from .kernels.ops import gs_multiply
+
+        h = gs_multiply(h, blocks, transpose, chosen)
+    elif m == 2 and b <= GROUPED_MAX_BLOCK and r % b == 0:
         groups = two_factor_groups(blocks)
         h = block_diag_apply(h, groups.transpose(-1, -2) if transpose else groups)
     elif not transpose:
