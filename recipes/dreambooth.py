@@ -600,12 +600,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     )
     if accelerator.device.type == "cpu" and args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
-    run_config = config_to_dict(args)
-    prepare_output_dir(output_dir, run_config, overwrite=args.overwrite_output_dir,
-                       resume=bool(args.resume_from_checkpoint), is_main_process=accelerator.is_main_process)
-    accelerator.wait_for_everyone()
-
-    # ---- data and models --------------------------------------------------------------------------------------------
+    # ---- data and models (checked before the output directory is claimed, so a fixed re-run is not "another run") ---
     instance_paths = list_images(args.instance_data_dir, "--instance_data_dir")
     instance_images = [open_rgb(p) for p in instance_paths]
     components = load_components(args)
@@ -616,6 +611,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if args.train_text_encoder:
         check_targets(components["text_encoder"], args.text_encoder_target_modules, "--text_encoder_target_modules",
                       "text encoder")
+    run_config = config_to_dict(args)
+    prepare_output_dir(output_dir, run_config, overwrite=args.overwrite_output_dir,
+                       resume=bool(args.resume_from_checkpoint), is_main_process=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
     class_images: list[Any] = []
     if args.with_prior_preservation:
         ensure_class_images(args, components, accelerator)

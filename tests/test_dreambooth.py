@@ -221,11 +221,13 @@ def test_prompt_without_identifier(assets: dict[str, Path], tmp_path: Path) -> N
 def test_target_modules_match_nothing(assets: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"match no Linear/Conv2d layer of the UNet.*to_q"):
         run(assets, tmp_path / "out", "--unet_target_modules", "query,value")
+    assert not (tmp_path / "out").exists()  # checked before the output directory is claimed: a fixed re-run works
 
 
 def test_resolution_not_divisible_by_vae_factor(assets: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not divisible by the VAE's down-sampling factor 2"):
         run(assets, tmp_path / "out", "--resolution", "33")
+    assert not (tmp_path / "out").exists()
 
 
 def test_identifier_matching() -> None:
