@@ -21,7 +21,7 @@ resumed from a checkpoint continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import logging
 import math
 import sys
@@ -331,41 +331,47 @@ def check_resolution(resolution: int, vae: Any) -> None:
         )
 
 
-def check_targets(model: torch.nn.Module, targets: Sequence[str], option: str, what: str) -> None:
-    """Fail before PEFT does, with the layer names the model does have (PEFT only says "not found")."""
-    from peft.tuners.tuners_utils import check_target_module_exists
+def peft_config(args: DreamBoothArgs, targets: Sequence[str], options: Optional[dict]) -> Any:
+    """The PEFT config of ``--method`` for these targets (``gsoft.training.build_peft_config``); a single item that
+    looks like a regex is passed as a regex (PEFT full-matches a string)."""
+    from gsoft.training import build_peft_config
 
-    config = type("_Targets", (), {"target_modules": targets[0] if len(targets) == 1 and _is_regex(targets[0])
-                                   else set(targets), "layers_to_transform": None, "layers_pattern": None,
-                                   "exclude_modules": None})()
-    names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-    if any(check_target_module_exists(config, n) for n in names):
-        return
-    suffixes = sorted({n.split(".")[-1] if not n.split(".")[-1].isdigit() else ".".join(n.split(".")[-2:]) for n in names})
-    raise ValueError(
-        f"{option} {list(targets)} match no Linear/Conv2d layer of the {what} ({type(model).__name__}). Its layers end "
-        f"in: {', '.join(suffixes[:40])}{' ...' if len(suffixes) > 40 else ''}."
-    )
+    target_modules: Any = targets[0] if len(targets) == 1 and _is_regex(targets[0]) else list(targets)
+    return build_peft_config(args.method, target_modules, options=dict(options or {}))
 
 
 def _is_regex(text: str) -> bool:
     return any(c in text for c in "*+?[]()|\\^$")
 
 
-def adapt(model: torch.nn.Module, args: DreamBoothArgs, targets: Sequence[str], options: Optional[dict]) -> Any:
-    """``gsoft.training.apply_method`` with the recipe's error messages; BOFT on a CPU is reported, not hidden."""
-    from gsoft.training import apply_method
+def check_targets(model: torch.nn.Module, config: Any, option: str, what: str) -> None:
+    """Fail before PEFT does, listing the layer names the model does have (PEFT only says "not found")."""
+    from peft.tuners.tuners_utils import check_target_module_exists
 
-    target_modules: Any = targets[0] if len(targets) == 1 and _is_regex(targets[0]) else list(targets)
-    peft_model = apply_method(model, args.method, target_modules, options=dict(options or {}))
-    if args.method == "boft":
-        wanted = (options or {}).get("boft_n_butterfly_factor", 1)
-        used = {p.shape[0] for n, p in peft_model.named_parameters() if "boft_R" in n}
-        if used and max(used) != wanted:
-            logger.warning(
-                "PEFT's BOFT used %s butterfly factor(s) instead of %s: its CUDA extension did not build (CPU or no "
-                "compiler), so it silently falls back to 1 factor.", sorted(used), wanted,
-            )
+    names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    if any(check_target_module_exists(config, n) for n in names):
+        return
+    tails = sorted({".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1] for n in names})
+    targets = config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)
+    raise ValueError(
+        f"{option} {targets} match no Linear/Conv2d layer of the {what} ({type(model).__name__}). Its layers end "
+        f"in: {', '.join(tails[:40])}{' ...' if len(tails) > 40 else ''}."
+    )
+
+
+def adapt(model: torch.nn.Module, config: Any) -> Any:
+    """``peft.get_peft_model`` (what ``gsoft.training.apply_method`` does with a config built by
+    :func:`peft_config`); PEFT's silent BOFT fallback to one butterfly factor (no CUDA extension) is reported."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, config)
+    wanted = getattr(config, "boft_n_butterfly_factor", None)
+    used = {p.shape[0] for n, p in peft_model.named_parameters() if "boft_R" in n}
+    if wanted and used and max(used) != wanted:
+        logger.warning(
+            "PEFT's BOFT used %s butterfly factor(s) instead of %s: its CUDA extension did not build (CPU or no "
+            "compiler), so it silently falls back to 1 factor.", sorted(used), wanted,
+        )
     return peft_model
 
 
@@ -403,7 +409,7 @@ def make_pipeline(components: dict[str, Any], scheduler_name: Optional[str]) -> 
 # Prior preservation
 # ======================================================================================================================
 def ensure_class_images(args: DreamBoothArgs, components: dict[str, Any], accelerator: Any) -> None:
-    """Generate the missing class images with the base pipeline (before any adapter), split over processes.
+    """Generate the missing class images with the base model (adapters disabled), split over processes.
 
     Image ``k`` of the directory is drawn with seed ``seed + k``: the set does not depend on the number of processes.
     """
@@ -419,8 +425,13 @@ def ensure_class_images(args: DreamBoothArgs, components: dict[str, Any], accele
         return
     logger.info("Generating %d class images for %r in %s", missing, args.class_prompt, class_dir)
     dtype = _dtype(args.prior_generation_precision, torch.float16 if accelerator.device.type == "cuda" else torch.float32)
-    if dtype == torch.float32:  # the components already loaded
-        pipe = make_pipeline(components, None).to(accelerator.device)
+    stack = contextlib.ExitStack()
+    if dtype == torch.float32:  # the components already loaded, with their fresh adapters switched off
+        for name in ("unet", "text_encoder"):
+            if hasattr(components[name], "disable_adapter"):
+                stack.enter_context(components[name].disable_adapter())
+        pipe = make_pipeline({**components, **{k: _base(components[k]) for k in ("unet", "text_encoder")}}, None)
+        pipe.to(accelerator.device)
     else:  # a separate low-precision copy: casting the training weights down and back would round them
         from diffusers import StableDiffusionPipeline
 
@@ -430,14 +441,15 @@ def ensure_class_images(args: DreamBoothArgs, components: dict[str, Any], accele
         ).to(accelerator.device)
     share = math.ceil(missing / accelerator.num_processes)
     mine = range(have + accelerator.process_index * share, min(args.num_class_images, have + (accelerator.process_index + 1) * share))
-    for start in range(mine.start, mine.stop, args.sample_batch_size):
-        count = min(args.sample_batch_size, mine.stop - start)
-        images = generate_images(
-            pipe, [args.class_prompt] * count, seed=args.seed + start, num_inference_steps=args.class_inference_steps,
-            height=args.resolution, width=args.resolution, batch_size=count,
-        )
-        for k in range(count):
-            _to_pil(images[k]).save(class_dir / f"class_{start + k:05d}.png")
+    with stack:
+        for start in range(mine.start, mine.stop, args.sample_batch_size):
+            count = min(args.sample_batch_size, mine.stop - start)
+            images = generate_images(
+                pipe, [args.class_prompt] * count, seed=args.seed + start, num_inference_steps=args.class_inference_steps,
+                height=args.resolution, width=args.resolution, batch_size=count,
+            )
+            for k in range(count):
+                _to_pil(images[k]).save(class_dir / f"class_{start + k:05d}.png")
     del pipe
     accelerator.wait_for_everyone()
 
@@ -607,10 +619,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     check_resolution(args.resolution, components["vae"])
     for name in ("vae", "text_encoder", "unet"):
         components[name].requires_grad_(False)
-    check_targets(components["unet"], args.unet_target_modules, "--unet_target_modules", "UNet")
+    # Adapters go in now, so that bad targets, block sizes or method options fail before anything is written.
+    configs = {"unet": peft_config(args, args.unet_target_modules, (args.method_options or {}).get(args.method))}
     if args.train_text_encoder:
-        check_targets(components["text_encoder"], args.text_encoder_target_modules, "--text_encoder_target_modules",
-                      "text encoder")
+        te_options = args.method_options if args.text_encoder_method_options is None else args.text_encoder_method_options
+        configs["text_encoder"] = peft_config(args, args.text_encoder_target_modules, (te_options or {}).get(args.method))
+    for name, config in configs.items():
+        option, what = {"unet": ("--unet_target_modules", "UNet"),
+                        "text_encoder": ("--text_encoder_target_modules", "text encoder")}[name]
+        check_targets(components[name], config, option, what)
+        if args.gradient_checkpointing:
+            if name == "unet":
+                components[name].enable_gradient_checkpointing()
+            else:
+                components[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        components[name] = adapt(components[name], config)
     run_config = config_to_dict(args)
     prepare_output_dir(output_dir, run_config, overwrite=args.overwrite_output_dir,
                        resume=bool(args.resume_from_checkpoint), is_main_process=accelerator.is_main_process)
@@ -625,20 +648,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     device = accelerator.device
     tokenizer, text_encoder, vae, unet = (components[k] for k in ("tokenizer", "text_encoder", "vae", "unet"))
     noise_scheduler = components["noise_scheduler"]
-    for model in (vae, text_encoder, unet):  # frozen weights in the mixed-precision dtype (adapters stay fp32)
+    for model in (vae, text_encoder, unet):  # frozen weights in the mixed-precision dtype (adapters back to fp32 below)
         model.to(device) if dtype == torch.float32 else model.to(device, dtype=dtype)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if args.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    options = (args.method_options or {}).get(args.method)
-    unet = adapt(unet, args, args.unet_target_modules, options)
-    trained = [unet]
-    if args.train_text_encoder:
-        te_options = (args.text_encoder_method_options if args.text_encoder_method_options is not None
-                      else args.method_options or {}).get(args.method)
-        text_encoder = adapt(text_encoder, args, args.text_encoder_target_modules, te_options)
-        trained.append(text_encoder)
+    trained = [unet] + ([text_encoder] if args.train_text_encoder else [])
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
     for p in params:  # adapters train in fp32 under mixed precision (diffusers' cast_training_params)
         p.data = p.data.float()

@@ -224,6 +224,16 @@ def test_target_modules_match_nothing(assets: dict[str, Path], tmp_path: Path) -
     assert not (tmp_path / "out").exists()  # checked before the output directory is claimed: a fixed re-run works
 
 
+def test_adapter_errors_come_before_the_output_dir(assets: dict[str, Path], tmp_path: Path) -> None:
+    """A block size that divides no layer, or a text-encoder target that matches nothing, fails before any file is
+    written (so the corrected run can use the same --output_dir)."""
+    with pytest.raises(ValueError, match="block_size"):
+        run(assets, tmp_path / "out", "--method_options.gsoft.block_size", "5")
+    with pytest.raises(ValueError, match="match no Linear/Conv2d layer of the text encoder.*q_proj"):
+        run(assets, tmp_path / "out", "--train_text_encoder", "--text_encoder_target_modules", "to_q")
+    assert not (tmp_path / "out").exists()
+
+
 def test_resolution_not_divisible_by_vae_factor(assets: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not divisible by the VAE's down-sampling factor 2"):
         run(assets, tmp_path / "out", "--resolution", "33")
