@@ -36,7 +36,7 @@ class TaskSpec:
 
 
 def _glue(name: str, text_columns: tuple[str, ...], num_labels: int, metrics: tuple[str, ...], main: str, **kw) -> TaskSpec:
-    return TaskSpec(name, text_columns, num_labels, metrics, main, hub_dataset=("glue", name), **kw)
+    return TaskSpec(name, text_columns, num_labels, metrics, main, hub_dataset=("nyu-mll/glue", name), **kw)
 
 
 _NLI3 = ("entailment", "neutral", "contradiction")  # the ids of GLUE's MNLI on the hub

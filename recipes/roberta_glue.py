@@ -17,6 +17,7 @@ import hashlib
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -102,7 +103,8 @@ class GlueArgs:
     method_options: dict = field(default_factory=dict, metadata={"help": "Per-method config options, {gsoft: {block_size: 8}, lora: {r: 8}, ...}; the entry of --method is used."})
     target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Layers to adapt; null = all attention and MLP linears (GSOFT's default for the architecture), the same for every method."})
     # --- optimisation ---
-    learning_rate: float = field(default=8e-4, metadata={"help": "Peak learning rate (AdamW)."})
+    learning_rate: float = field(default=8e-4, metadata={"help": "Peak learning rate (AdamW) of methods not in --method_learning_rates."})
+    method_learning_rates: dict = field(default_factory=dict, metadata={"help": "Peak learning rate per method, e.g. {lora: 5e-4, full: 2e-5}: methods need different ones (the paper tunes it per method)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not applied to biases, norms and 1-D scales)."})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
@@ -147,6 +149,9 @@ class GlueArgs:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be >= 1 or null, got {value}.")
+        unknown = sorted(set(self.method_learning_rates) - set(METHODS))
+        if unknown:
+            raise ValueError(f"--method_learning_rates has unknown methods {unknown}; choose from {', '.join(METHODS)}.")
         if self.base_pretrain_steps and not (self.model_config and self.base_pretrain_label_column):
             raise ValueError("--base_pretrain_steps needs --model_config and --base_pretrain_label_column.")
 
@@ -275,6 +280,23 @@ def _format(metrics: dict[str, float]) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------------
+def build(args: GlueArgs, accelerator: Accelerator, raw: datasets.DatasetDict, spec: TaskSpec,
+          out: Path) -> tuple[str, PreTrainedTokenizerBase, datasets.DatasetDict, torch.nn.Module]:
+    """Base model (built from ``--model_config`` once, into the output directory, or loaded), tokenizer, tokenized
+    data and the adapted model; returns ``(base model source, tokenizer, tokenized data, model)``."""
+    source = args.model_name_or_path
+    if args.model_config:
+        source = str((out / BASE_MODEL_DIR).resolve())
+        with accelerator.main_process_first():
+            if accelerator.is_main_process and not (Path(source) / "config.json").is_file():
+                build_base_model(args, raw, spec, Path(source))
+    tokenizer_source = args.tokenizer_name if args.tokenizer_name and not args.model_config else source
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, cache_dir=args.cache_dir)
+    with accelerator.main_process_first():
+        tokenized = tokenize(raw, tokenizer, spec, args.max_seq_length)
+    return source, tokenizer, tokenized, adapt(load_model(args, source, spec), args)
+
+
 def train(args: GlueArgs) -> Optional[dict[str, Any]]:
     """Run the recipe; returns the results (also written to results.json), or None after ``--stop_after_steps``."""
     logging_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "tensorboard"))
@@ -300,14 +322,7 @@ def train(args: GlueArgs) -> Optional[dict[str, Any]]:
     if not accelerator.is_main_process:
         datasets.disable_progress_bars()
 
-    run_config = config_to_dict(args)
-    out = Path(args.output_dir)
-    with accelerator.main_process_first():
-        prepare_output_dir(out, run_config, overwrite=args.overwrite_output_dir,
-                           resume=bool(args.resume_from_checkpoint), is_main_process=accelerator.is_main_process)
-    resume_path = resolve_checkpoint(out, args.resume_from_checkpoint)
-
-    # ---- data and base model ----
+    # ---- data first: its errors (columns, labels, unknown task) leave no output directory behind ----
     with accelerator.main_process_first():
         raw, spec = load_raw_datasets(
             args.task, train_file=args.train_file, validation_file=args.validation_file,
@@ -322,18 +337,20 @@ def train(args: GlueArgs) -> Optional[dict[str, Any]]:
         for split in spec.eval_splits.values():
             raw[split] = raw[split].select(range(min(args.max_eval_samples, len(raw[split]))))
 
-    source = args.model_name_or_path
-    if args.model_config:
-        source = str((out / BASE_MODEL_DIR).resolve())
-        with accelerator.main_process_first():
-            if accelerator.is_main_process and not (Path(source) / "config.json").is_file():
-                build_base_model(args, raw, spec, Path(source))
-    tokenizer_source = args.tokenizer_name if args.tokenizer_name and not args.model_config else source
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, cache_dir=args.cache_dir)
+    run_config = config_to_dict(args)
+    out = Path(args.output_dir)
+    fresh = not (out.is_dir() and any(out.iterdir()))
     with accelerator.main_process_first():
-        tokenized = tokenize(raw, tokenizer, spec, args.max_seq_length)
-
-    model = adapt(load_model(args, source, spec), args)
+        prepare_output_dir(out, run_config, overwrite=args.overwrite_output_dir,
+                           resume=bool(args.resume_from_checkpoint), is_main_process=accelerator.is_main_process)
+    resume_path = resolve_checkpoint(out, args.resume_from_checkpoint)
+    try:
+        source, tokenizer, tokenized, model = build(args, accelerator, raw, spec, out)
+    except Exception:
+        # e.g. a block size that does not fit: fixing the option and re-running must not meet "a different run"
+        if fresh and accelerator.is_main_process:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     trainable, total = count_parameters(model)
     logger.info("task %s (%d train examples), method %s: %s trainable of %s parameters", spec.name,
                 len(tokenized["train"]), args.method, f"{trainable:,}", f"{total:,}")
@@ -348,11 +365,12 @@ def train(args: GlueArgs) -> Optional[dict[str, Any]]:
         for suffix, split in spec.eval_splits.items()
     }
 
+    learning_rate = float(args.method_learning_rates.get(args.method, args.learning_rate))
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+        lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
     )
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     eval_loaders = {k: accelerator.prepare(v) for k, v in eval_loaders.items()}
@@ -471,6 +489,7 @@ def train(args: GlueArgs) -> Optional[dict[str, Any]]:
         "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
         "world_size": accelerator.num_processes,
         "train_samples": len(tokenized["train"]),
+        "learning_rate": learning_rate,
         "base_model": source,
         "saved_to": str(saved_to),
         "rank_state_sha256": list(hashes),

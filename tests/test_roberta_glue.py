@@ -1,0 +1,328 @@
+"""Tests of the GLUE recipe (recipes/roberta_glue.py and its glue_* helpers).
+
+The smoke run and the 2-process run are real `accelerate launch` subprocesses; everything else runs the recipe
+in-process on a shrunken smoke task (a few hundred examples, a few steps) to stay fast on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gsoft.training import METHODS, build_peft_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECIPES = REPO_ROOT / "recipes"
+SMOKE = REPO_ROOT / "configs" / "glue" / "smoke.yaml"
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+
+
+def _load(name: str):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, RECIPES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+recipe = _load("roberta_glue")  # puts recipes/ on sys.path, so the helpers import by name
+import glue_data  # noqa: E402
+import glue_smoke  # noqa: E402
+import glue_tasks  # noqa: E402
+
+# A shrunken smoke task: 192 training examples, batch 16 (12 batches per epoch), a 10-step stand-in pretraining.
+TINY = [
+    "--config", str(SMOKE), "--smoke_data.n_train", "192", "--smoke_data.n_validation", "64",
+    "--base_pretrain_steps", "10", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
+    "--progress_bar", "false", "--report_to", "none", "--logging_steps", "4",
+]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(args: list[str], *, processes: int = 1, timeout: int = 240) -> subprocess.CompletedProcess:
+    cmd = [str(ACCELERATE), "launch", "--num_processes", str(processes), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if processes > 1:
+        cmd += ["--multi_gpu", "--main_process_port", str(_free_port())]
+    proc = subprocess.run([*cmd, str(RECIPES / "roberta_glue.py"), *args], cwd=REPO_ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _run(tmp_path: Path, name: str, *extra: str) -> dict:
+    results = recipe.main([*TINY, "--output_dir", str(tmp_path / name), *extra])
+    return results
+
+
+def _error(tmp_path: Path, *extra: str) -> str:
+    with pytest.raises(SystemExit) as info:
+        recipe.main([*TINY, "--output_dir", str(tmp_path / "err"), *extra])
+    return str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Metrics against hand-computed values
+# ----------------------------------------------------------------------------------------------------------------------
+def test_metrics_hand_computed():
+    preds, labels = np.array([1, 0, 1, 1, 0, 1]), np.array([1, 0, 0, 1, 1, 1])
+    # TP = 3, TN = 1, FP = 1, FN = 1
+    assert glue_tasks.accuracy(preds, labels) == pytest.approx(4 / 6)
+    assert glue_tasks.f1(preds, labels) == pytest.approx(2 * 3 / (2 * 3 + 1 + 1))
+    mcc = (3 * 1 - 1 * 1) / np.sqrt((3 + 1) * (3 + 1) * (1 + 1) * (1 + 1))
+    assert glue_tasks.matthews_correlation(preds, labels) == pytest.approx(mcc)  # = 0.25
+
+    x, y = np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 3.0, 2.0, 5.0])
+    xc, yc = x - x.mean(), y - y.mean()
+    assert glue_tasks.pearson(x, y) == pytest.approx((xc @ yc) / np.sqrt((xc @ xc) * (yc @ yc)))
+    # ranks of y: 1, 3, 2, 4 -> Spearman = 1 - 6 * sum(d^2) / (n (n^2 - 1)) = 1 - 6 * 2 / 60
+    assert glue_tasks.spearmanr(x, y) == pytest.approx(0.8)
+
+    mnli = glue_tasks.get_task("mnli")
+    out = glue_tasks.compute_metrics(mnli, {"matched": (np.array([0, 1, 2, 2]), np.array([0, 1, 2, 0])),
+                                            "mismatched": (np.array([1, 1]), np.array([1, 2]))})
+    assert out == {"accuracy_matched": 0.75, "accuracy_mismatched": 0.5}
+    assert mnli.main_metric in out
+
+    stsb = glue_tasks.get_task("stsb")
+    assert glue_tasks.predictions_from_logits(stsb, np.array([[0.5], [1.5]])).tolist() == [0.5, 1.5]
+    cola = glue_tasks.compute_metrics(glue_tasks.get_task("cola"), {"": (preds, labels)})
+    assert cola == {"matthews_correlation": pytest.approx(0.25)}
+    mrpc = glue_tasks.compute_metrics(glue_tasks.get_task("mrpc"), {"": (preds, labels)})
+    assert set(mrpc) == {"accuracy", "f1"}
+
+
+def test_every_glue_config_parses_and_names_a_known_task():
+    for task in ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"):
+        args = recipe.parse_recipe_args(recipe.GlueArgs, ["--config", str(SMOKE.with_name(f"{task}.yaml"))])
+        assert args.task == task and glue_tasks.get_task(task).hub_dataset is not None
+        assert args.model_name_or_path == "roberta-base"
+        assert set(args.method_options) == {"gsoft", "double_gsoft", "lora", "oft", "boft"}
+        for method, options in args.method_options.items():  # every method's options build a valid PEFT config
+            assert build_peft_config(method, ["query"], task_type="SEQ_CLS", options=options) is not None
+
+
+def test_smoke_data_is_balanced_and_not_bag_of_words():
+    data = glue_smoke.make_examples(2000, seed=0, noise=0.0)
+    labels = np.array(data["label"])
+    assert 0.45 < labels.mean() < 0.55  # chance is 0.5
+    # The adjective's polarity alone is no better than chance: negation flips it half the time.
+    assert abs((np.array(data["polarity"]) == labels).mean() - 0.5) < 0.05
+    assert glue_smoke.make_examples(5, seed=3) == glue_smoke.make_examples(5, seed=3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The main job: single-process smoke run, then reload of the saved adapter
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("glue_smoke") / "run"
+    proc = _launch(["--config", str(SMOKE), "--output_dir", str(out), "--progress_bar", "false"])
+    return out, proc.stdout + proc.stderr
+
+
+def test_smoke_run_reaches_accuracy_and_writes_results(smoke_run):
+    out, log = smoke_run
+    match = re.search(r"final eval \(smoke, gsoft, \d+ steps\): accuracy ([0-9.]+)", log)
+    assert match, log[-3000:]
+    assert float(match.group(1)) >= 0.70
+    results = json.loads((out / "results.json").read_text())
+    for key in ("task", "method", "trainable_params", "total_params", "eval", "best_eval", "train_steps",
+                "train_runtime_s", "step_time_s_median", "peak_memory_mb", "world_size"):
+        assert key in results, key
+    assert results["task"] == "smoke" and results["method"] == "gsoft" and results["world_size"] == 1
+    assert results["eval"]["accuracy"] >= 0.70 and results["best_eval"]["accuracy"] >= results["eval"]["accuracy"]
+    assert 0 < results["trainable_params"] < results["total_params"]
+    assert (out / "metrics.jsonl").is_file() and (out / "best" / "adapter_config.json").is_file()
+
+
+def test_saved_adapter_reloads_and_reproduces_eval(smoke_run):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+
+    out, _ = smoke_run
+    results = json.loads((out / "results.json").read_text())
+    args = recipe.parse_recipe_args(recipe.GlueArgs, ["--config", str(SMOKE)])
+    base = AutoModelForSequenceClassification.from_pretrained(out / "base_model", num_labels=2)
+    model = PeftModel.from_pretrained(base, out / "adapter")
+    tokenizer = AutoTokenizer.from_pretrained(out / "adapter")
+    raw, spec = glue_data.load_raw_datasets("smoke", smoke_data=args.smoke_data)
+    raw, spec = glue_data.encode_labels(raw, spec)
+    validation = recipe.tokenize(raw, tokenizer, spec, args.max_seq_length)["validation"]
+    loader = torch.utils.data.DataLoader(validation, batch_size=250, collate_fn=DataCollatorWithPadding(tokenizer))
+    assert recipe.evaluate(model, {"": loader}, spec)["accuracy"] == pytest.approx(results["eval"]["accuracy"])
+    merged = model.merge_and_unload()
+    assert recipe.evaluate(merged, {"": loader}, spec)["accuracy"] == pytest.approx(results["eval"]["accuracy"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data parallel and resume
+# ----------------------------------------------------------------------------------------------------------------------
+def test_two_processes_keep_equal_adapter_weights(tmp_path):
+    out = tmp_path / "ddp"
+    _launch([*TINY, "--output_dir", str(out), "--max_steps", "6", "--eval_steps", "3"], processes=2)
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2
+    hashes = results["rank_state_sha256"]
+    assert len(hashes) == 2 and hashes[0] == hashes[1]
+
+
+def _adapter_state(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_resume_gives_identical_results(tmp_path):
+    # 12 batches per epoch, 2 per step: 6 steps per epoch. Stopping at step 8 resumes mid-epoch (4 batches skipped),
+    # after evaluations at steps 3 and 6; dropout is on, so RNG states must be restored too.
+    common = ["--max_steps", "14", "--eval_steps", "3", "--gradient_accumulation_steps", "2"]
+    full = _run(tmp_path, "full", *common)
+    assert _run(tmp_path, "resumed", *common, "--stop_after_steps", "8") is None
+    assert not (tmp_path / "resumed" / "results.json").exists()
+    resumed = _run(tmp_path, "resumed", *common, "--resume_from_checkpoint", "latest")
+    assert resumed["train_steps"] == full["train_steps"] == 14
+    assert resumed["eval"] == full["eval"] and resumed["best_eval"] == full["best_eval"]
+    assert resumed["best_step"] == full["best_step"]
+    assert resumed["rank_state_sha256"] == full["rank_state_sha256"]
+    a, b = _adapter_state(tmp_path / "full" / "adapter"), _adapter_state(tmp_path / "resumed" / "adapter")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Local files
+# ----------------------------------------------------------------------------------------------------------------------
+def _write_local(tmp_path: Path, fmt: str, string_labels: bool = False) -> tuple[Path, Path]:
+    import pandas as pd
+
+    paths = []
+    for split, (n, seed) in {"train": (192, 0), "validation": (64, 1)}.items():
+        frame = pd.DataFrame(glue_smoke.make_examples(n, seed)).rename(columns={"sentence": "text", "label": "y"})
+        if string_labels:
+            frame["y"] = frame["y"].map({0: "neg", 1: "pos"})
+        path = tmp_path / f"{split}.{fmt}"
+        if fmt == "csv":
+            frame.to_csv(path, index=False)
+        elif fmt == "tsv":
+            frame.to_csv(path, sep="\t", index=False)
+        else:
+            frame.to_json(path, orient="records", lines=True)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def test_local_csv_trains_custom_task(tmp_path):
+    train, validation = _write_local(tmp_path, "csv")
+    results = _run(tmp_path, "csv", "--task", "custom", "--train_file", str(train), "--validation_file",
+                   str(validation), "--text_columns", "text", "--label_column", "y", "--max_steps", "4")
+    assert results["task"] == "custom" and set(results["eval"]) == {"accuracy", "f1"}
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "tsv"])
+def test_local_json_lines_and_tsv_with_string_labels(tmp_path, fmt):
+    train, validation = _write_local(tmp_path, fmt, string_labels=True)
+    raw, spec = glue_data.load_raw_datasets("custom", train_file=str(train), validation_file=str(validation),
+                                            text_columns=["text"], label_column="y")
+    raw, spec = glue_data.encode_labels(raw, spec)
+    assert spec.num_labels == 2 and spec.label_names == ("neg", "pos")
+    expected = glue_smoke.make_examples(192, 0)["label"]
+    assert raw["train"]["y"] == expected  # "neg" -> 0, "pos" -> 1
+    # A GLUE task with local files maps its own label names (SST-2: negative, positive).
+    sst2_train, sst2_val = (tmp_path / "sst2_train.jsonl"), (tmp_path / "sst2_val.jsonl")
+    for path in (sst2_train, sst2_val):
+        path.write_text('{"sentence": "a fine film", "label": "positive"}\n{"sentence": "dull", "label": "negative"}\n')
+    raw, spec = glue_data.load_raw_datasets("sst2", train_file=str(sst2_train), validation_file=str(sst2_val))
+    raw, spec = glue_data.encode_labels(raw, spec)
+    assert raw["train"]["label"] == [1, 0] and spec.num_labels == 2
+
+
+def test_regression_labels_stay_floats(tmp_path):
+    path = tmp_path / "sts.jsonl"
+    path.write_text('{"sentence1": "a", "sentence2": "b", "label": 3.2}\n{"sentence1": "c", "sentence2": "d", "label": 0.5}\n')
+    raw, spec = glue_data.load_raw_datasets("stsb", train_file=str(path), validation_file=str(path))
+    raw, spec = glue_data.encode_labels(raw, spec)
+    assert spec.is_regression and raw["train"]["label"] == pytest.approx([3.2, 0.5])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Clear errors
+# ----------------------------------------------------------------------------------------------------------------------
+def test_unknown_task_names_the_choices(tmp_path):
+    message = _error(tmp_path, "--task", "sst3")
+    assert "Unknown task 'sst3'" in message and "did you mean 'sst2'" in message and "custom" in message
+
+
+def test_missing_columns_name_what_exists(tmp_path):
+    train, validation = _write_local(tmp_path, "csv")
+    message = _error(tmp_path, "--task", "custom", "--train_file", str(train), "--validation_file", str(validation),
+                     "--text_columns", "sentence", "--label_column", "y")
+    assert "['sentence'] not found" in message and "'text'" in message and "--text_columns" in message
+
+
+def test_label_count_mismatch(tmp_path):
+    path = tmp_path / "three.jsonl"
+    path.write_text("".join(f'{{"sentence": "s{i}", "label": {i % 3}}}\n' for i in range(6)))
+    message = _error(tmp_path, "--task", "sst2", "--train_file", str(path), "--validation_file", str(path))
+    assert "Label count mismatch" in message and "has 2 labels" in message
+    message = _error(tmp_path, "--num_labels", "3")
+    assert "Label count mismatch" in message and "--num_labels 3" in message
+
+
+def test_block_size_that_does_not_fit_names_valid_sizes(tmp_path):
+    message = _error(tmp_path, "--base_pretrain_steps", "0", "--method_options.gsoft.block_size", "7")
+    assert "--method gsoft" in message and "block_size" in message
+    assert re.search(r"\b(2|4|8|16|32)\b", message.split("block_size", 1)[1]), message
+
+
+def test_output_dir_holding_another_run_is_refused(tmp_path):
+    _run(tmp_path, "out", "--max_steps", "2", "--base_pretrain_steps", "0")
+    message = _error(tmp_path, "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--base_pretrain_steps",
+                     "0", "--learning_rate", "1e-3")
+    assert "different run" in message and "learning_rate" in message and "--overwrite_output_dir" in message
+    message = _error(tmp_path, "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--base_pretrain_steps", "0")
+    assert "finished run" in message
+    again = _run(tmp_path, "out", "--max_steps", "2", "--base_pretrain_steps", "0", "--learning_rate", "1e-3",
+                 "--overwrite_output_dir")
+    assert again["train_steps"] == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Benchmark
+# ----------------------------------------------------------------------------------------------------------------------
+def test_bench_glue_runs_every_method_and_writes_table_and_plot(tmp_path):
+    bench = _load("bench_glue")
+    options = ("{smoke_data: {n_train: 64, n_validation: 32}, base_pretrain_steps: 2, max_steps: 2, "
+               "per_device_train_batch_size: 16, eval_steps: 2, logging_steps: 1}")
+    rows = bench.main(["--recipe_options", options, "--output_dir", str(tmp_path)])
+    assert [r["method"] for r in rows] == list(METHODS)
+    params = {r["method"]: r["trainable_params"] for r in rows}
+    assert params["full"] > params["double_gsoft"] > params["gsoft"] > 0
+    table = (tmp_path / "bench_glue.md").read_text()
+    for label in ("GSOFT b=8 m=2", "Double GSOFT b=8 m=2", "LoRA r=8", "OFT b=16", "BOFT b=8 m=2", "full fine-tuning"):
+        assert f"| {label} |" in table
+    assert "stand-in" in table  # the BOFT-on-CPU note
+    assert (tmp_path / "bench_glue.png").stat().st_size > 0
+    assert len(json.loads((tmp_path / "bench_glue.json").read_text())) == len(METHODS)
