@@ -139,6 +139,20 @@ def test_infer_script_reproduces_validation(smoke_run: Path, tmp_path: Path) -> 
     assert all((out / r["file"]).is_file() for r in rows) and (out / "grid.png").is_file()
 
 
+def test_infer_defaults_come_from_the_run(smoke_run: Path) -> None:
+    import dreambooth_infer
+
+    args = dreambooth_infer.resolve(dreambooth_infer.InferArgs(adapter_dir=str(smoke_run), prompt_set="object",
+                                                               class_noun="disc"))
+    cfg = json.loads((smoke_run / "run_config.json").read_text())
+    assert args.pretrained_model_name_or_path == cfg["pretrained_model_name_or_path"]
+    assert (args.resolution, args.num_inference_steps, args.seed) == (32, cfg["validation_inference_steps"], 0)
+    assert len(args.prompts) == 25 and args.prompts[0] == "a sks disc in the jungle"
+    assert args.output_dir == str(smoke_run / "samples")
+    with pytest.raises(ValueError, match="--class_noun"):
+        dreambooth_infer.resolve(dreambooth_infer.InferArgs(adapter_dir=str(smoke_run), prompt_set="live"))
+
+
 def test_adapter_dirs_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         adapter_dirs(tmp_path)
