@@ -30,9 +30,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
-import platform
 import sys
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import gsoft
 from gsoft.diffusion import adapter_dirs, generate_images, load_adapter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
