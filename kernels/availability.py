@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import sys
@@ -13,9 +12,15 @@ import torch
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_INSTALLED: Optional[bool] = None
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Cached in a global rather than with functools.lru_cache, which torch.compile warns about."""
+    global _TRITON_INSTALLED
+    if _TRITON_INSTALLED is None:
+        _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def interpreter_enabled() -> bool:

@@ -319,3 +319,52 @@ def block_grad(
         padded, step.in_pow, step.out_pow, step.transpose_blocks, dot_mode(x.dtype),
     )  # fmt: skip
     return partial[0] if splits == 1 else partial.sum(0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Compile check without a GPU
+# ----------------------------------------------------------------------------------------------------------------------
+_DOT_MODES = {"fp16": DOT_HALF, "bf16": DOT_HALF, "fp32": DOT_IEEE, "tf32": DOT_TF32, "fp64": DOT_FP64}
+
+
+def compile_check(
+    capability: int = 90,
+    dtypes: tuple[str, ...] = ("fp16", "bf16", "fp32", "tf32", "fp64"),
+    block_pad: int = 256,
+    all_tiles: bool = True,
+) -> dict[str, int]:
+    """Compile both kernels to cubins for a GPU of this compute capability on any machine (Triton ships ptxas):
+    catches code that the CPU interpreter accepts but the GPU compiler rejects. ``all_tiles=False`` compiles the first
+    tile config only. Returns ``{variant: cubin bytes}``. Needs the kernels decorated for the GPU
+    (``TRITON_INTERPRET`` unset when this module was imported)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if INTERPRETED:
+        raise RuntimeError("compile_check needs TRITON_INTERPRET unset when gsoft.kernels.triton_gs is imported.")
+    sizes = {}
+    for dtype in dtypes:
+        io = "fp32" if dtype == "tf32" else dtype
+        acc = "fp64" if dtype == "fp64" else "fp32"
+        for kernel, tiles, pointers in (
+            (_block_multiply_kernel, MULTIPLY_TILES, {"x_ptr": io, "w_ptr": "fp32", "y_ptr": io}),
+            (_block_grad_kernel, GRAD_TILES, {"g_ptr": io, "x_ptr": io, "out_ptr": acc}),
+        ):
+            jit_fn = kernel.fn
+            for config in _clip_to_block(_configs(tiles if all_tiles else tiles[:1]), {"BLOCK_PAD": block_pad}):
+                constexprs = {"BLOCK_PAD": block_pad, "IN_POW": 1, "OUT_POW": 2, "TRANSPOSE_BLOCKS": True,
+                              "DOT_MODE": _DOT_MODES[dtype], **config.kwargs}  # fmt: skip
+                signature = {
+                    name: "constexpr" if name in constexprs else f"*{pointers[name]}" if name in pointers else "i32"
+                    for name in jit_fn.arg_names
+                }
+                compiled = triton.compile(
+                    ASTSource(jit_fn, signature, constexprs),
+                    target=GPUTarget("cuda", capability, 32),
+                    options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+                )
+                tile = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                sizes[f"{jit_fn.__name__}/{dtype}/{tile}/w{config.num_warps}s{config.num_stages}"] = len(
+                    compiled.asm["cubin"]
+                )
+    return sizes

@@ -7,7 +7,7 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
-from ..gs import ORTHOGONAL_MAPS
+from ..gs import BACKENDS, ORTHOGONAL_MAPS
 from .peft_type import GSOFTPeftType
 
 
@@ -77,6 +77,17 @@ class GSOFTConfig(PeftConfig):
         default=5,
         metadata={"help": "Number of Neumann-series terms for orthogonal_map='cayley_neumann' (ignored otherwise)."},
     )
+    backend: Literal["auto", "torch", "triton", "cuda"] = field(
+        default="auto",
+        metadata={
+            "help": "How the rotations multiply activations in the forward/backward pass: 'torch' (batched block "
+            "matmuls, the reference), 'triton' (fused kernels: one pass over the activations for n_factors=2 with "
+            "block_size | n_blocks; needs a CUDA GPU, or TRITON_INTERPRET=1 on a CPU for tests), 'cuda' (optional "
+            "CUDA extension, compiled on first use, one-pass shapes only), 'auto' = 'triton' for CUDA tensors when "
+            "Triton is installed, else 'torch'. An explicit backend that cannot run raises an error saying why. "
+            "Merging always uses 'torch'. Adapter configs saved without this field load as 'auto'."
+        },
+    )
     fan_in_fan_out: bool = field(
         default=False,
         metadata={
@@ -141,6 +152,11 @@ class GSOFTConfig(PeftConfig):
         if self.orthogonal_map not in ORTHOGONAL_MAPS:
             raise ValueError(
                 f"Unknown orthogonal_map {self.orthogonal_map!r}; choose one of {ORTHOGONAL_MAPS}."
+            )
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"Unknown backend {self.backend!r}; choose one of {BACKENDS} ('auto' picks Triton on a GPU, torch "
+                "otherwise)."
             )
         if not isinstance(self.neumann_terms, int) or self.neumann_terms < 1:
             raise ValueError(f"neumann_terms must be an int >= 1, got {self.neumann_terms!r}.")

@@ -21,7 +21,13 @@ class GSOrthogonal(nn.Module):
     """One orthogonal GS matrix (one side of one layer). Stores only the free skew entries of every block."""
 
     def __init__(
-        self, n: int, block_size: int, n_factors: int, orthogonal_map: gs.OrthogonalMap, neumann_terms: int
+        self,
+        n: int,
+        block_size: int,
+        n_factors: int,
+        orthogonal_map: gs.OrthogonalMap,
+        neumann_terms: int,
+        backend: gs.Backend = "auto",
     ) -> None:
         super().__init__()
         self.n = n
@@ -30,19 +36,25 @@ class GSOrthogonal(nn.Module):
         self.n_factors = n_factors
         self.orthogonal_map = orthogonal_map
         self.neumann_terms = neumann_terms
+        self.backend = backend
         self.skew = nn.Parameter(torch.zeros(n_factors, self.n_blocks, gs.n_skew_params(block_size)))
 
     def blocks(self) -> torch.Tensor:
         """Orthogonal blocks, shape ``(n_factors, n_blocks, b, b)``."""
         return gs.orthogonal_blocks(self.skew, self.block_size, self.orthogonal_map, self.neumann_terms)
 
+    def fused_for(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` goes through a fused kernel, which takes activations in their own dtype (fp32 accumulation
+        inside); the torch path needs them in the blocks' dtype."""
+        return gs.resolve_backend(self.backend, x) != "torch"
+
     def forward(self, x: torch.Tensor, dim: int = -1, transpose: bool = False) -> torch.Tensor:
-        return gs.gs_apply(x, self.blocks(), dim=dim, transpose=transpose)
+        return gs.gs_apply(x, self.blocks(), dim=dim, transpose=transpose, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (
             f"n={self.n}, block_size={self.block_size}, n_blocks={self.n_blocks}, n_factors={self.n_factors}, "
-            f"orthogonal_map={self.orthogonal_map!r}"
+            f"orthogonal_map={self.orthogonal_map!r}, backend={self.backend!r}"
         )
 
 
@@ -89,7 +101,8 @@ class GSOFTLayer(BaseTunerLayer):
         for side, n in sides.items():
             b, r = gs.resolve_blocks(n, config.block_size, config.n_blocks, where=f"{side}_features={n} of {where}")
             m = gs.resolve_n_factors(config.n_factors, r, b, where=f"{side}_features={n} of {where}")
-            module = GSOrthogonal(n, b, m, config.orthogonal_map, config.neumann_terms)
+            backend = getattr(config, "backend", "auto")
+            module = GSOrthogonal(n, b, m, config.orthogonal_map, config.neumann_terms, backend)
             getattr(self, f"gsoft_{side}")[adapter_name] = module
             settings[side] = {"n": n, "block_size": b, "n_factors": m, "dense": gs.is_dense(n, b, m)}
         if config.scaling:
@@ -192,6 +205,10 @@ class GSOFTLayer(BaseTunerLayer):
         shape[self.feature_dim] = -1
         return s.view(shape)
 
+    def _cast_for_rotation(self, x: torch.Tensor, rotation: GSOrthogonal) -> torch.Tensor:
+        """The torch path rotates in the adapter's dtype; fused kernels read fp16/bf16 activations as they are."""
+        return x if rotation.fused_for(x) else self._cast_input_dtype(x, rotation.skew.dtype)
+
     def _gsoft_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         previous_dtype = x.dtype
         if self.disable_adapters:
@@ -206,12 +223,12 @@ class GSOFTLayer(BaseTunerLayer):
         # Input side in reverse order, so that this forward equals merging the adapters in active order.
         for adapter in reversed(adapters):
             rot_in = self.gsoft_in[adapter]
-            x = rot_in(self._cast_input_dtype(x, rot_in.skew.dtype), dim=dim)
+            x = rot_in(self._cast_for_rotation(x, rot_in), dim=dim)
         y = self._base_forward_no_bias(self._cast_input_dtype(x, base.weight.dtype))
         for adapter in adapters:
             if adapter in self.gsoft_out:
                 rot_out = self.gsoft_out[adapter]
-                y = rot_out(self._cast_input_dtype(y, rot_out.skew.dtype), dim=dim)
+                y = rot_out(self._cast_for_rotation(y, rot_out), dim=dim)
             if adapter in self.gsoft_scale:
                 y = y * self._scale_view(self.gsoft_scale[adapter], y.ndim)
         if base.bias is not None:
