@@ -36,11 +36,27 @@ from bench_adapters import boft_fbd  # noqa: E402  (PEFT BOFT's CUDA-only kernel
 class BenchGlueArgs:
     """Options of the GLUE benchmark (YAML keys and ``--key value`` flags)."""
 
-    recipe_config: str = field(default=str(REPO_ROOT / "configs" / "glue" / "smoke.yaml"), metadata={"help": "Config of recipes/roberta_glue.py shared by every run."})
-    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"Methods to run, in order (from {', '.join(METHODS)})."})
-    recipe_options: dict = field(default_factory=dict, metadata={"help": "Overrides of the recipe config for every run, e.g. {max_train_samples: 1000}."})
-    output_dir: str = field(default="outputs/bench_glue", metadata={"help": "Runs go to <output_dir>/<method>; the table, JSON and plot to <output_dir>."})
-    boft_fbd: str = field(default="torch", metadata={"help": "BOFT without CUDA: 'torch' runs the configured butterfly factors through a pure-PyTorch stand-in for PEFT's CUDA extension; 'peft' keeps PEFT's behaviour (silently 1 factor)."})
+    recipe_config: str = field(
+        default=str(REPO_ROOT / "configs" / "glue" / "smoke.yaml"),
+        metadata={"help": "Config of recipes/roberta_glue.py shared by every run."},
+    )
+    methods: list[str] = field(
+        default_factory=lambda: list(METHODS),
+        metadata={"help": f"Methods to run, in order (from {', '.join(METHODS)})."},
+    )
+    recipe_options: dict = field(
+        default_factory=dict,
+        metadata={"help": "Overrides of the recipe config for every run, e.g. {max_train_samples: 1000}."},
+    )
+    output_dir: str = field(
+        default="outputs/bench_glue",
+        metadata={"help": "Runs go to <output_dir>/<method>; the table, JSON and plot to <output_dir>."},
+    )
+    boft_fbd: str = field(
+        default="torch",
+        metadata={"help": "BOFT without CUDA: 'torch' runs the configured butterfly factors through a pure-PyTorch "
+                          "stand-in for PEFT's CUDA extension; 'peft' keeps PEFT's behaviour (silently 1 factor)."},
+    )
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -93,7 +109,8 @@ def markdown_table(rows: list[dict[str, Any]], device: str, boft_mode: str = "to
     for r in rows:
         step_ms = f"{1000 * r['step_time_s_median']:.1f}" if r["step_time_s_median"] is not None else "n/a"
         lines.append(
-            f"| {r['label']} | {r['trainable_params']:,} | {r['learning_rate']:.0e} | {r['eval'][metric]:.4f} | {r['best_eval'][metric]:.4f} | "
+            f"| {r['label']} | {r['trainable_params']:,} | {r['learning_rate']:.0e} | {r['eval'][metric]:.4f} | "
+            f"{r['best_eval'][metric]:.4f} | "
             f"{step_ms} | {r['peak_memory_mb']:.0f} | {r['train_runtime_s']:.1f} |"
         )
     memory = ("CUDA peak allocated" if device.startswith("cuda") else
@@ -106,8 +123,8 @@ def markdown_table(rows: list[dict[str, Any]], device: str, boft_mode: str = "to
     ]
     if any(r["method"] == "boft" for r in rows) and not device.startswith("cuda"):
         notes.append(
-            "BOFT on CPU: PEFT cannot build its CUDA extension and then silently uses 1 butterfly factor (block-diagonal "
-            "OFT with BOFT's block size); " + (
+            "BOFT on CPU: PEFT cannot build its CUDA extension and then silently uses 1 butterfly factor "
+            "(block-diagonal OFT with BOFT's block size); " + (
                 "here a pure-PyTorch stand-in for the extension keeps the configured factors (`--boft_fbd torch`)."
                 if boft_mode == "torch" else "this table shows exactly that (`--boft_fbd peft`)."
             )

@@ -131,7 +131,9 @@ def encode_labels(raw: DatasetDict, spec: TaskSpec, num_labels: Optional[int] = 
             if wanted is None:  # non-integer labels in custom data: a regression task
                 raw = raw.cast_column(col, Value("float32"))
                 return raw, custom_task(list(spec.text_columns), col, 1)
-            raise ValueError(f"Label column {col!r} holds non-integer values {seen[:5]} but the task is a classification.")
+            raise ValueError(
+                f"Label column {col!r} holds non-integer values {seen[:5]} but the task is a classification."
+            )
         if any(isinstance(v, str) for v in seen):
             names = spec.label_names or tuple(str(v) for v in sorted({v for v in raw["train"][col]}, key=str))
             unknown = [v for v in seen if str(v) not in names]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 from scipy import stats
@@ -35,7 +35,8 @@ class TaskSpec:
         return self.num_labels == 1
 
 
-def _glue(name: str, text_columns: tuple[str, ...], num_labels: int, metrics: tuple[str, ...], main: str, **kw) -> TaskSpec:
+def _glue(name: str, text_columns: tuple[str, ...], num_labels: int, metrics: tuple[str, ...], main: str,
+          **kw: Any) -> TaskSpec:
     return TaskSpec(name, text_columns, num_labels, metrics, main, hub_dataset=("nyu-mll/glue", name), **kw)
 
 
@@ -77,7 +78,8 @@ def custom_task(text_columns: list[str], label_column: str, num_labels: Optional
     if not text_columns:
         raise ValueError("Task 'custom' needs --text_columns (one column, or two for sentence pairs).")
     if num_labels == 1:
-        return TaskSpec("custom", tuple(text_columns), 1, ("pearson", "spearmanr"), "pearson", label_column=label_column)
+        return TaskSpec("custom", tuple(text_columns), 1, ("pearson", "spearmanr"), "pearson",
+                        label_column=label_column)
     metrics = ("accuracy", "f1") if num_labels == 2 else ("accuracy",)
     return TaskSpec("custom", tuple(text_columns), num_labels, metrics, "accuracy", label_column=label_column)
 

@@ -78,61 +78,180 @@ class GlueArgs:
     """All options of the recipe (YAML keys and ``--key value`` flags)."""
 
     # --- data ---
-    task: str = field(default="smoke", metadata={"help": "cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, smoke (offline, generated), or custom (local files)."})
-    train_file: Optional[str] = field(default=None, metadata={"help": "Local training data (.csv, .tsv, .json/.jsonl JSON lines); replaces the hub data."})
-    validation_file: Optional[str] = field(default=None, metadata={"help": "Local validation data, same format as --train_file (MNLI: the matched set)."})
-    validation_mismatched_file: Optional[str] = field(default=None, metadata={"help": "MNLI only: local mismatched validation data."})
-    text_columns: list[str] = field(default_factory=list, metadata={"help": "Text column(s), one or a sentence pair; empty = the task's (GLUE's names)."})
+    task: str = field(
+        default="smoke",
+        metadata={"help": "cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, smoke (offline, generated), or custom (local "
+                          "files)."},
+    )
+    train_file: Optional[str] = field(
+        default=None,
+        metadata={"help": "Local training data (.csv, .tsv, .json/.jsonl JSON lines); replaces the hub data."},
+    )
+    validation_file: Optional[str] = field(
+        default=None,
+        metadata={"help": "Local validation data, same format as --train_file (MNLI: the matched set)."},
+    )
+    validation_mismatched_file: Optional[str] = field(
+        default=None,
+        metadata={"help": "MNLI only: local mismatched validation data."},
+    )
+    text_columns: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Text column(s), one or a sentence pair; empty = the task's (GLUE's names)."},
+    )
     label_column: Optional[str] = field(default=None, metadata={"help": "Label column; null = the task's ('label')."})
-    num_labels: Optional[int] = field(default=None, metadata={"help": "Custom data: number of classes (1 = regression); null = inferred. GLUE tasks fix it."})
-    smoke_data: dict = field(default_factory=dict, metadata={"help": "Task smoke only: keyword arguments of glue_smoke.smoke_datasets (n_train, n_validation, seed, noise)."})
-    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N training examples (quick tries)."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N examples of each evaluation split."})
-    max_seq_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens (batches are padded dynamically)."})
-    cache_dir: Optional[str] = field(default=None, metadata={"help": "Cache directory for datasets and models from the hub."})
+    num_labels: Optional[int] = field(
+        default=None,
+        metadata={"help": "Custom data: number of classes (1 = regression); null = inferred. GLUE tasks fix it."},
+    )
+    smoke_data: dict = field(
+        default_factory=dict,
+        metadata={"help": "Task smoke only: keyword arguments of glue_smoke.smoke_datasets (n_train, n_validation, "
+                          "seed, noise)."},
+    )
+    max_train_samples: Optional[int] = field(
+        default=None,
+        metadata={"help": "Use only the first N training examples (quick tries)."},
+    )
+    max_eval_samples: Optional[int] = field(
+        default=None,
+        metadata={"help": "Use only the first N examples of each evaluation split."},
+    )
+    max_seq_length: int = field(
+        default=128,
+        metadata={"help": "Truncate inputs to this many tokens (batches are padded dynamically)."},
+    )
+    cache_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Cache directory for datasets and models from the hub."},
+    )
     # --- model ---
-    model_name_or_path: str = field(default="roberta-base", metadata={"help": "Hub name or local directory of the encoder (ignored with --model_config)."})
-    model_config: dict = field(default_factory=dict, metadata={"help": "Build a randomly initialised model from this config instead (needs model_type, e.g. {model_type: roberta, hidden_size: 64}); saved to <output_dir>/base_model."})
-    tokenizer_name: Optional[str] = field(default=None, metadata={"help": "Tokenizer hub name or directory; null = the model's, or with --model_config a word-level tokenizer trained on the training texts."})
-    base_pretrain_steps: int = field(default=0, metadata={"help": "With --model_config: first train the whole model this many steps on --base_pretrain_label_column (a stand-in for pretraining)."})
-    base_pretrain_label_column: Optional[str] = field(default=None, metadata={"help": "Label column of the training data for the stand-in pretraining."})
-    base_pretrain_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the stand-in pretraining."})
-    classifier_dropout: Optional[float] = field(default=None, metadata={"help": "Dropout of the classification head; null = the model config's."})
+    model_name_or_path: str = field(
+        default="roberta-base",
+        metadata={"help": "Hub name or local directory of the encoder (ignored with --model_config)."},
+    )
+    model_config: dict = field(
+        default_factory=dict,
+        metadata={"help": "Build a randomly initialised model from this config instead (needs model_type, e.g. "
+                          "{model_type: roberta, hidden_size: 64}); saved to <output_dir>/base_model."},
+    )
+    tokenizer_name: Optional[str] = field(
+        default=None,
+        metadata={"help": "Tokenizer hub name or directory; null = the model's, or with --model_config a word-level "
+                          "tokenizer trained on the training texts."},
+    )
+    base_pretrain_steps: int = field(
+        default=0,
+        metadata={"help": "With --model_config: first train the whole model this many steps on "
+                          "--base_pretrain_label_column (a stand-in for pretraining)."},
+    )
+    base_pretrain_label_column: Optional[str] = field(
+        default=None,
+        metadata={"help": "Label column of the training data for the stand-in pretraining."},
+    )
+    base_pretrain_learning_rate: float = field(
+        default=1e-3,
+        metadata={"help": "Learning rate of the stand-in pretraining."},
+    )
+    classifier_dropout: Optional[float] = field(
+        default=None,
+        metadata={"help": "Dropout of the classification head; null = the model config's."},
+    )
     # --- method ---
     method: str = field(default="gsoft", metadata={"help": f"One of {', '.join(METHODS)}."})
-    method_options: dict = field(default_factory=dict, metadata={"help": "Per-method config options, {gsoft: {block_size: 8}, lora: {r: 8}, ...}; the entry of --method is used."})
-    target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Layers to adapt; null = all attention and MLP linears (GSOFT's default for the architecture), the same for every method."})
+    method_options: dict = field(
+        default_factory=dict,
+        metadata={"help": "Per-method config options, {gsoft: {block_size: 8}, lora: {r: 8}, ...}; the entry of "
+                          "--method is used."},
+    )
+    target_modules: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Layers to adapt; null = all attention and MLP linears (GSOFT's default for the "
+                          "architecture), the same for every method."},
+    )
     # --- optimisation ---
-    learning_rate: float = field(default=8e-4, metadata={"help": "Peak learning rate (AdamW) of methods not in --method_learning_rates."})
-    method_learning_rates: dict = field(default_factory=dict, metadata={"help": "Peak learning rate per method, e.g. {lora: 5e-4, full: 2e-5}: methods need different ones (the paper tunes it per method)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not applied to biases, norms and 1-D scales)."})
+    learning_rate: float = field(
+        default=8e-4,
+        metadata={"help": "Peak learning rate (AdamW) of methods not in --method_learning_rates."},
+    )
+    method_learning_rates: dict = field(
+        default_factory=dict,
+        metadata={"help": "Peak learning rate per method, e.g. {lora: 5e-4, full: 2e-5}: methods need different ones "
+                          "(the paper tunes it per method)."},
+    )
+    weight_decay: float = field(
+        default=0.0,
+        metadata={"help": "AdamW weight decay (not applied to biases, norms and 1-D scales)."},
+    )
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
     max_grad_norm: Optional[float] = field(default=1.0, metadata={"help": "Gradient clipping norm; null = none."})
-    num_train_epochs: float = field(default=3.0, metadata={"help": "Training epochs (ignored when --max_steps is set)."})
-    max_steps: Optional[int] = field(default=None, metadata={"help": "Total optimizer steps; overrides --num_train_epochs."})
+    num_train_epochs: float = field(
+        default=3.0,
+        metadata={"help": "Training epochs (ignored when --max_steps is set)."},
+    )
+    max_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "Total optimizer steps; overrides --num_train_epochs."},
+    )
     warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers scheduler name: linear, cosine, constant_with_warmup, ..."})
+    lr_scheduler_type: str = field(
+        default="linear",
+        metadata={"help": "transformers scheduler name: linear, cosine, constant_with_warmup, ..."},
+    )
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Training batch size per process."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size per process."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    mixed_precision: Optional[str] = field(default=None, metadata={"help": "no, fp16 or bf16; null = accelerate launch's setting (the paper: fp16)."})
+    mixed_precision: Optional[str] = field(
+        default=None,
+        metadata={"help": "no, fp16 or bf16; null = accelerate launch's setting (the paper: fp16)."},
+    )
     seed: int = field(default=42, metadata={"help": "Seed of model head initialisation, data order and dropout."})
     # --- run ---
-    output_dir: str = field(default="outputs/glue/run", metadata={"help": "Where results.json, metrics.jsonl, checkpoints and the adapter go."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an output directory that holds another run."})
-    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "'latest' or a checkpoint directory; continues with identical results."})
-    eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N optimizer steps; null = every epoch. Always at the end."})
-    save_steps: Optional[int] = field(default=None, metadata={"help": "Checkpoint every N steps; null = at every evaluation."})
-    checkpoints_total_limit: Optional[int] = field(default=2, metadata={"help": "Keep only the newest N checkpoints; null = all."})
-    save_best: bool = field(default=True, metadata={"help": "Save the adapter with the best main metric to <output_dir>/best."})
+    output_dir: str = field(
+        default="outputs/glue/run",
+        metadata={"help": "Where results.json, metrics.jsonl, checkpoints and the adapter go."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace an output directory that holds another run."},
+    )
+    resume_from_checkpoint: Optional[str] = field(
+        default=None,
+        metadata={"help": "'latest' or a checkpoint directory; continues with identical results."},
+    )
+    eval_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "Evaluate every N optimizer steps; null = every epoch. Always at the end."},
+    )
+    save_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "Checkpoint every N steps; null = at every evaluation."},
+    )
+    checkpoints_total_limit: Optional[int] = field(
+        default=2,
+        metadata={"help": "Keep only the newest N checkpoints; null = all."},
+    )
+    save_best: bool = field(
+        default=True,
+        metadata={"help": "Save the adapter with the best main metric to <output_dir>/best."},
+    )
     logging_steps: int = field(default=10, metadata={"help": "Log loss, learning rate and throughput every N steps."})
-    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard (when installed; metrics.jsonl is always written) or none."})
+    report_to: str = field(
+        default="tensorboard",
+        metadata={"help": "tensorboard (when installed; metrics.jsonl is always written) or none."},
+    )
     progress_bar: bool = field(default=True, metadata={"help": "tqdm progress bar on the main process."})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
-    torch_num_threads: Optional[int] = field(default=None, metadata={"help": "CPU threads of torch per process; null = torch's default. Tiny models run fastest with 1."})
-    stop_after_steps: Optional[int] = field(default=None, metadata={"help": "Debugging: checkpoint and exit after N steps, as if interrupted (no results.json)."})
+    torch_num_threads: Optional[int] = field(
+        default=None,
+        metadata={"help": "CPU threads of torch per process; null = torch's default. Tiny models run fastest with 1."},
+    )
+    stop_after_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "Debugging: checkpoint and exit after N steps, as if interrupted (no results.json)."},
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -145,13 +264,16 @@ class GlueArgs:
                      "max_seq_length", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
-        for name in ("max_steps", "eval_steps", "save_steps", "stop_after_steps", "max_train_samples", "max_eval_samples"):
+        for name in ("max_steps", "eval_steps", "save_steps", "stop_after_steps", "max_train_samples",
+                     "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be >= 1 or null, got {value}.")
         unknown = sorted(set(self.method_learning_rates) - set(METHODS))
         if unknown:
-            raise ValueError(f"--method_learning_rates has unknown methods {unknown}; choose from {', '.join(METHODS)}.")
+            raise ValueError(
+                f"--method_learning_rates has unknown methods {unknown}; choose from {', '.join(METHODS)}."
+            )
         if self.base_pretrain_steps and not (self.model_config and self.base_pretrain_label_column):
             raise ValueError("--base_pretrain_steps needs --model_config and --base_pretrain_label_column.")
 
@@ -299,7 +421,8 @@ def build(args: GlueArgs, accelerator: Accelerator, raw: datasets.DatasetDict, s
 
 def train(args: GlueArgs) -> Optional[dict[str, Any]]:
     """Run the recipe; returns the results (also written to results.json), or None after ``--stop_after_steps``."""
-    logging_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "tensorboard"))
+    logging_config = ProjectConfiguration(project_dir=args.output_dir,
+                                          logging_dir=str(Path(args.output_dir) / "tensorboard"))
     use_tb = args.report_to == "tensorboard" and tensorboard_available()
     accelerator = Accelerator(
         # accelerate only sets up gloo data parallelism on a machine without GPUs when told to use the CPU; otherwise

@@ -261,7 +261,8 @@ def test_local_json_lines_and_tsv_with_string_labels(tmp_path, fmt):
 
 def test_regression_labels_stay_floats(tmp_path):
     path = tmp_path / "sts.jsonl"
-    path.write_text('{"sentence1": "a", "sentence2": "b", "label": 3.2}\n{"sentence1": "c", "sentence2": "d", "label": 0.5}\n')
+    path.write_text('{"sentence1": "a", "sentence2": "b", "label": 3.2}\n'
+                    '{"sentence1": "c", "sentence2": "d", "label": 0.5}\n')
     raw, spec = glue_data.load_raw_datasets("stsb", train_file=str(path), validation_file=str(path))
     raw, spec = glue_data.encode_labels(raw, spec)
     assert spec.is_regression and raw["train"]["label"] == pytest.approx([3.2, 0.5])
