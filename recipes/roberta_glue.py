@@ -378,6 +378,7 @@ def trainable_state_sha256(model: torch.nn.Module) -> str:
 def evaluate(model: torch.nn.Module, loaders: dict[str, DataLoader], spec: TaskSpec,
              accelerator: Optional[Accelerator] = None) -> dict[str, float]:
     """The task's metrics on every evaluation split (gathered across processes without duplicated samples)."""
+    was_training = model.training
     model.eval()
     outputs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for suffix, loader in loaders.items():
@@ -391,7 +392,7 @@ def evaluate(model: torch.nn.Module, loaders: dict[str, DataLoader], spec: TaskS
             labels_all.append(labels.cpu().numpy())
         preds = predictions_from_logits(spec, np.concatenate(logits_all))
         outputs[suffix] = (preds, np.concatenate(labels_all))
-    model.train()
+    model.train(was_training)
     return compute_metrics(spec, outputs)
 
 
