@@ -259,6 +259,21 @@ def test_local_json_lines_and_tsv_with_string_labels(tmp_path, fmt):
     assert raw["train"]["label"] == [1, 0] and spec.num_labels == 2
 
 
+def test_mnli_local_files_evaluate_matched_and_mismatched(tmp_path):
+    rows = ('{"premise": "p", "hypothesis": "h", "label": "neutral"}\n'
+            '{"premise": "q", "hypothesis": "g", "label": "contradiction"}\n')
+    files = {}
+    for name in ("train", "matched", "mismatched"):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text(rows)
+    raw, spec = glue_data.load_raw_datasets("mnli", train_file=str(files["train"]),
+                                            validation_file=str(files["matched"]),
+                                            validation_mismatched_file=str(files["mismatched"]))
+    raw, spec = glue_data.encode_labels(raw, spec)
+    assert spec.eval_splits == {"matched": "validation", "mismatched": "validation_mismatched"}
+    assert raw["validation_mismatched"]["label"] == [1, 2] and spec.main_metric == "accuracy_matched"
+
+
 def test_regression_labels_stay_floats(tmp_path):
     path = tmp_path / "sts.jsonl"
     path.write_text('{"sentence1": "a", "sentence2": "b", "label": 3.2}\n'
@@ -327,3 +342,5 @@ def test_bench_glue_runs_every_method_and_writes_table_and_plot(tmp_path):
     assert "stand-in" in table  # the BOFT-on-CPU note
     assert (tmp_path / "bench_glue.png").stat().st_size > 0
     assert len(json.loads((tmp_path / "bench_glue.json").read_text())) == len(METHODS)
+    assert (tmp_path / "full" / "model" / "config.json").is_file()  # full fine-tuning saves the whole model
+    assert (tmp_path / "boft" / "adapter" / "adapter_config.json").is_file()
