@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Literal, Optional
 
 import pytest
@@ -24,7 +25,10 @@ from gsoft.training import (
     config_to_dict,
     count_parameters,
     load_checkpoint,
+    accelerator_kwargs,
     peak_memory_mb,
+    reset_peak_memory,
+    resume_position,
     prepare_output_dir,
     resolve_checkpoint,
     save_checkpoint,
@@ -246,3 +250,40 @@ def test_metrics_logger_writes_json_lines(tmp_path):
     logger.close()
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2] and lines[0]["loss"] == 0.5 and lines[1]["eval/accuracy"] == 0.75
+
+
+def test_timer_start_stop_spans_micro_batches():
+    timer = StepTimer("cpu", warmup=0)
+    for _ in range(2):
+        timer.start()
+        for _ in range(3):  # micro-batches of one optimizer step
+            assert timer.running
+        timer.stop()
+    assert len(timer.times) == 2 and not timer.running
+    with pytest.raises(RuntimeError, match="without a matching start"):
+        timer.stop()
+
+
+def test_peak_memory_reset_and_accelerator_kwargs(monkeypatch):
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("no writable /proc/self/clear_refs (not Linux): the CPU peak cannot be reset here")
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB touched
+    big.add_(1)
+    before = peak_memory_mb("cpu")
+    del big
+    reset_peak_memory("cpu")
+    assert peak_memory_mb("cpu") < before - 32
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert accelerator_kwargs(mixed_precision="no") == {"mixed_precision": "no", "cpu": True}
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert accelerator_kwargs() == {}
+
+
+@pytest.mark.parametrize(
+    "step, batches, accum, expected",
+    [(0, 10, 1, (0, 0)), (7, 10, 1, (0, 7)), (10, 10, 1, (1, 0)), (3, 10, 4, (1, 0)), (4, 10, 4, (1, 4)),
+     (2, 10, 4, (0, 8)), (5, 5, 2, (1, 4))],
+)
+def test_resume_position(step, batches, accum, expected):
+    assert resume_position(step, batches, accum) == expected

@@ -5,15 +5,17 @@ Recipes differ in data and loss; everything a user expects to behave the same wa
 """
 
 from .args import config_to_dict, parse_recipe_args
-from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, resolve_checkpoint, resume_position, save_checkpoint
 from .methods import METHODS, apply_method, build_peft_config
 from .run import (
     RESULTS_SCHEMA,
     VOLATILE_KEYS,
     StepTimer,
+    accelerator_kwargs,
     count_parameters,
     peak_memory_mb,
     prepare_output_dir,
+    reset_peak_memory,
     write_results,
 )
 from .tracking import MetricsLogger, tensorboard_available
@@ -24,6 +26,7 @@ __all__ = [
     "VOLATILE_KEYS",
     "MetricsLogger",
     "StepTimer",
+    "accelerator_kwargs",
     "apply_method",
     "build_peft_config",
     "config_to_dict",
@@ -32,7 +35,9 @@ __all__ = [
     "parse_recipe_args",
     "peak_memory_mb",
     "prepare_output_dir",
+    "reset_peak_memory",
     "resolve_checkpoint",
+    "resume_position",
     "save_checkpoint",
     "tensorboard_available",
     "write_results",

@@ -8,6 +8,7 @@ trainable parameter is in the file instead of trusting a non-strict load.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -88,6 +89,21 @@ def resolve_checkpoint(output_dir: Union[str, Path], spec: Optional[str]) -> Opt
             f"one of the step_* directories under {Path(output_dir) / CHECKPOINTS}."
         )
     return path
+
+
+def resume_position(step: int, batches_per_epoch: int, gradient_accumulation_steps: int) -> tuple[int, int]:
+    """Where optimizer step ``step`` leaves the data: ``(epoch, micro-batches of that epoch already consumed)``.
+
+    Pass the second number to ``accelerator.skip_first_batches`` in that epoch. An epoch ends with a partial
+    accumulation window when ``batches_per_epoch`` is not a multiple of the accumulation (accelerate syncs at the end
+    of the loader), so an epoch has ``ceil(batches / accumulation)`` optimizer steps.
+    """
+    if batches_per_epoch < 1 or gradient_accumulation_steps < 1:
+        raise ValueError(f"need batches_per_epoch >= 1 and gradient_accumulation_steps >= 1, got "
+                         f"{batches_per_epoch}, {gradient_accumulation_steps}")
+    steps_per_epoch = math.ceil(batches_per_epoch / gradient_accumulation_steps)
+    epoch, steps_in_epoch = divmod(step, steps_per_epoch)
+    return epoch, steps_in_epoch * gradient_accumulation_steps
 
 
 def load_checkpoint(accelerator: Accelerator, path: Union[str, Path]) -> dict[str, Any]:

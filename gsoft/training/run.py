@@ -76,14 +76,29 @@ class StepTimer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def __enter__(self) -> "StepTimer":
+    def start(self) -> None:
+        """Open a step; with gradient accumulation call it at the first micro-batch of the optimizer step."""
         self._sync()
         self._start = time.perf_counter()
+
+    def stop(self) -> None:
+        """Close the step opened by :meth:`start` (e.g. when ``accelerator.sync_gradients`` is true)."""
+        if self._start is None:
+            raise RuntimeError("StepTimer.stop() without a matching start()")
+        self._sync()
+        self.times.append(time.perf_counter() - self._start)
+        self._start = None
+
+    @property
+    def running(self) -> bool:
+        return self._start is not None
+
+    def __enter__(self) -> "StepTimer":
+        self.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._sync()
-        self.times.append(time.perf_counter() - self._start)
+        self.stop()
 
     @property
     def median_s(self) -> Optional[float]:
@@ -99,6 +114,32 @@ def peak_memory_mb(device: Union[torch.device, str]) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+def reset_peak_memory(device: Union[torch.device, str]) -> None:
+    """Start a new peak for :func:`peak_memory_mb`, so several runs in one process (benchmarks) are measured apart.
+
+    CUDA: the allocator's peak counters. CPU on Linux: writing ``5`` to ``/proc/self/clear_refs`` resets the peak-RSS
+    watermark that ``getrusage`` reports; elsewhere the CPU peak keeps growing over the process's life.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def accelerator_kwargs(**kwargs: Any) -> dict[str, Any]:
+    """Keyword arguments for ``Accelerator`` that make ``accelerate launch --multi_gpu --num_processes N`` on a
+    machine without GPUs one N-process gloo job (MULTI_CPU) instead of N independent single-process runs writing the
+    same output directory: accelerate only picks MULTI_CPU when ``cpu=True``."""
+    launched_many = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if launched_many and not torch.cuda.is_available():
+        kwargs.setdefault("cpu", True)
+    return kwargs
 
 
 def _atomic_write_json(path: Path, data: Any) -> None:
