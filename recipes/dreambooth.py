@@ -583,6 +583,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     from gsoft.training import (
         MetricsLogger,
         StepTimer,
+        accelerator_kwargs,
         config_to_dict,
         count_parameters,
         load_checkpoint,
@@ -590,6 +591,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         peak_memory_mb,
         prepare_output_dir,
         resolve_checkpoint,
+        resume_position,
         save_checkpoint,
         tensorboard_available,
         write_results,
@@ -604,11 +606,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
     use_tb = args.report_to == "tensorboard" and tensorboard_available()
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with="tensorboard" if use_tb else None,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        dataloader_config=DataLoaderConfiguration(non_blocking=False),
+        **accelerator_kwargs(
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            mixed_precision=args.mixed_precision,
+            log_with="tensorboard" if use_tb else None,
+            project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+            dataloader_config=DataLoaderConfiguration(non_blocking=False),
+        )
     )
     if accelerator.device.type == "cpu" and args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
@@ -702,8 +706,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint)
         global_step = int(state["step"])
-        first_epoch = global_step // steps_per_epoch
-        skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+        first_epoch, skip_batches = resume_position(global_step, len(loader), args.gradient_accumulation_steps)
         logger.info("Resumed from %s at step %d", checkpoint, global_step)
 
     logger.info("%s: %d trainable of %d parameters; %d instance / %d class images; %d steps",
@@ -717,16 +720,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     start = time.perf_counter()
     micro_step = first_epoch * len(loader) + skip_batches  # index of the next micro-batch since step 0
     last_loss: Optional[float] = None
-    in_step = False
     for epoch in range(first_epoch, num_epochs):
         if global_step >= stop_at:
             break
         batches = accelerator.skip_first_batches(loader, skip_batches) if epoch == first_epoch and skip_batches else loader
         batches.set_epoch(epoch)  # the sampler's permutation and the dataset's crops / flips (also for a skip loader)
         for batch in batches:
-            if not in_step:
-                timer.__enter__()
-                in_step = True
+            if not timer.running:
+                timer.start()
             with accelerator.accumulate(*trained):
                 n = int(batch["n_instance"])
                 prompt_embeds = embeds(n) if args.train_text_encoder else cached[n]
@@ -744,8 +745,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             micro_step += 1
             if not accelerator.sync_gradients:
                 continue
-            timer.__exit__(None, None, None)
-            in_step = False
+            timer.stop()
             global_step += 1
             last_loss = float(loss.detach())
             progress.update(1)
