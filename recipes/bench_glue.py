@@ -26,7 +26,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gsoft.training import METHODS, parse_recipe_args  # noqa: E402
+from gsoft.training import METHODS, parse_recipe_args, reset_peak_memory  # noqa: E402
 
 import roberta_glue  # noqa: E402
 from bench_adapters import boft_fbd  # noqa: E402  (PEFT BOFT's CUDA-only kernel, or a pure-PyTorch stand-in)
@@ -64,16 +64,6 @@ class BenchGlueArgs:
             raise ValueError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}.")
         if self.boft_fbd not in ("torch", "peft"):
             raise ValueError(f"--boft_fbd must be torch or peft, got {self.boft_fbd!r}.")
-
-
-def _reset_peak_memory() -> None:
-    """Peak memory is per run: CUDA's counters, or on Linux the process's peak-RSS watermark (``clear_refs`` 5)."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:  # not Linux: the CPU peak then grows monotonically over the runs (noted in the table)
-        pass
 
 
 def _recipe_argv(args: BenchGlueArgs, method: str) -> list[str]:
@@ -167,7 +157,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     method_options.update(args.recipe_options.get("method_options", {}))
     rows = []
     for method in args.methods:
-        _reset_peak_memory()
+        reset_peak_memory("cuda" if torch.cuda.is_available() else "cpu")
         with boft_fbd(args.boft_fbd) if method == "boft" else contextlib.nullcontext():
             results = roberta_glue.main(_recipe_argv(args, method))
         rows.append({**results, "label": _method_label(method, method_options)})

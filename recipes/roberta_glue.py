@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -49,6 +48,7 @@ from gsoft.training import (  # noqa: E402
     METHODS,
     MetricsLogger,
     StepTimer,
+    accelerator_kwargs,
     apply_method,
     config_to_dict,
     count_parameters,
@@ -57,6 +57,7 @@ from gsoft.training import (  # noqa: E402
     peak_memory_mb,
     prepare_output_dir,
     resolve_checkpoint,
+    resume_position,
     save_checkpoint,
     tensorboard_available,
     write_results,
@@ -426,16 +427,15 @@ def train(args: GlueArgs) -> Optional[dict[str, Any]]:
                                           logging_dir=str(Path(args.output_dir) / "tensorboard"))
     use_tb = args.report_to == "tensorboard" and tensorboard_available()
     accelerator = Accelerator(
-        # accelerate only sets up gloo data parallelism on a machine without GPUs when told to use the CPU; otherwise
-        # `accelerate launch --multi_gpu --num_processes N` there would start N independent runs
-        cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with="tensorboard" if use_tb else None,
-        project_config=logging_config,
-        # the scheduler counts optimizer steps, whatever the number of processes
-        step_scheduler_with_optimizer=False,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        **accelerator_kwargs(  # multi-process launches on a machine without GPUs become one gloo job
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            mixed_precision=args.mixed_precision,
+            log_with="tensorboard" if use_tb else None,
+            project_config=logging_config,
+            # the scheduler counts optimizer steps, whatever the number of processes
+            step_scheduler_with_optimizer=False,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        )
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if accelerator.is_main_process else logging.ERROR, force=True)
@@ -512,10 +512,7 @@ def train(args: GlueArgs) -> Optional[dict[str, Any]]:
     if resume_path is not None:
         state = load_checkpoint(accelerator, resume_path)
         step = state.pop("step")
-        start_epoch = step // steps_per_epoch
-        # Optimizer steps within an epoch always consume a full accumulation of batches (only the last step of an
-        # epoch may be short), so the batches to skip follow from the step count.
-        skip_batches = (step % steps_per_epoch) * args.gradient_accumulation_steps
+        start_epoch, skip_batches = resume_position(step, len(train_loader), args.gradient_accumulation_steps)
         logger.info("resumed from %s at step %d (epoch %d, skipping %d batches)", resume_path, step, start_epoch,
                     skip_batches)
 
@@ -527,7 +524,6 @@ def train(args: GlueArgs) -> Optional[dict[str, Any]]:
     final_eval: Optional[dict[str, float]] = None
     window_loss, window_count, window_start, window_samples = 0.0, 0, time.perf_counter(), 0
     train_start = time.perf_counter()
-    in_step = False
     model.train()
     for epoch in range(start_epoch, num_epochs):
         if step >= max_steps:
@@ -537,9 +533,8 @@ def train(args: GlueArgs) -> Optional[dict[str, Any]]:
         if epoch == start_epoch and skip_batches:
             loader = accelerator.skip_first_batches(train_loader, skip_batches)
         for batch in loader:
-            if not in_step:
-                timer.__enter__()
-                in_step = True
+            if not timer.running:
+                timer.start()
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
@@ -553,8 +548,7 @@ def train(args: GlueArgs) -> Optional[dict[str, Any]]:
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
-            timer.__exit__(None, None, None)
-            in_step = False
+            timer.stop()
             step += 1
             progress.update(1)
 
