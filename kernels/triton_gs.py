@@ -98,8 +98,25 @@ _TUNE_KEY = ["block_size", "n_blocks", "shuffle_blocks", "IN_POW", "OUT_POW", "T
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Kernels
+# Kernels. They use only builtins of triton.language, none of its @triton.jit helpers (tl.cdiv, tl.zeros, ...): those
+# are decorated when Triton is first imported, so under TRITON_INTERPRET=1 set later (a test session in which some
+# other module imported Triton first) the interpreter could not run them.
 # ----------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _shuffled(cols, shuffle_blocks, shuffle_size, POW: tl.constexpr):
+    """Physical column of logical column ``cols`` behind ``POW`` perfect shuffles: ``f^POW(cols)``."""
+    for _ in tl.static_range(POW):
+        cols = (cols % shuffle_blocks) * shuffle_size + cols // shuffle_blocks
+    return cols
+
+
+@triton.jit
+def _load_tile(ptr, rows64, row_ok, cols, col_ok, stride_m, stride_n):
+    """A ``rows x cols`` tile of a strided matrix, zeros outside the masks."""
+    offsets = rows64[:, None] * stride_m + cols[None, :].to(tl.int64) * stride_n
+    return tl.load(ptr + offsets, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+
 @triton.autotune(
     configs=_configs(INTERPRETER_TILES if INTERPRETED else MULTIPLY_TILES),
     key=_TUNE_KEY,
@@ -116,7 +133,7 @@ def _block_multiply_kernel(
     """One program: rows ``[pid_m BLOCK_M, +BLOCK_M)`` x output columns ``[tile BLOCK_N, +BLOCK_N)`` of one block."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    n_tiles = tl.cdiv(block_size, BLOCK_N)
+    n_tiles = (block_size + BLOCK_N - 1) // BLOCK_N
     block = pid_n // n_tiles
     tile = pid_n % n_tiles
 
@@ -128,20 +145,14 @@ def _block_multiply_kernel(
     w_block = w_ptr + block.to(tl.int64) * block_size * block_size
 
     if DOT_MODE == 3:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float64)
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, block_size, BLOCK_K):
         in_local = k0 + tl.arange(0, BLOCK_K)
         in_ok = in_local < block_size
-        src = block * block_size + in_local  # logical input column -> physical: f^IN_POW
-        for _ in tl.static_range(IN_POW):
-            src = (src % shuffle_blocks) * shuffle_size + src // shuffle_blocks
-        x = tl.load(
-            x_ptr + rows64[:, None] * stride_xm + src[None, :].to(tl.int64) * stride_xn,
-            mask=row_ok[:, None] & in_ok[None, :],
-            other=0.0,
-        )
+        src = _shuffled(block * block_size + in_local, shuffle_blocks, shuffle_size, IN_POW)
+        x = _load_tile(x_ptr, rows64, row_ok, src, in_ok, stride_xm, stride_xn)
         # w[j, i] = W[i, j] (y_i = sum_j W_ij x_j), or W[j, i] for the transposed blocks
         if TRANSPOSE_BLOCKS:
             w_offsets = in_local[:, None] * block_size + out_local[None, :]
@@ -157,9 +168,7 @@ def _block_multiply_kernel(
         else:
             acc = tl.dot(x.to(tl.float64), w.to(tl.float64), acc)
 
-    dst = block * block_size + out_local  # logical output column -> physical: f^OUT_POW
-    for _ in tl.static_range(OUT_POW):
-        dst = (dst % shuffle_blocks) * shuffle_size + dst // shuffle_blocks
+    dst = _shuffled(block * block_size + out_local, shuffle_blocks, shuffle_size, OUT_POW)
     tl.store(
         y_ptr + rows64[:, None] * stride_ym + dst[None, :].to(tl.int64),
         acc.to(y_ptr.dtype.element_ty),
@@ -187,8 +196,8 @@ def _block_grad_kernel(
     """
     split = tl.program_id(0)
     pid = tl.program_id(1)
-    tiles_n = tl.cdiv(block_size, BLOCK_N)
-    tiles_k = tl.cdiv(block_size, BLOCK_K)
+    tiles_n = (block_size + BLOCK_N - 1) // BLOCK_N
+    tiles_k = (block_size + BLOCK_K - 1) // BLOCK_K
     block = pid // (tiles_n * tiles_k)
     tile_n = (pid // tiles_k) % tiles_n
     tile_k = pid % tiles_k
@@ -197,33 +206,21 @@ def _block_grad_kernel(
     out_ok = out_local < block_size
     in_local = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
     in_ok = in_local < block_size
-    dst = block * block_size + out_local
-    for _ in tl.static_range(OUT_POW):
-        dst = (dst % shuffle_blocks) * shuffle_size + dst // shuffle_blocks
-    src = block * block_size + in_local
-    for _ in tl.static_range(IN_POW):
-        src = (src % shuffle_blocks) * shuffle_size + src // shuffle_blocks
+    dst = _shuffled(block * block_size + out_local, shuffle_blocks, shuffle_size, OUT_POW)
+    src = _shuffled(block * block_size + in_local, shuffle_blocks, shuffle_size, IN_POW)
 
     if DOT_MODE == 3:
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float64)
+        acc = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float64)
     else:
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, n_rows)
     for m0 in range(row_start, row_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < row_end
         rows64 = rows.to(tl.int64)
-        dy = tl.load(
-            g_ptr + rows64[:, None] * stride_gm + dst[None, :].to(tl.int64) * stride_gn,
-            mask=row_ok[:, None] & out_ok[None, :],
-            other=0.0,
-        )
-        v = tl.load(
-            x_ptr + rows64[:, None] * stride_xm + src[None, :].to(tl.int64) * stride_xn,
-            mask=row_ok[:, None] & in_ok[None, :],
-            other=0.0,
-        )
+        dy = _load_tile(g_ptr, rows64, row_ok, dst, out_ok, stride_gm, stride_gn)
+        v = _load_tile(x_ptr, rows64, row_ok, src, in_ok, stride_xm, stride_xn)
         if DOT_MODE == 0:
             acc = tl.dot(tl.trans(dy), v.to(dy.dtype), acc)
         elif DOT_MODE == 1:
