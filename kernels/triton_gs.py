@@ -97,6 +97,15 @@ def _clip_to_block(configs: list[triton.Config], named_args: dict, **kwargs) -> 
 _TUNE_KEY = ["block_size", "n_blocks", "shuffle_blocks", "IN_POW", "OUT_POW", "TRANSPOSE_BLOCKS", "DOT_MODE"]
 
 
+def _autotune(tiles: list[tuple[int, int, int, int, int]]):
+    """Autotune over ``tiles`` (the one interpreter config under ``TRITON_INTERPRET``), clipped to the block size."""
+    return triton.autotune(
+        configs=_configs(INTERPRETER_TILES if INTERPRETED else tiles),
+        key=_TUNE_KEY,
+        prune_configs_by={"early_config_prune": _clip_to_block},
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Kernels. They use only builtins of triton.language, none of its @triton.jit helpers (tl.cdiv, tl.zeros, ...): those
 # are decorated when Triton is first imported, so under TRITON_INTERPRET=1 set later (a test session in which some
@@ -117,11 +126,7 @@ def _load_tile(ptr, rows64, row_ok, cols, col_ok, stride_m, stride_n):
     return tl.load(ptr + offsets, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
 
 
-@triton.autotune(
-    configs=_configs(INTERPRETER_TILES if INTERPRETED else MULTIPLY_TILES),
-    key=_TUNE_KEY,
-    prune_configs_by={"early_config_prune": _clip_to_block},
-)
+@_autotune(MULTIPLY_TILES)
 @triton.jit
 def _block_multiply_kernel(
     x_ptr, w_ptr, y_ptr,
@@ -176,11 +181,7 @@ def _block_multiply_kernel(
     )
 
 
-@triton.autotune(
-    configs=_configs(INTERPRETER_TILES if INTERPRETED else GRAD_TILES),
-    key=_TUNE_KEY,
-    prune_configs_by={"early_config_prune": _clip_to_block},
-)
+@_autotune(GRAD_TILES)
 @triton.jit
 def _block_grad_kernel(
     g_ptr, x_ptr, out_ptr,
