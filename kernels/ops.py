@@ -35,7 +35,7 @@ FUSED_MAX_BLOCK = 16
 #: Largest group / block size the CUDA extension handles (its tiles keep a whole ``b^2 x b^2`` group in shared memory).
 CUDA_MAX_GROUP = 64
 
-BACKENDS = ("triton", "cuda")
+FUSED_BACKENDS = ("triton", "cuda")
 
 
 def grouped_plan(blocks: torch.Tensor) -> bool:
@@ -78,7 +78,7 @@ def _impl(backend: str):
         from . import cuda_ext
 
         return cuda_ext
-    raise ValueError(f"Unknown fused GS backend {backend!r}; choose one of {BACKENDS}.")
+    raise ValueError(f"Unknown fused GS backend {backend!r}; choose one of {FUSED_BACKENDS}.")
 
 
 def _schedule(blocks: torch.Tensor, transpose: bool) -> list[Pass]:

@@ -27,6 +27,7 @@ are masked. This module imports Triton; :mod:`gsoft.kernels.ops` imports it only
 from __future__ import annotations
 
 import os
+
 import torch
 import triton
 import triton.language as tl
