@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 import yaml
 
 from gsoft import gs
+from conftest import load_recipe
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "recipes" / "bench_adapters.py"
@@ -23,11 +23,7 @@ LAYER_SHAPES = [(32, 32)] * 4 + [(32, 64), (64, 32)]  # (in, out) per encoder la
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_adapters", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_adapters"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("bench_adapters")
 
 
 def _gsoft_expected(args: dict, layers: int) -> int:

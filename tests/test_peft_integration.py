@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from peft import OFTConfig, PeftConfig, PeftModel, get_peft_model, inject_adapter_in_model
+from peft import OFTConfig, PeftConfig, get_peft_model, inject_adapter_in_model
 from peft import mapping as peft_mapping
 from torch import nn
 

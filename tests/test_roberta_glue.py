@@ -6,7 +6,6 @@ in-process on a shrunken smoke task (a few hundred examples, a few steps) to sta
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -21,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from gsoft.training import METHODS, build_peft_config
+from conftest import load_recipe
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES = REPO_ROOT / "recipes"
@@ -28,14 +28,7 @@ SMOKE = REPO_ROOT / "configs" / "glue" / "smoke.yaml"
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+_load = load_recipe
 
 
 recipe = _load("roberta_glue")  # puts recipes/ on sys.path, so the helpers import by name
