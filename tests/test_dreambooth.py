@@ -3,13 +3,16 @@
 Covers: the smoke config, loading the saved adapter into a StableDiffusionPipeline (reproducing the training-time
 validation images; merged == unmerged), dreambooth_infer.py, prior preservation with generated class images
 (v-prediction model, text-encoder adapter, conv targets), resume == uninterrupted, eval_subject.py on tiny CLIP / DINO
-models, the benchmark's quick mode, and the recipe's error messages.
+models, a 2-process (gloo) run, the benchmark's quick mode, and the recipe's error messages.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -187,6 +190,30 @@ def test_prior_preservation_text_encoder_v_prediction(assets: dict[str, Path], t
     pipe = load_adapter(pipeline(model), out)
     images, saved = sample_like_validation(pipe, out)
     torch.testing.assert_close(images, saved, atol=1e-5, rtol=0)
+
+
+def test_two_processes_with_prior_preservation(assets: dict[str, Path], tmp_path: Path) -> None:
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine is one gloo job (not two runs into one
+    directory): class images are generated once, split over the ranks, and the run reports world_size 2."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out, class_dir = tmp_path / "run", tmp_path / "class"
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           str(REPO_ROOT / "recipes" / "dreambooth.py"), "--config", str(SMOKE), "--smoke_assets", "false",
+           "--pretrained_model_name_or_path", str(assets["model"]), "--instance_data_dir", str(assets["instance"]),
+           "--output_dir", str(out), "--progress_bar", "false", *FAST, "--with_prior_preservation",
+           "--class_prompt", "a photo of a disc", "--class_data_dir", str(class_dir), "--num_class_images", "3",
+           "--class_inference_steps", "2", "--sample_batch_size", "1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2 and results["finished"] and results["class_images"] == 3
+    assert len(list(class_dir.glob("*.png"))) == 3
+    pipe = pipeline(assets["model"])
+    load_adapter(pipe, out)
 
 
 def test_resume_matches_uninterrupted(assets: dict[str, Path], tmp_path: Path) -> None:
