@@ -360,19 +360,11 @@ def check_targets(model: torch.nn.Module, config: Any, option: str, what: str) -
 
 
 def adapt(model: torch.nn.Module, config: Any) -> Any:
-    """``peft.get_peft_model`` (what ``gsoft.training.apply_method`` does with a config built by
-    :func:`peft_config`); PEFT's silent BOFT fallback to one butterfly factor (no CUDA extension) is reported."""
-    from peft import get_peft_model
+    """``peft.get_peft_model`` via gsoft.training (what ``apply_method`` does with a config built by
+    :func:`peft_config`), which reports PEFT's silent BOFT fallback to one butterfly factor."""
+    from gsoft.training import get_peft_model_checked
 
-    peft_model = get_peft_model(model, config)
-    wanted = getattr(config, "boft_n_butterfly_factor", None)
-    used = {p.shape[0] for n, p in peft_model.named_parameters() if "boft_R" in n}
-    if wanted and used and max(used) != wanted:
-        logger.warning(
-            "PEFT's BOFT used %s butterfly factor(s) instead of %s: its CUDA extension did not build (CPU or no "
-            "compiler), so it silently falls back to 1 factor.", sorted(used), wanted,
-        )
-    return peft_model
+    return get_peft_model_checked(model, config)
 
 
 def _dtype(name: Optional[str], default: torch.dtype) -> torch.dtype:

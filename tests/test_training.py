@@ -291,3 +291,17 @@ def test_peak_memory_reset_and_accelerator_kwargs(monkeypatch):
 )
 def test_resume_position(step, batches, accum, expected):
     assert resume_position(step, batches, accum) == expected
+
+
+def test_boft_factor_fallback_is_reported(caplog):
+    """PEFT silently drops BOFT to one butterfly factor without its CUDA extension (every CPU machine)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="gsoft.training.methods"):
+        model = apply_method(tiny_roberta(), "boft", ["query", "value"], task_type="SEQ_CLS",
+                             options={"boft_block_size": 4, "boft_n_butterfly_factor": 2})
+    factors = {p.shape[0] for n, p in model.named_parameters() if "boft_R" in n}
+    if factors == {2}:
+        assert "butterfly" not in caplog.text
+    else:
+        assert "instead of boft_n_butterfly_factor=2" in caplog.text

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 from typing import Any, Optional, Union
 
 from peft import BOFTConfig, LoraConfig, OFTConfig, PeftConfig, get_peft_model
 from torch import nn
 
 from ..tuner import GSOFTConfig
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("gsoft", "double_gsoft", "lora", "oft", "boft", "full")
 
@@ -74,6 +77,20 @@ def build_peft_config(
     return config_cls(**kwargs, **options)
 
 
+def get_peft_model_checked(model: nn.Module, config: PeftConfig) -> nn.Module:
+    """``peft.get_peft_model``, reporting PEFT's silent fallback of BOFT to one butterfly factor (it happens whenever
+    BOFT's CUDA extension cannot build, e.g. on every CPU machine): a run must not quietly be a different method."""
+    peft_model = get_peft_model(model, config)
+    wanted = getattr(config, "boft_n_butterfly_factor", None)
+    used = {p.shape[0] for name, p in peft_model.named_parameters() if "boft_R" in name}
+    if wanted and used and max(used) != wanted:
+        logger.warning(
+            "PEFT's BOFT uses %s butterfly factor(s) instead of boft_n_butterfly_factor=%s: its CUDA extension did not "
+            "build (no GPU or no compiler), and PEFT then silently falls back to 1 factor.", sorted(used), wanted,
+        )
+    return peft_model
+
+
 def apply_method(
     model: nn.Module,
     method: str,
@@ -90,4 +107,4 @@ def apply_method(
     if config is None:
         model.requires_grad_(True)
         return model
-    return get_peft_model(model, config)
+    return get_peft_model_checked(model, config)
