@@ -344,29 +344,6 @@ def _is_regex(text: str) -> bool:
     return any(c in text for c in "*+?[]()|\\^$")
 
 
-def check_targets(model: torch.nn.Module, config: Any, option: str, what: str) -> None:
-    """Fail before PEFT does, listing the layer names the model does have (PEFT only says "not found")."""
-    from peft.tuners.tuners_utils import check_target_module_exists
-
-    names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-    if any(check_target_module_exists(config, n) for n in names):
-        return
-    tails = sorted({".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1] for n in names})
-    targets = config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)
-    raise ValueError(
-        f"{option} {targets} match no Linear/Conv2d layer of the {what} ({type(model).__name__}). Its layers end "
-        f"in: {', '.join(tails[:40])}{' ...' if len(tails) > 40 else ''}."
-    )
-
-
-def adapt(model: torch.nn.Module, config: Any) -> Any:
-    """``peft.get_peft_model`` via gsoft.training (what ``apply_method`` does with a config built by
-    :func:`peft_config`), which reports PEFT's silent BOFT fallback to one butterfly factor."""
-    from gsoft.training import get_peft_model_checked
-
-    return get_peft_model_checked(model, config)
-
-
 def _dtype(name: Optional[str], default: torch.dtype) -> torch.dtype:
     table = {None: default, "no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if name not in table:
@@ -576,8 +553,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         MetricsLogger,
         StepTimer,
         accelerator_kwargs,
+        check_targets,
         config_to_dict,
         count_parameters,
+        get_peft_model_checked,
         load_checkpoint,
         parse_recipe_args,
         peak_memory_mb,
@@ -629,7 +608,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                 components[name].enable_gradient_checkpointing()
             else:
                 components[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        components[name] = adapt(components[name], config)
+        components[name] = get_peft_model_checked(components[name], config)
     run_config = config_to_dict(args)
     prepare_output_dir(output_dir, run_config, overwrite=args.overwrite_output_dir,
                        resume=bool(args.resume_from_checkpoint), is_main_process=accelerator.is_main_process)

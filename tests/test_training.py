@@ -305,3 +305,13 @@ def test_boft_factor_fallback_is_reported(caplog):
         assert "butterfly" not in caplog.text
     else:
         assert "instead of boft_n_butterfly_factor=2" in caplog.text
+
+
+def test_targets_matching_nothing_list_the_layers():
+    with pytest.raises(ValueError, match=r"--target_modules \['qury'\] match no Linear/Conv2d layer of the model "
+                                         r"\(RobertaForSequenceClassification\)\. Its layers end in: .*query"):
+        apply_method(tiny_roberta(), "lora", ["qury"], task_type="SEQ_CLS")
+    with pytest.raises(ValueError, match="--my_targets"):
+        apply_method(tiny_roberta(), "gsoft", ["qury"], options={"block_size": 8}, target_option="--my_targets")
+    # None leaves the targets to the architecture's default: nothing to check
+    assert isinstance(apply_method(tiny_roberta(), "gsoft", None, options={"block_size": 8}), PeftModel)

@@ -6,7 +6,7 @@ Recipes differ in data and loss; everything a user expects to behave the same wa
 
 from .args import config_to_dict, parse_recipe_args
 from .checkpoint import load_checkpoint, resolve_checkpoint, resume_position, save_checkpoint
-from .methods import METHODS, apply_method, build_peft_config, get_peft_model_checked
+from .methods import METHODS, apply_method, build_peft_config, check_targets, get_peft_model_checked
 from .run import (
     RESULTS_SCHEMA,
     VOLATILE_KEYS,
@@ -29,6 +29,7 @@ __all__ = [
     "accelerator_kwargs",
     "apply_method",
     "build_peft_config",
+    "check_targets",
     "config_to_dict",
     "count_parameters",
     "get_peft_model_checked",

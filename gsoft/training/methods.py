@@ -77,6 +77,24 @@ def build_peft_config(
     return config_cls(**kwargs, **options)
 
 
+def check_targets(model: nn.Module, config: PeftConfig, option: str = "--target_modules", what: str = "model") -> None:
+    """Fail before PEFT does when the targets match no layer, listing the layer names the model does have (PEFT
+    only says that they were not found). No-op when the config leaves the targets to the architecture's default."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    if getattr(config, "target_modules", None) is None:
+        return
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if any(check_target_module_exists(config, n) for n in names):
+        return
+    tails = sorted({".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1] for n in names})
+    targets = config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)
+    raise ValueError(
+        f"{option} {targets} match no Linear/Conv2d layer of the {what} ({type(model).__name__}). Its layers end "
+        f"in: {', '.join(tails[:40])}{' ...' if len(tails) > 40 else ''}."
+    )
+
+
 def get_peft_model_checked(model: nn.Module, config: PeftConfig) -> nn.Module:
     """``peft.get_peft_model``, reporting PEFT's silent fallback of BOFT to one butterfly factor (it happens whenever
     BOFT's CUDA extension cannot build, e.g. on every CPU machine): a run must not quietly be a different method."""
@@ -99,12 +117,15 @@ def apply_method(
     modules_to_save: Optional[list[str]] = None,
     task_type: Optional[str] = None,
     options: Optional[dict[str, Any]] = None,
+    target_option: str = "--target_modules",
 ) -> nn.Module:
-    """Wrap ``model`` for ``method``: a ``PeftModel``, or for ``"full"`` the model itself with every weight trainable."""
+    """Wrap ``model`` for ``method``: a ``PeftModel``, or for ``"full"`` the model itself with every weight trainable.
+    Targets that match nothing are reported under ``target_option`` (the recipe's option name)."""
     config = build_peft_config(
         method, target_modules, modules_to_save=modules_to_save, task_type=task_type, options=options
     )
     if config is None:
         model.requires_grad_(True)
         return model
+    check_targets(model, config, target_option)
     return get_peft_model_checked(model, config)
