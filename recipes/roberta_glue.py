@@ -542,7 +542,7 @@ def train(args: GlueArgs) -> Optional[dict[str, Any]]:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-            window_loss += loss.detach().float().item()
+            window_loss += loss.detach().float()  # a tensor: no device sync per micro-batch
             window_count += 1
             window_samples += batch["input_ids"].shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
@@ -554,8 +554,7 @@ def train(args: GlueArgs) -> Optional[dict[str, Any]]:
 
             if step % args.logging_steps == 0 or step == max_steps:
                 elapsed = time.perf_counter() - window_start
-                mean_loss = accelerator.reduce(torch.tensor(window_loss / window_count, device=accelerator.device),
-                                               "mean").item()
+                mean_loss = accelerator.reduce(window_loss / window_count, "mean").item()
                 record = {"loss": mean_loss, "lr": scheduler.get_last_lr()[0], "epoch": step / steps_per_epoch,
                           "samples_per_s": window_samples / elapsed}
                 metrics_log.log(record, step)
