@@ -1,0 +1,50 @@
+"""Compressed communication for data-parallel adapter training.
+
+- :mod:`.compressors`: fp16/bf16 casts, int8 (QSGD-style), 1-bit sign, Top-K, Rand-K (shared seed), GD-SEC's
+  significant-component selection; pure functions of tensors and seeds with exact payload sizes.
+- :mod:`.feedback`: error feedback around any compressor (none / EF / EF21 / difference-with-reference).
+- :mod:`.transport`: all_reduce or all_gather of payloads, and the bytes they put on the wire.
+- :mod:`.hooks`: :func:`register_compression`, the DDP communication hooks (and torch's PowerSGD, counted).
+- :mod:`.local_steps`: H local steps between compressed parameter averages.
+"""
+
+from .compressors import (
+    Cast,
+    Compressor,
+    Identity,
+    Int8,
+    RandK,
+    Sign,
+    Significant,
+    TopK,
+    build_compressor,
+)
+from .feedback import DifferenceFeedback, ErrorFeedback, Feedback, build_feedback, mean_decoded, simulate_round
+from .hooks import ERROR_FEEDBACKS, METHODS, CompressionState, register_compression, resolve_error_feedback
+from .transport import Exchange, allgather_wire_bytes, allreduce_wire_bytes
+
+__all__ = [
+    "Cast",
+    "CompressionState",
+    "Compressor",
+    "DifferenceFeedback",
+    "ERROR_FEEDBACKS",
+    "ErrorFeedback",
+    "Exchange",
+    "Feedback",
+    "Identity",
+    "Int8",
+    "METHODS",
+    "RandK",
+    "Sign",
+    "Significant",
+    "TopK",
+    "allgather_wire_bytes",
+    "allreduce_wire_bytes",
+    "build_compressor",
+    "build_feedback",
+    "mean_decoded",
+    "register_compression",
+    "resolve_error_feedback",
+    "simulate_round",
+]

@@ -1,0 +1,324 @@
+"""Gradient compressors: pure functions of a flat tensor and seeds, with an exact payload size.
+
+Nothing here knows about DDP or process groups, so the same objects serve the DDP communication hooks
+(:mod:`gsoft.distributed.hooks`), the in-process simulations of the tests, and any other transport (a later
+decentralised averaging engine). A payload is a tuple of tensors whose dtypes and lengths depend only on the
+input length (:meth:`Compressor.layout`); that is what lets every worker pre-size the receive buffers of an
+``all_gather`` and what makes the byte count a formula instead of a measurement.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+Payload = tuple[torch.Tensor, ...]
+Layout = tuple[tuple[torch.dtype, int], ...]
+
+
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
+    return gen
+
+
+def _n_chunks(numel: int, chunk_size: int) -> int:
+    return max(1, math.ceil(numel / chunk_size))
+
+
+def _chunked(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """``x`` zero-padded to whole chunks, shaped ``(n_chunks, chunk_size)``."""
+    n = _n_chunks(x.numel(), chunk_size)
+    padded = x.new_zeros(n * chunk_size)
+    padded[: x.numel()] = x
+    return padded.view(n, chunk_size)
+
+
+def _keep_count(numel: int, ratio: float) -> int:
+    return min(numel, max(1, math.ceil(ratio * numel)))
+
+
+def _check_ratio(ratio: float) -> None:
+    if not (isinstance(ratio, (int, float)) and 0.0 < ratio <= 1.0):
+        raise ValueError(f"compression_ratio must be in (0, 1] (the fraction of coordinates sent), got {ratio!r}; "
+                         f"e.g. 0.01 sends 1% of them.")
+
+
+class Compressor:
+    """``compress(x) -> payload``, ``decompress(payload) -> x̂``; ``x`` is flat float32.
+
+    ``shared_seed`` is equal on every worker for the same tensor and step (it picks Rand-K's coordinates, so no
+    indices travel); ``private_seed`` differs per worker (stochastic rounding). ``summable`` compressors have
+    a one-tensor payload that is linear in what it decodes to, with the same support on every worker, so a
+    transport may add payloads (``all_reduce``) instead of gathering them.
+    """
+
+    name: ClassVar[str] = ""
+    summable: ClassVar[bool] = False
+    #: True when ``decompress(compress(x))`` is not ``x`` in expectation: such a compressor needs error feedback
+    biased: ClassVar[bool] = False
+    #: True when the payload length depends on the data (``layout`` is then the largest possible payload)
+    variable_size: ClassVar[bool] = False
+
+    def layout(self, numel: int) -> Layout:
+        raise NotImplementedError
+
+    def compress(self, x: torch.Tensor, *, shared_seed: int = 0, private_seed: int = 0) -> Payload:
+        raise NotImplementedError
+
+    def decompress(self, payload: Payload, numel: int, *, shared_seed: int = 0) -> torch.Tensor:
+        raise NotImplementedError
+
+    def payload_bytes(self, numel: int) -> int:
+        """Exact size of one worker's payload for ``numel`` values (what one message carries)."""
+        return sum(count * torch.empty((), dtype=dtype).element_size() for dtype, count in self.layout(numel))
+
+    def describe(self) -> dict:
+        return {"name": self.name}
+
+
+@dataclass
+class Identity(Compressor):
+    """fp32 as is: the uncompressed baseline, sent through the same code path as the compressors."""
+
+    name: ClassVar[str] = "none"
+    summable: ClassVar[bool] = True
+
+    def layout(self, numel: int) -> Layout:
+        return ((torch.float32, numel),)
+
+    def compress(self, x, *, shared_seed=0, private_seed=0):
+        return (x.float(),)
+
+    def decompress(self, payload, numel, *, shared_seed=0):
+        return payload[0].float()
+
+
+@dataclass
+class Cast(Compressor):
+    """Half-precision values (``fp16`` or ``bf16``); summed in that precision by ``all_reduce``."""
+
+    dtype: torch.dtype = torch.float16
+    name: ClassVar[str] = "cast"
+    summable: ClassVar[bool] = True
+
+    def layout(self, numel: int) -> Layout:
+        return ((self.dtype, numel),)
+
+    def compress(self, x, *, shared_seed=0, private_seed=0):
+        return (x.to(self.dtype),)
+
+    def decompress(self, payload, numel, *, shared_seed=0):
+        return payload[0].float()
+
+    def describe(self) -> dict:
+        return {"name": {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, str(self.dtype))}
+
+
+@dataclass
+class Int8(Compressor):
+    """QSGD-style int8: per chunk, ``scale = max|x| / 127`` and stochastic rounding of ``x / scale`` (unbiased).
+
+    Payload: ``numel`` int8 codes, then one float32 scale per ``chunk_size`` values.
+    """
+
+    chunk_size: int = 1024
+    name: ClassVar[str] = "int8"
+
+    def layout(self, numel: int) -> Layout:
+        return ((torch.int8, numel), (torch.float32, _n_chunks(numel, self.chunk_size)))
+
+    def compress(self, x, *, shared_seed=0, private_seed=0):
+        chunks = _chunked(x.float(), self.chunk_size)
+        scale = chunks.abs().amax(dim=1) / 127.0
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        noise = torch.rand(chunks.shape, generator=_generator(private_seed, x.device), device=x.device)
+        codes = torch.floor(chunks / safe[:, None] + noise).clamp_(-127, 127).to(torch.int8)
+        return codes.view(-1)[: x.numel()], scale
+
+    def decompress(self, payload, numel, *, shared_seed=0):
+        codes, scale = payload
+        chunks = _chunked(codes.float(), self.chunk_size) * scale[:, None]
+        return chunks.view(-1)[:numel]
+
+    def describe(self) -> dict:
+        return {"name": self.name, "chunk_size": self.chunk_size}
+
+
+@dataclass
+class Sign(Compressor):
+    """1-bit sign with a scale (signSGD / 1-bit Adam style): ``mean|x|`` per chunk times ``sign(x)``.
+
+    Payload: the signs packed 8 per byte, then one float32 scale per ``chunk_size`` values. Biased: use it with
+    error feedback.
+    """
+
+    chunk_size: int = 1024
+    name: ClassVar[str] = "sign"
+    biased: ClassVar[bool] = True
+
+    def layout(self, numel: int) -> Layout:
+        return ((torch.uint8, math.ceil(numel / 8)), (torch.float32, _n_chunks(numel, self.chunk_size)))
+
+    def compress(self, x, *, shared_seed=0, private_seed=0):
+        x = x.float()
+        scale = _chunked(x.abs(), self.chunk_size).sum(dim=1)
+        counts = torch.full_like(scale, float(self.chunk_size))
+        counts[-1] = x.numel() - (scale.numel() - 1) * self.chunk_size
+        bits = torch.zeros(math.ceil(x.numel() / 8) * 8, dtype=torch.uint8, device=x.device)
+        bits[: x.numel()] = (x >= 0).to(torch.uint8)
+        weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=x.device)
+        packed = (bits.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+        return packed, scale / counts
+
+    def decompress(self, payload, numel, *, shared_seed=0):
+        packed, scale = payload
+        shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+        bits = ((packed[:, None] >> shifts) & 1).view(-1)[:numel].float()
+        signs = bits * 2.0 - 1.0
+        return (_chunked(signs, self.chunk_size) * scale[:, None]).view(-1)[:numel]
+
+    def describe(self) -> dict:
+        return {"name": self.name, "chunk_size": self.chunk_size}
+
+
+@dataclass
+class TopK(Compressor):
+    """The ``ceil(ratio * numel)`` largest-magnitude values with their int32 positions. Biased: use error feedback.
+
+    Payload: ``k`` float32 values, then ``k`` int32 indices (8 bytes per kept value).
+    """
+
+    ratio: float = 0.01
+    name: ClassVar[str] = "topk"
+    biased: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        _check_ratio(self.ratio)
+
+    def layout(self, numel: int) -> Layout:
+        k = _keep_count(numel, self.ratio)
+        return ((torch.float32, k), (torch.int32, k))
+
+    def compress(self, x, *, shared_seed=0, private_seed=0):
+        x = x.float()
+        k = _keep_count(x.numel(), self.ratio)
+        index = torch.topk(x.abs(), k, sorted=False).indices
+        return x[index], index.to(torch.int32)
+
+    def decompress(self, payload, numel, *, shared_seed=0):
+        values, index = payload
+        out = values.new_zeros(numel)
+        out[index.long()] = values
+        return out
+
+    def describe(self) -> dict:
+        return {"name": self.name, "ratio": self.ratio}
+
+
+@dataclass
+class RandK(Compressor):
+    """``k`` coordinates drawn from the shared seed, so every worker picks the same ones and no index is sent.
+
+    Payload: ``k`` float32 values; payloads of different workers add up (``all_reduce``). Without ``rescale`` the
+    result is the contractive (biased) version meant for error feedback; ``rescale=True`` multiplies by
+    ``numel / k`` for an unbiased estimate (with ``numel / k`` times the variance).
+    """
+
+    ratio: float = 0.01
+    rescale: bool = False
+    name: ClassVar[str] = "randk"
+    summable: ClassVar[bool] = True
+    biased: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        _check_ratio(self.ratio)
+
+    def layout(self, numel: int) -> Layout:
+        return ((torch.float32, _keep_count(numel, self.ratio)),)
+
+    def indices(self, numel: int, shared_seed: int, device: torch.device) -> torch.Tensor:
+        k = _keep_count(numel, self.ratio)
+        return torch.randperm(numel, generator=_generator(shared_seed, torch.device("cpu")))[:k].to(device)
+
+    def compress(self, x, *, shared_seed=0, private_seed=0):
+        index = self.indices(x.numel(), shared_seed, x.device)
+        values = x.float()[index]
+        if self.rescale:
+            values = values * (x.numel() / index.numel())
+        return (values,)
+
+    def decompress(self, payload, numel, *, shared_seed=0):
+        (values,) = payload
+        out = values.new_zeros(numel)
+        out[self.indices(numel, shared_seed, values.device)] = values
+        return out
+
+    def describe(self) -> dict:
+        return {"name": self.name, "ratio": self.ratio, "rescale": self.rescale}
+
+
+@dataclass
+class Significant(Compressor):
+    """GD-SEC's selection: only the components whose magnitude is at least ``threshold`` times the largest one,
+    and at most ``ceil(ratio * numel)`` of them (largest first), with their int32 positions.
+
+    The payload size varies with the data (few components once the vector stops changing), so a transport first
+    exchanges the counts; :meth:`layout_for` gives the size of a payload of ``count`` components.
+    """
+
+    ratio: float = 0.01
+    threshold: float = 0.1
+    name: ClassVar[str] = "significant"
+    biased: ClassVar[bool] = True
+    variable_size: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        _check_ratio(self.ratio)
+        if not 0.0 <= self.threshold < 1.0:
+            raise ValueError(f"significance threshold must be in [0, 1) (a fraction of the largest component), "
+                             f"got {self.threshold!r}")
+
+    def layout(self, numel: int) -> Layout:
+        return self.layout_for(_keep_count(numel, self.ratio))
+
+    @staticmethod
+    def layout_for(count: int) -> Layout:
+        return ((torch.float32, count), (torch.int32, count))
+
+    def compress(self, x, *, shared_seed=0, private_seed=0):
+        x = x.float()
+        magnitude = x.abs()
+        values, index = torch.topk(magnitude, _keep_count(x.numel(), self.ratio), sorted=True)
+        count = int((values >= self.threshold * values[0]).sum()) if values[0] > 0 else 1
+        index = index[:count]
+        return x[index], index.to(torch.int32)
+
+    decompress = TopK.decompress
+
+    def describe(self) -> dict:
+        return {"name": self.name, "ratio": self.ratio, "threshold": self.threshold}
+
+
+def build_compressor(name: str, *, compression_ratio: float = 0.01, chunk_size: int = 1024,
+                     rescale: bool = False, threshold: float = 0.1) -> Compressor:
+    """The compressor called ``name`` (``none fp16 bf16 int8 sign topk randk``; ``gdsec`` selects with
+    :class:`Significant`)."""
+    if name == "none":
+        return Identity()
+    if name in ("fp16", "bf16"):
+        return Cast(torch.float16 if name == "fp16" else torch.bfloat16)
+    if name == "int8":
+        return Int8(chunk_size)
+    if name == "sign":
+        return Sign(chunk_size)
+    if name == "topk":
+        return TopK(compression_ratio)
+    if name == "gdsec":
+        return Significant(compression_ratio, threshold)
+    if name == "randk":
+        return RandK(compression_ratio, rescale)
+    raise ValueError(f"unknown compressor {name!r}; choose one of none, fp16, bf16, int8, sign, topk, randk, gdsec")

@@ -1,0 +1,346 @@
+"""``register_compression``: compressed adapter gradients (or compressed local-step deltas) for a DDP model.
+
+DDP hands each gradient bucket to a communication hook; buckets hold only parameters that need gradients (the
+adapter, not the frozen model) and are sums, not means, of nothing yet: the hook must return the mean over
+processes. The compressor and error feedback state live per bucket, keyed by the names of the bucket's
+parameters, because DDP rebuilds its buckets after the first iteration: the state of a rebuilt bucket is
+assembled from the old buckets' pieces, and the same per-parameter pieces are what checkpoints hold.
+"""
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Hashable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_powersgd
+from torch.nn.parallel import DistributedDataParallel
+
+from .compressors import build_compressor
+from .feedback import Feedback, build_feedback
+from .transport import Exchange, allreduce_wire_bytes, shared_seed
+
+if TYPE_CHECKING:
+    from .local_steps import LocalSteps
+
+# no ``from __future__ import annotations`` here: DDP checks the hooks' annotations at registration
+logger = logging.getLogger(__name__)
+
+METHODS = ("none", "fp16", "bf16", "int8", "sign", "topk", "randk", "powersgd", "gdsec")
+ERROR_FEEDBACKS = ("auto", "none", "ef", "ef21")
+SCHEDULES = ("fixed", "geometric")
+
+
+def resolve_error_feedback(method: str, error_feedback: str) -> str:
+    """``auto``: EF21 for the biased compressors (exact convergence under heterogeneous data), the torch hook's own
+    error feedback for PowerSGD, nothing for the unbiased ones; gdsec is its own (reference) scheme."""
+    if error_feedback not in ERROR_FEEDBACKS:
+        raise ValueError(f"unknown error_feedback {error_feedback!r}; choose one of {', '.join(ERROR_FEEDBACKS)}")
+    if method == "gdsec":
+        if error_feedback not in ("auto", "ef21"):
+            raise ValueError(f"gdsec keeps its own per-worker reference (GD-SEC's difference scheme), so "
+                             f"error_feedback={error_feedback!r} does not apply; leave it at 'auto'.")
+        return "difference"
+    if method == "powersgd":
+        if error_feedback == "ef21":
+            raise ValueError("powersgd uses torch's PowerSGD hook, whose error feedback is classic EF; pass "
+                             "error_feedback 'ef' (the default under 'auto') or 'none'.")
+        return "ef" if error_feedback == "auto" else error_feedback
+    if error_feedback == "auto":
+        return "ef21" if method in ("sign", "topk", "randk") else "none"
+    return error_feedback
+
+
+@dataclass
+class CompressionState:
+    """What ``register_compression`` returns: settings, counters and the per-process compression state.
+
+    ``bytes_sent``: bytes this process sent (ring formulas, see :mod:`gsoft.distributed.transport`);
+    ``bytes_uncompressed``: what an fp32 (bucket dtype) gradient all-reduce would have sent for the same optimizer
+    steps; ``steps``: optimizer steps seen; ``syncs``: communication rounds (``steps`` unless local steps).
+    """
+
+    method: str
+    options: dict[str, Any]
+    world_size: int
+    rank: int
+    bytes_sent: int = 0
+    bytes_uncompressed: int = 0
+    payload_bytes: int = 0
+    steps: int = 0
+    syncs: int = 0
+    feedback: Optional[Feedback] = None
+    group: Optional[dist.ProcessGroup] = None
+    local: Optional["LocalSteps"] = None
+    powersgd: Optional[torch_powersgd.PowerSGDState] = None
+    _layouts: dict[Hashable, list[tuple[str, int]]] = field(default_factory=dict)
+    _seen: set = field(default_factory=set)
+    _param_names: dict[int, str] = field(default_factory=dict)
+    _loaded_pieces: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    _device: torch.device = torch.device("cpu")
+
+    @property
+    def ratio(self) -> float:
+        """``bytes_uncompressed / bytes_sent`` so far (how many times fewer bytes)."""
+        return self.bytes_uncompressed / self.bytes_sent if self.bytes_sent else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        """For results.json: the settings and the counters."""
+        return {"method": self.method, **self.options, "world_size": self.world_size, "steps": self.steps,
+                "syncs": self.syncs, "bytes_sent": self.bytes_sent, "bytes_uncompressed": self.bytes_uncompressed,
+                "payload_bytes": self.payload_bytes}
+
+    def synchronize(self) -> None:
+        """Local steps: average the replicas now (compressed, with error feedback). A no-op otherwise."""
+        if self.local is not None:
+            self.local.synchronize()
+
+    # ---- bucket state: keyed by the bucket's parameter names, rebuilt from pieces when DDP re-buckets ----
+    def bucket_key(self, bucket: dist.GradBucket) -> Hashable:
+        params = bucket.parameters()
+        key = tuple(self._param_names[id(p)] for p in params)
+        if key not in self._layouts:
+            self._layouts[key] = [(self._param_names[id(p)], p.numel()) for p in params]
+            if self.feedback is not None and self.feedback.state_names:
+                self._adopt(key, bucket.buffer().device)
+        self._seen.add(key)
+        return key
+
+    def _pieces(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per-parameter views of the feedback state: ``{param_name: {state_name: tensor}}``."""
+        pieces: dict[str, dict[str, torch.Tensor]] = {}
+        for key, state in self.feedback.states.items():
+            layout = self._layouts.get(key)
+            if layout is None:  # loaded from a checkpoint: already per parameter
+                continue
+            offset = 0
+            for name, numel in layout:
+                pieces[name] = {s: t[offset: offset + numel] for s, t in state.items()}
+                offset += numel
+        return pieces
+
+    def _adopt(self, key: Hashable, device: torch.device) -> None:
+        pieces = dict(self._loaded_pieces)
+        pieces.update(self._pieces())
+        layout = self._layouts[key]
+        if not any(name in pieces for name, _ in layout):
+            return
+        total = sum(n for _, n in layout)
+        state = {}
+        for s in self.feedback.state_names:
+            flat = torch.zeros(total, dtype=torch.float32, device=device)
+            offset = 0
+            for name, numel in layout:
+                if name in pieces:
+                    flat[offset: offset + numel] = pieces[name][s].to(flat.device)
+                offset += numel
+            state[s] = flat
+        self.feedback.states[key] = state
+
+    def end_iteration(self) -> None:
+        for key in list(self.feedback.states if self.feedback else []):
+            if key not in self._seen and key in self._layouts:
+                del self.feedback.states[key]  # a bucket layout DDP replaced
+        self._seen.clear()
+
+    # ---- checkpointing (accelerate's register_for_checkpointing calls these on every process) ----
+    def state_dict(self) -> dict[str, Any]:
+        """Every process's state, gathered (collective): compression state differs per process, and accelerate
+        writes custom state from the main process only."""
+        own: dict[str, Any] = {"counters": {k: getattr(self, k) for k in
+                                            ("bytes_sent", "bytes_uncompressed", "payload_bytes", "steps", "syncs")}}
+        if self.feedback is not None:
+            pieces = self._pieces()
+            own["feedback"] = {n: {s: t.detach().cpu().clone() for s, t in d.items()} for n, d in pieces.items()}
+        if self.local is not None:
+            own["local"] = self.local.state_dict()
+        if self.powersgd is not None:
+            own["powersgd"] = {k: v for k, v in self.powersgd.__getstate__().items()}
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, own, group=self.group)
+        return {"method": self.method, "options": self.options, "world_size": self.world_size, "ranks": gathered}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("method") != self.method or state.get("world_size") != self.world_size:
+            raise ValueError(
+                f"checkpointed gradient compression ({state.get('method')!r} on {state.get('world_size')} "
+                f"processes) does not match this run ({self.method!r} on {self.world_size}); resume with the same "
+                f"--grad_compression and number of processes."
+            )
+        own = state["ranks"][self.rank]
+        for k, v in own["counters"].items():
+            setattr(self, k, v)
+        if self.feedback is not None:
+            self._loaded_pieces = own.get("feedback", {})
+            self.feedback.states.clear()
+            for key in self._layouts:
+                self._adopt(key, self._device)
+        if self.local is not None:
+            self.local.load_state_dict(own["local"])
+        if self.powersgd is not None:
+            group = self.powersgd.process_group
+            self.powersgd.__setstate__(own["powersgd"])
+            self.powersgd.process_group = group
+
+
+def _compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    buffer = bucket.buffer()
+    key = state.bucket_key(bucket)
+    step = state.steps
+    shared = shared_seed(state.options["seed"], step, key)
+    exchange = Exchange(state.feedback.compressor, buffer.numel(), group=state.group, shared_seed=shared)
+    payload = state.feedback.message(key, buffer, shared_seed=shared, private_seed=shared_seed(shared, state.rank))
+    fut = exchange.start(payload)
+    state.bytes_sent += exchange.bytes_sent
+    state.payload_bytes += exchange.payload_bytes
+    state.bytes_uncompressed += allreduce_wire_bytes(buffer.numel() * buffer.element_size(), state.world_size)
+    if bucket.is_last():
+        state.steps += 1
+        state.syncs += 1
+        state.end_iteration()
+    return fut.then(lambda f: state.feedback.update(key, f.value()).to(buffer.dtype))
+
+
+def _local_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Local steps: no gradient communication; parameters are averaged every H steps instead."""
+    buffer = bucket.buffer()
+    state.bytes_uncompressed += allreduce_wire_bytes(buffer.numel() * buffer.element_size(), state.world_size)
+    fut: torch.futures.Future = torch.futures.Future()
+    fut.set_result(buffer)
+    return fut
+
+
+def _powersgd_split(ps: torch_powersgd.PowerSGDState, bucket: dist.GradBucket, size: int) -> tuple[int, int, int]:
+    """Bytes of the three all-reduces of torch's ``powerSGD_hook`` for this bucket (uncompressed tensors, Ps, Qs),
+    split as the hook splits them."""
+    plain = ps_sum = qs_sum = 0
+    for tensor in bucket.gradients():
+        n, m = tensor.shape[0], tensor.numel() // max(tensor.shape[0], 1)
+        rank = min(n, m, ps.matrix_approximation_rank)
+        if torch_powersgd._should_compress(n, m, rank, ps.min_compression_rate)[0]:
+            ps_sum += n * rank
+            qs_sum += m * rank
+        else:
+            plain += tensor.numel()
+    return plain * size, ps_sum * size, qs_sum * size
+
+
+def _powersgd_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    ps = state.powersgd
+    buffer = bucket.buffer()
+    if ps.iter < ps.start_powerSGD_iter:
+        sent = payload = buffer.numel() * buffer.element_size()
+        sent = allreduce_wire_bytes(sent, state.world_size)
+    else:
+        split = _powersgd_split(ps, bucket, buffer.element_size())
+        payload = sum(split)
+        sent = sum(allreduce_wire_bytes(b, state.world_size) for b in split)
+    state.bytes_sent += sent
+    state.payload_bytes += payload
+    state.bytes_uncompressed += allreduce_wire_bytes(buffer.numel() * buffer.element_size(), state.world_size)
+    if bucket.is_last():
+        state.steps += 1
+        state.syncs += 1
+    return torch_powersgd.powerSGD_hook(ps, bucket)
+
+
+def _backend(group: Optional[dist.ProcessGroup]) -> str:
+    return str(dist.get_backend(group)).lower()
+
+
+def register_compression(
+    model: nn.Module,
+    method: str = "topk",
+    *,
+    compression_ratio: float = 0.01,
+    error_feedback: str = "auto",
+    local_steps: int = 1,
+    local_steps_schedule: str = "fixed",
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    seed: int = 0,
+    chunk_size: int = 1024,
+    beta: float = 1.0,
+    threshold: float = 0.1,
+    powersgd_rank: int = 4,
+    powersgd_start_iter: int = 10,
+    process_group: Optional[dist.ProcessGroup] = None,
+) -> CompressionState:
+    """Compress what a DDP model (e.g. the one ``accelerator.prepare`` returns) sends between processes.
+
+    - ``method``: ``none`` (fp32, counted), ``fp16``, ``bf16``, ``int8``, ``sign``, ``topk``, ``randk``,
+      ``powersgd`` (torch's hook, ``powersgd_rank``, ``powersgd_start_iter``) or ``gdsec``.
+    - ``compression_ratio``: fraction of coordinates ``topk``/``randk``/``gdsec`` send, in (0, 1].
+    - ``error_feedback``: ``auto | none | ef | ef21`` (see :func:`resolve_error_feedback`).
+    - ``local_steps``: H > 1 turns off gradient communication and averages compressed parameter deltas every H
+      optimizer steps (``local_steps_schedule='geometric'``: random intervals with mean H, as in OLGA); needs
+      ``optimizer`` (its step triggers the averaging). Call ``state.synchronize()`` before evaluating or saving.
+    - ``seed``: the shared seed of Rand-K's coordinates and of the local-step schedule; equal on every process.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown gradient compression {method!r}; choose one of {', '.join(METHODS)}")
+    if isinstance(model, nn.parallel.DataParallel) or not isinstance(model, DistributedDataParallel):
+        raise TypeError(
+            f"register_compression needs a DistributedDataParallel model, got {type(model).__name__}. With "
+            f"accelerate, pass the model that accelerator.prepare returns when launched with several processes "
+            f"(accelerate launch --multi_gpu --num_processes N); a single process has nothing to communicate."
+        )
+    if not (isinstance(local_steps, int) and local_steps >= 1):
+        raise ValueError(f"local_steps must be an integer >= 1 (1 = communicate every step), got {local_steps!r}")
+    if local_steps_schedule not in SCHEDULES:
+        raise ValueError(f"unknown local_steps_schedule {local_steps_schedule!r}; choose fixed or geometric")
+    feedback_name = resolve_error_feedback(method, error_feedback)
+    group = process_group
+    backend = _backend(group)
+    if method == "bf16" and backend == "gloo":
+        raise ValueError("bf16 gradient compression all-reduces bf16 tensors, which the gloo backend cannot do "
+                         "(no bf16 all-reduce). Use fp16 or int8 on gloo (CPU), or bf16 with NCCL.")
+    options: dict[str, Any] = {"error_feedback": feedback_name, "local_steps": local_steps, "seed": seed}
+    if method in ("topk", "randk", "gdsec"):
+        options["compression_ratio"] = compression_ratio
+    if method == "gdsec":
+        options.update(beta=beta, threshold=threshold)
+    if method in ("int8", "sign"):
+        options["chunk_size"] = chunk_size
+    if local_steps > 1:
+        options["local_steps_schedule"] = local_steps_schedule
+    state = CompressionState(method=method, options=options, world_size=dist.get_world_size(group),
+                             rank=dist.get_rank(group), group=group)
+    state._param_names = {id(p): n for n, p in model.module.named_parameters()}
+    state._device = next((p.device for p in model.module.parameters() if p.requires_grad), torch.device("cpu"))
+
+    if method == "powersgd":
+        if local_steps > 1:
+            raise ValueError("powersgd compresses gradients inside torch's DDP hook; it cannot be combined with "
+                             "local_steps > 1. Use topk, randk, int8 or sign for local-step deltas.")
+        if not (isinstance(powersgd_rank, int) and powersgd_rank >= 1):
+            raise ValueError(f"powersgd_rank must be an integer >= 1, got {powersgd_rank!r}")
+        start = max(powersgd_start_iter, 2) if feedback_name == "ef" else powersgd_start_iter
+        state.powersgd = torch_powersgd.PowerSGDState(
+            process_group=group, matrix_approximation_rank=powersgd_rank, start_powerSGD_iter=start,
+            use_error_feedback=feedback_name == "ef", warm_start=feedback_name == "ef", random_seed=seed)
+        options.update(powersgd_rank=powersgd_rank, powersgd_start_iter=start)
+        hook = _powersgd_hook
+    else:
+        compressor = build_compressor(method, compression_ratio=compression_ratio, chunk_size=chunk_size,
+                                      threshold=threshold)
+        if compressor.biased and feedback_name == "none":
+            logger.warning("%s without error feedback is biased: expect a worse optimum than uncompressed "
+                           "training (error_feedback 'ef21' or 'ef' corrects it).", method)
+        state.feedback = build_feedback(feedback_name, compressor, beta=beta)
+        hook = _compression_hook
+        if local_steps > 1:
+            if optimizer is None:
+                raise ValueError("local_steps > 1 averages parameters after optimizer steps: pass the optimizer "
+                                 "(register_compression(model, ..., optimizer=optimizer)).")
+            from .local_steps import LocalSteps
+
+            state.local = LocalSteps(state, model.module, optimizer, local_steps, local_steps_schedule, seed)
+            hook = _local_hook
+    logger.info("gradient compression: %s %s", method, options)
+    try:
+        model.register_comm_hook(state, hook)
+    except RuntimeError as exc:
+        raise RuntimeError(f"could not register the compression hook ({exc}); a DDP model takes one communication "
+                           f"hook, register_compression once per model.") from exc
+    return state

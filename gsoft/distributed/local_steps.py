@@ -1,0 +1,104 @@
+"""Local steps: train H optimizer steps without communication, then average compressed parameter deltas.
+
+Each process keeps the shared reference point ``x̄`` (the last average, identical everywhere). At a
+synchronisation it sends its delta ``x_m - x̄`` through the same compressor and error feedback as gradients
+(OLGA / EF-OLGA: compressed differences to a shared reference, per-worker error buffers), everyone moves ``x̄`` by
+the mean, and every replica restarts from ``x̄``: bit-identical again. accelerate's ``LocalSGD`` does the same with
+an uncompressed average.
+
+H is fixed, or geometric with mean H (OLGA's randomised loop length), drawn from a generator seeded equally on
+every process so all of them synchronise at the same step.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .transport import Exchange, shared_seed
+
+if TYPE_CHECKING:
+    from .hooks import CompressionState
+
+KEY = "local_step_delta"
+
+
+class LocalSteps:
+    def __init__(self, state: "CompressionState", module: nn.Module, optimizer: Any, local_steps: int,
+                 schedule: str, seed: int):
+        self.state = state
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.local_steps = local_steps
+        self.schedule = schedule
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.reference = self._flat().clone()
+        self.since_sync = 0
+        self.interval = self._draw()
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+        if not hasattr(inner, "register_step_post_hook"):
+            raise TypeError(f"local steps need a torch.optim.Optimizer (got {type(optimizer).__name__})")
+        self._handle = inner.register_step_post_hook(lambda *_: self.after_step())
+
+    def _flat(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1).float() for p in self.params])
+
+    def _draw(self) -> int:
+        if self.schedule == "fixed" or self.local_steps == 1:
+            return self.local_steps
+        # geometric on {1, 2, ...} with mean H: P(stop after each step) = 1 / H
+        p, n = 1.0 / self.local_steps, 1
+        while self.rng.random() >= p:
+            n += 1
+        return n
+
+    def after_step(self) -> None:
+        self.state.steps += 1
+        self.since_sync += 1
+        if self.since_sync >= self.interval:
+            self.synchronize()
+
+    @torch.no_grad()
+    def synchronize(self) -> None:
+        if self.since_sync == 0:
+            return
+        state, feedback = self.state, self.state.feedback
+        delta = self._flat() - self.reference
+        shared = shared_seed(state.options["seed"], state.syncs, KEY)
+        exchange = Exchange(feedback.compressor, delta.numel(), group=state.group, shared_seed=shared)
+        payload = feedback.message(KEY, delta, shared_seed=shared, private_seed=shared_seed(shared, state.rank))
+        mean = exchange.run(payload)
+        self.reference += feedback.update(KEY, mean)
+        offset = 0
+        for p in self.params:
+            p.copy_(self.reference[offset: offset + p.numel()].view_as(p))
+            offset += p.numel()
+        state.bytes_sent += exchange.bytes_sent
+        state.payload_bytes += exchange.payload_bytes
+        state.syncs += 1
+        self.since_sync = 0
+        self.interval = self._draw()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference": self.reference.cpu().clone(), "since_sync": self.since_sync, "interval": self.interval,
+                "rng": self.rng.getstate(), "params": self._flat().cpu(),
+                "feedback": {s: t.cpu().clone() for s, t in self.state.feedback.states.get(KEY, {}).items()}}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        device = self.reference.device
+        self.reference = state["reference"].to(device)
+        self.since_sync, self.interval = state["since_sync"], state["interval"]
+        self.rng.setstate(state["rng"])
+        # the replicas differ between synchronisations, and the checkpointed model is the main process's
+        params = state["params"].to(device)
+        offset = 0
+        for p in self.params:
+            p.copy_(params[offset: offset + p.numel()].view_as(p))
+            offset += p.numel()
+        if state["feedback"]:
+            self.state.feedback.states[KEY] = {s: t.to(device) for s, t in state["feedback"].items()}
+
