@@ -108,8 +108,9 @@ class CompressionState:
         return key
 
     def _pieces(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Per-parameter views of the feedback state: ``{param_name: {state_name: tensor}}``."""
-        pieces: dict[str, dict[str, torch.Tensor]] = {}
+        """Per-parameter views of the feedback state: ``{param_name: {state_name: tensor}}``; pieces loaded from a
+        checkpoint count until a bucket has taken them over (a checkpoint saved right after loading one keeps them)."""
+        pieces: dict[str, dict[str, torch.Tensor]] = dict(self._loaded_pieces)
         for key, state in self.feedback.states.items():
             layout = self._layouts.get(key)
             if layout is None:  # loaded from a checkpoint: already per parameter
@@ -121,8 +122,7 @@ class CompressionState:
         return pieces
 
     def _adopt(self, key: Hashable, device: torch.device) -> None:
-        pieces = dict(self._loaded_pieces)
-        pieces.update(self._pieces())
+        pieces = self._pieces()
         layout = self._layouts[key]
         if not any(name in pieces for name, _ in layout):
             return
@@ -341,6 +341,8 @@ def register_compression(
     try:
         model.register_comm_hook(state, hook)
     except RuntimeError as exc:
+        if state.local is not None:  # a refused registration must not average parameters after optimizer steps
+            state.local._handle.remove()
         raise RuntimeError(f"could not register the compression hook ({exc}); a DDP model takes one communication "
                            f"hook, register_compression once per model.") from exc
     return state
