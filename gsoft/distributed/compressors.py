@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 
@@ -236,13 +236,19 @@ class RandK(Compressor):
 
     def __post_init__(self) -> None:
         _check_ratio(self.ratio)
+        self._last: Optional[tuple[tuple[int, int, torch.device], torch.Tensor]] = None
 
     def layout(self, numel: int) -> Layout:
         return ((torch.float32, _keep_count(numel, self.ratio)),)
 
     def indices(self, numel: int, shared_seed: int, device: torch.device) -> torch.Tensor:
+        # compress and decompress of one round ask for the same draw: keep the last one (a randperm of n)
+        if self._last is not None and self._last[0] == (numel, shared_seed, device):
+            return self._last[1]
         k = _keep_count(numel, self.ratio)
-        return torch.randperm(numel, generator=_generator(shared_seed, torch.device("cpu")))[:k].to(device)
+        index = torch.randperm(numel, generator=_generator(shared_seed, torch.device("cpu")))[:k].to(device)
+        self._last = ((numel, shared_seed, device), index)
+        return index
 
     def compress(self, x, *, shared_seed=0, private_seed=0):
         index = self.indices(x.numel(), shared_seed, x.device)

@@ -316,6 +316,10 @@ def register_compression(
         if not (isinstance(powersgd_rank, int) and powersgd_rank >= 1):
             raise ValueError(f"powersgd_rank must be an integer >= 1, got {powersgd_rank!r}")
         start = max(powersgd_start_iter, 2) if feedback_name == "ef" else powersgd_start_iter
+        if start != powersgd_start_iter:
+            logger.warning("powersgd_start_iter %d raised to %d: torch's PowerSGD needs 2 vanilla all-reduce steps "
+                           "before error feedback starts (DDP rebuilds its buckets after the first).",
+                           powersgd_start_iter, start)
         state.powersgd = torch_powersgd.PowerSGDState(
             process_group=group, matrix_approximation_rank=powersgd_rank, start_powerSGD_iter=start,
             use_error_feedback=feedback_name == "ef", warm_start=feedback_name == "ef", random_seed=seed)
