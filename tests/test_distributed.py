@@ -591,13 +591,17 @@ def _case(results, name):
     return per_rank
 
 
-NUMEL = HIDDEN * HIDDEN + HIDDEN + HIDDEN * OUT + OUT  # 4420 trainable values in one DDP bucket
+SIZES = (HIDDEN * HIDDEN, HIDDEN, HIDDEN * OUT, OUT)  # the trainable tensors, all in one DDP bucket
+NUMEL = sum(SIZES)  # 4420
 
 
 def _step_bytes(method: str) -> int:
     """What one process sends per step for the one-bucket model; p = 2, so the ring all_reduce (2(p-1)/p B) and
-    all_gather ((p-1) B) both send exactly the payload."""
-    return _expected_bytes(method, NUMEL, DDP_RATIO)
+    all_gather ((p-1) B) both send exactly the payload. Selecting and scaling compressors work per tensor
+    (``PerTensor``), so their payload is the sum over the bucket's tensors; casts are elementwise."""
+    if method in ("none", "fp16", "bf16"):
+        return _expected_bytes(method, NUMEL, DDP_RATIO)
+    return sum(_expected_bytes(method, n, DDP_RATIO) for n in SIZES)
 
 
 PLAIN_CASES = ["none", "fp16", "int8", "sign", "topk_ef", "topk_ef21", "topk_none", "randk", "gdsec", "powersgd"]
@@ -629,9 +633,10 @@ def test_ddp_replicas_identical_and_bytes_match_formula(ddp_results, name):
         assert s["powersgd_start_iter"] == PS_START
     elif method == "gdsec":
         deltas = [b - a for (_, _, a, _), (_, _, b, _) in zip([(0, 0, 0, "")] + r0["per_step"], r0["per_step"])]
-        k = _k(NUMEL, DDP_RATIO)
-        for delta in deltas:  # 4 bytes of count, then 8 per component of the largest message
-            assert (delta - 4) % 8 == 0 and 4 + 8 <= delta <= 4 + 8 * k, deltas
+        k = sum(_k(n, DDP_RATIO) for n in SIZES)
+        head = 4 + 4 * len(SIZES)  # the exchanged total count, then one int32 count per tensor in the payload
+        for delta in deltas:  # then 8 bytes per component of the largest message, at least one per tensor
+            assert (delta - head) % 8 == 0 and head + 8 * len(SIZES) <= delta <= head + 8 * k, deltas
         assert r1["summary"]["bytes_sent"] == s["bytes_sent"]  # both pad to the same largest count
     else:
         assert s["bytes_sent"] == STEPS * _step_bytes(method), (s, _step_bytes(method))
@@ -818,3 +823,30 @@ def test_register_twice(single_group):
         register_compression(ddp, "topk", local_steps=2, optimizer=opt)
     # the refused registration must not leave its local-step averaging hooked on the optimizer
     assert len(opt._optimizer_step_post_hooks) == hooks
+
+
+def test_per_tensor_gives_every_tensor_its_share():
+    """A bucket mixing a large-gradient head with a small-gradient adapter (the GLUE smoke task: ~200x): one Top-K
+    over the bucket would send only the head; per tensor each gets ceil(ratio * n_i) and its own int8 scales."""
+    from gsoft.distributed.compressors import PerTensor
+
+    sizes = [300, 1000, 7]
+    x = torch.randn(sum(sizes), generator=torch.Generator().manual_seed(0))
+    x[:300] *= 200.0  # the "head"
+    for base in (TopK(0.05), Int8(64), Sign(64), RandK(0.05)):
+        c = PerTensor(base, sizes)
+        payload = c.compress(x, shared_seed=1, private_seed=2)
+        assert [(t.dtype, t.numel()) for t in payload] == list(c.layout(x.numel()))
+        assert c.payload_bytes(x.numel()) == sum(base.payload_bytes(n) for n in sizes)
+        y = c.decompress(payload, x.numel(), shared_seed=1)
+        small = torch.split(y, sizes)[1]
+        assert (small != 0).any(), base.name  # the small tensor is not drowned by the large one
+        if isinstance(base, TopK):
+            assert [int((p != 0).sum()) for p in torch.split(y, sizes)] == [_k(n, 0.05) for n in sizes]
+    glob = TopK(0.05)
+    y = glob.decompress(glob.compress(x), x.numel())
+    assert not torch.split(y, sizes)[1].any()  # what per-tensor selection fixes
+    sig = PerTensor(Significant(0.05, 0.3), sizes)
+    payload = sig.compress(x)
+    assert payload[0].tolist() == [int(n) for n in payload[0]] and len(payload[0]) == len(sizes)
+    assert torch.split(sig.decompress(payload, x.numel()), sizes)[1].any()

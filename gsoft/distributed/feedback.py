@@ -31,7 +31,7 @@ from typing import Any, Hashable, Optional, Sequence
 
 import torch
 
-from .compressors import Compressor, Payload
+from .compressors import Compressor, Payload, PerTensor
 
 FEEDBACKS = ("none", "ef", "ef21", "difference")
 
@@ -45,6 +45,17 @@ class Feedback:
     def __init__(self, compressor: Compressor):
         self.compressor = compressor
         self.states: dict[Hashable, dict[str, torch.Tensor]] = {}
+        self._per_tensor: dict[tuple[int, ...], Compressor] = {}
+
+    def compressor_for(self, sizes: Optional[Sequence[int]] = None) -> Compressor:
+        """The compressor for a vector made of tensors of ``sizes`` (one bucket): :class:`PerTensor` around the
+        base one when it selects or scales, so each tensor is compressed on its own."""
+        if sizes is None or not self.compressor.per_tensor:
+            return self.compressor
+        key = tuple(sizes)
+        if key not in self._per_tensor:
+            self._per_tensor[key] = PerTensor(self.compressor, key)
+        return self._per_tensor[key]
 
     def _state(self, key: Hashable, like: torch.Tensor) -> dict[str, torch.Tensor]:
         state = self.states.get(key)
@@ -53,8 +64,10 @@ class Feedback:
             self.states[key] = state
         return state
 
-    def message(self, key: Hashable, x: torch.Tensor, *, shared_seed: int = 0, private_seed: int = 0) -> Payload:
-        return self.compressor.compress(x.float(), shared_seed=shared_seed, private_seed=private_seed)
+    def message(self, key: Hashable, x: torch.Tensor, *, sizes: Optional[Sequence[int]] = None,
+                shared_seed: int = 0, private_seed: int = 0) -> Payload:
+        """``sizes``: the lengths of the tensors ``x`` is made of (compressed one by one), or None for one."""
+        return self.compressor_for(sizes).compress(x.float(), shared_seed=shared_seed, private_seed=private_seed)
 
     def update(self, key: Hashable, mean: torch.Tensor) -> torch.Tensor:
         return mean
@@ -67,11 +80,11 @@ class ErrorFeedback(Feedback):
     name = "ef"
     state_names = ("error",)
 
-    def message(self, key, x, *, shared_seed=0, private_seed=0):
-        state = self._state(key, x)
+    def message(self, key, x, *, sizes=None, shared_seed=0, private_seed=0):
+        state, compressor = self._state(key, x), self.compressor_for(sizes)
         corrected = x.float() + state["error"]
-        payload = self.compressor.compress(corrected, shared_seed=shared_seed, private_seed=private_seed)
-        state["error"] = corrected - self.compressor.decompress(payload, x.numel(), shared_seed=shared_seed)
+        payload = compressor.compress(corrected, shared_seed=shared_seed, private_seed=private_seed)
+        state["error"] = corrected - compressor.decompress(payload, x.numel(), shared_seed=shared_seed)
         return payload
 
 
@@ -88,11 +101,11 @@ class DifferenceFeedback(Feedback):
         self.beta = float(beta)
         self.name = name
 
-    def message(self, key, x, *, shared_seed=0, private_seed=0):
-        state = self._state(key, x)
-        payload = self.compressor.compress(x.float() - state["reference"], shared_seed=shared_seed,
-                                           private_seed=private_seed)
-        state["reference"] += self.beta * self.compressor.decompress(payload, x.numel(), shared_seed=shared_seed)
+    def message(self, key, x, *, sizes=None, shared_seed=0, private_seed=0):
+        state, compressor = self._state(key, x), self.compressor_for(sizes)
+        payload = compressor.compress(x.float() - state["reference"], shared_seed=shared_seed,
+                                      private_seed=private_seed)
+        state["reference"] += self.beta * compressor.decompress(payload, x.numel(), shared_seed=shared_seed)
         return payload
 
     def update(self, key, mean):

@@ -189,8 +189,10 @@ def _compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch
     key = state.bucket_key(bucket)
     step = state.steps
     shared = shared_seed(state.options["seed"], step, key)
-    exchange = Exchange(state.feedback.compressor, buffer.numel(), group=state.group, shared_seed=shared)
-    payload = state.feedback.message(key, buffer, shared_seed=shared, private_seed=shared_seed(shared, state.rank))
+    sizes = [numel for _, numel in state._layouts[key]]
+    exchange = Exchange(state.feedback.compressor_for(sizes), buffer.numel(), group=state.group, shared_seed=shared)
+    payload = state.feedback.message(key, buffer, sizes=sizes, shared_seed=shared,
+                                     private_seed=shared_seed(shared, state.rank))
     fut = exchange.start(payload)
     state.bytes_sent += exchange.bytes_sent
     state.payload_bytes += exchange.payload_bytes

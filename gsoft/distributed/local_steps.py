@@ -68,8 +68,10 @@ class LocalSteps:
         state, feedback = self.state, self.state.feedback
         delta = self._flat() - self.reference
         shared = shared_seed(state.options["seed"], state.syncs, KEY)
-        exchange = Exchange(feedback.compressor, delta.numel(), group=state.group, shared_seed=shared)
-        payload = feedback.message(KEY, delta, shared_seed=shared, private_seed=shared_seed(shared, state.rank))
+        sizes = [p.numel() for p in self.params]
+        exchange = Exchange(feedback.compressor_for(sizes), delta.numel(), group=state.group, shared_seed=shared)
+        payload = feedback.message(KEY, delta, sizes=sizes, shared_seed=shared,
+                                   private_seed=shared_seed(shared, state.rank))
         mean = exchange.run(payload)
         self.reference += feedback.update(KEY, mean)
         offset = 0

@@ -50,10 +50,6 @@ def unpack(buffer: torch.Tensor, layout: Layout) -> Payload:
     return tuple(out)
 
 
-def _pad(payload: Payload, count: int) -> Payload:
-    return tuple(torch.cat([t, t.new_zeros(count - t.numel())]) for t in payload)
-
-
 class Exchange:
     """One collective round: ``start`` sends this process's payload, ``wait``/``future`` give the mean of the
     decoded payloads of all processes (summed in rank order, so every process gets the same bits)."""
@@ -80,12 +76,12 @@ class Exchange:
 
         layouts = [c.layout(self.numel)] * world
         if c.variable_size:
-            count = torch.tensor([payload[0].numel()], dtype=torch.int32, device=payload[0].device)
+            count = torch.tensor([c.count(payload)], dtype=torch.int32, device=payload[0].device)
             counts = [torch.empty_like(count) for _ in range(world)]
             dist.all_gather(counts, count, group=self.group)
             self.bytes_sent += allgather_wire_bytes(count.element_size(), world)
             sizes = [int(n) for n in torch.cat(counts).tolist()]
-            payload = _pad(payload, max(sizes))
+            payload = c.pad(payload, max(sizes))
             full = c.layout_for(max(sizes))
             layouts = [c.layout_for(n) for n in sizes]
         else:
