@@ -74,6 +74,7 @@ class CompressionState:
     group: Optional[dist.ProcessGroup] = None
     local: Optional["LocalSteps"] = None
     powersgd: Optional[torch_powersgd.PowerSGDState] = None
+    serialize_collectives: bool = False
     _layouts: dict[Hashable, list[tuple[str, int]]] = field(default_factory=dict)
     _seen: set = field(default_factory=set)
     _param_names: dict[int, str] = field(default_factory=dict)
@@ -244,7 +245,13 @@ def _powersgd_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fu
     if bucket.is_last():
         state.steps += 1
         state.syncs += 1
-    return torch_powersgd.powerSGD_hook(ps, bucket)
+    fut = torch_powersgd.powerSGD_hook(ps, bucket)
+    if state.serialize_collectives:
+        # torch's hook issues its Q all-reduce from a completion callback; with several buckets on gloo the two
+        # processes can then issue collectives in different orders (seen: "Received data size doesn't match" after
+        # an evaluation changed the timing). Waiting keeps one order, at the cost of overlap.
+        fut.wait()
+    return fut
 
 
 def _backend(group: Optional[dist.ProcessGroup]) -> str:
@@ -326,6 +333,7 @@ def register_compression(
             process_group=group, matrix_approximation_rank=powersgd_rank, start_powerSGD_iter=start,
             use_error_feedback=feedback_name == "ef", warm_start=feedback_name == "ef", random_seed=seed)
         options.update(powersgd_rank=powersgd_rank, powersgd_start_iter=start)
+        state.serialize_collectives = backend == "gloo"
         hook = _powersgd_hook
     else:
         compressor = build_compressor(method, compression_ratio=compression_ratio, chunk_size=chunk_size,
