@@ -4,11 +4,17 @@
     accelerate launch recipes/roberta_glue.py --config configs/glue/rte.yaml [--key value ...]
     accelerate launch recipes/roberta_glue.py --config configs/glue/smoke.yaml      # offline, ~1 minute on a CPU
     python recipes/roberta_glue.py --config configs/glue/smoke.yaml --method lora  # plain python works too
+    accelerate launch --multi_gpu --num_processes 2 recipes/roberta_glue.py --config configs/glue/smoke.yaml \
+        --grad_compression topk --compression_ratio 0.01 --error_feedback ef21      # compressed adapter gradients
 
 Modelled on transformers' ``run_glue_no_trainer.py``: accelerate for devices, mixed precision, gradient accumulation
 and data parallelism; PEFT's ``get_peft_model`` through ``gsoft.training.apply_method``. Every run writes
 ``<output_dir>/results.json`` (schema in the README), ``metrics.jsonl``, resumable checkpoints, and the adapter
 (``save_pretrained``, loadable with ``PeftModel.from_pretrained``).
+
+With several processes, what they exchange goes through ``gsoft.distributed.register_compression`` (also for the
+default ``--grad_compression none``, so the fp32 baseline's bytes are counted the same way): compressed adapter
+gradients every step, or with ``--local_steps H`` compressed parameter deltas every H steps.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ from transformers import (  # noqa: E402
 )
 
 import gsoft  # noqa: E402,F401  (registers GSOFT with PEFT)
+import gsoft.distributed  # noqa: E402
+from gsoft.distributed.hooks import SCHEDULES as LOCAL_STEPS_SCHEDULES  # noqa: E402
 from gsoft.training import (  # noqa: E402
     METHODS,
     MetricsLogger,
@@ -208,7 +216,44 @@ class GlueArgs:
         default=None,
         metadata={"help": "no, fp16 or bf16; null = accelerate launch's setting (the paper: fp16)."},
     )
-    seed: int = field(default=42, metadata={"help": "Seed of model head initialisation, data order and dropout."})
+    seed: int = field(
+        default=42,
+        metadata={"help": "Seed of model head initialisation, data order, dropout, and the shared seed of the "
+                          "gradient compression (Rand-K coordinates, the geometric local-steps schedule)."},
+    )
+    # --- communication between data-parallel processes (gsoft.distributed; ignored in a single process) ---
+    grad_compression: str = field(
+        default="none",
+        metadata={"help": f"What processes send each step: {', '.join(gsoft.distributed.METHODS)}. none = fp32 "
+                          "all-reduce (bytes counted like the others); fp16/bf16 casts (bf16 needs NCCL, gloo "
+                          "cannot all-reduce it); int8 scaled quantisation; sign 1 bit + scale; topk values + "
+                          "int32 indices; randk values only (shared-seed indices); powersgd (torch's hook, "
+                          "--powersgd_rank); gdsec significant components of the gradient difference."},
+    )
+    compression_ratio: float = field(
+        default=0.01,
+        metadata={"help": "Fraction of coordinates topk, randk and gdsec send, in (0, 1] (0.01: 1%)."},
+    )
+    error_feedback: str = field(
+        default="auto",
+        metadata={"help": f"{' | '.join(gsoft.distributed.ERROR_FEEDBACKS)}: auto = ef21 for sign/topk/randk, ef "
+                          "for powersgd, gdsec's own reference scheme for gdsec, none for the rest."},
+    )
+    local_steps: int = field(
+        default=1,
+        metadata={"help": "H > 1: no gradient communication; every H optimizer steps the replicas average their "
+                          "parameter deltas, compressed with --grad_compression and its error feedback. Evaluations "
+                          "(and the final save) are synchronisation points too. 1 = communicate every step."},
+    )
+    local_steps_schedule: str = field(
+        default="fixed",
+        metadata={"help": f"{' or '.join(LOCAL_STEPS_SCHEDULES)}: every H steps, or random intervals with mean H "
+                          "(geometric, as in OLGA; drawn with --seed, equal on every process)."},
+    )
+    powersgd_rank: int = field(
+        default=4,
+        metadata={"help": "--grad_compression powersgd: rank of the low-rank gradient approximation."},
+    )
     # --- run ---
     output_dir: str = field(
         default="outputs/glue/run",
@@ -275,6 +320,26 @@ class GlueArgs:
             raise ValueError(
                 f"--method_learning_rates has unknown methods {unknown}; choose from {', '.join(METHODS)}."
             )
+        if self.grad_compression not in gsoft.distributed.METHODS:
+            raise ValueError(f"--grad_compression {self.grad_compression!r} is not one of "
+                             f"{', '.join(gsoft.distributed.METHODS)}.")
+        if self.error_feedback not in gsoft.distributed.ERROR_FEEDBACKS:
+            raise ValueError(f"--error_feedback {self.error_feedback!r} is not one of "
+                             f"{', '.join(gsoft.distributed.ERROR_FEEDBACKS)}.")
+        if self.local_steps_schedule not in LOCAL_STEPS_SCHEDULES:
+            raise ValueError(f"--local_steps_schedule {self.local_steps_schedule!r} is not one of "
+                             f"{', '.join(LOCAL_STEPS_SCHEDULES)}.")
+        if not 0.0 < self.compression_ratio <= 1.0:
+            raise ValueError(f"--compression_ratio must be in (0, 1] (the fraction of coordinates sent, e.g. 0.01), "
+                             f"got {self.compression_ratio}.")
+        for name in ("local_steps", "powersgd_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        try:  # combinations that cannot work (gdsec/powersgd with a foreign error feedback): before any work
+            gsoft.distributed.resolve_error_feedback(self.grad_compression, self.error_feedback)
+        except ValueError as exc:
+            raise ValueError(f"--grad_compression {self.grad_compression} --error_feedback {self.error_feedback}: "
+                             f"{exc}") from exc
         if self.base_pretrain_steps and not (self.model_config and self.base_pretrain_label_column):
             raise ValueError("--base_pretrain_steps needs --model_config and --base_pretrain_label_column.")
 
@@ -421,6 +486,44 @@ def build(args: GlueArgs, accelerator: Accelerator, raw: datasets.DatasetDict, s
     return source, tokenizer, tokenized, adapt(load_model(args, source, spec), args)
 
 
+def setup_communication(args: GlueArgs, accelerator: Accelerator, model: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer) -> Optional[gsoft.distributed.CompressionState]:
+    """Several processes: ``register_compression`` on the prepared DDP model, also for ``none`` (an fp32 all-reduce
+    whose bytes are counted like the compressed ones, the baseline to compare with). One process: nothing to
+    communicate, so ``None`` (and a warning when compression or local steps were asked for)."""
+    if accelerator.num_processes == 1:
+        if args.grad_compression != "none" or args.local_steps > 1:
+            logger.warning("--grad_compression %s --local_steps %d: a single process has nothing to communicate, "
+                           "so they are ignored (launch several: accelerate launch --multi_gpu --num_processes N).",
+                           args.grad_compression, args.local_steps)
+        return None
+    try:
+        return gsoft.distributed.register_compression(
+            model, args.grad_compression, compression_ratio=args.compression_ratio, error_feedback=args.error_feedback,
+            local_steps=args.local_steps, local_steps_schedule=args.local_steps_schedule, optimizer=optimizer,
+            seed=args.seed, powersgd_rank=args.powersgd_rank,
+        )
+    except (ValueError, TypeError) as exc:  # e.g. bf16 on gloo: the recipe's one-line error
+        raise ValueError(f"--grad_compression {args.grad_compression}: {exc}") from exc
+
+
+class PerProcessOptimizerState:
+    """Checkpoints every process's optimizer state (collective: gathered on save, each process loads its own).
+
+    With ``--local_steps`` the processes step on their own gradients between synchronisations, so their AdamW
+    moments differ, while accelerate saves the main process's optimizer only: without this a resumed run would give
+    every process the main one's moments and no longer continue exactly."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, process_index: int):
+        self.optimizer, self.process_index = optimizer, process_index
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"processes": gather_object([self.optimizer.state_dict()])}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["processes"][self.process_index])
+
+
 def train(args: GlueArgs) -> Optional[dict[str, Any]]:
     """Run the recipe; returns the results (also written to results.json), or None after ``--stop_after_steps``."""
     logging_config = ProjectConfiguration(project_dir=args.output_dir,
@@ -497,6 +600,18 @@ def train(args: GlueArgs) -> Optional[dict[str, Any]]:
         lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
     )
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    try:
+        comm = setup_communication(args, accelerator, model, optimizer)
+    except ValueError:
+        if fresh and accelerator.is_main_process:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+    def synchronize() -> None:
+        """Local steps: average the replicas now, so evaluation and saving see one model (a no-op otherwise)."""
+        if comm is not None:
+            comm.synchronize()
+
     eval_loaders = {k: accelerator.prepare(v) for k, v in eval_loaders.items()}
     steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
     max_steps = args.max_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
@@ -509,6 +624,10 @@ def train(args: GlueArgs) -> Optional[dict[str, Any]]:
     # ---- resume ----
     step, skip_batches, start_epoch = 0, 0, 0
     state: dict[str, Any] = {"best_eval": None, "best_step": None}
+    if comm is not None:  # error-feedback buffers, local-step references and byte counters resume too
+        accelerator.register_for_checkpointing(comm)
+        if args.local_steps > 1:  # loaded after accelerate's (main process) optimizer state, so this one wins
+            accelerator.register_for_checkpointing(PerProcessOptimizerState(optimizer, accelerator.process_index))
     if resume_path is not None:
         state = load_checkpoint(accelerator, resume_path)
         step = state.pop("step")
@@ -556,12 +675,14 @@ def train(args: GlueArgs) -> Optional[dict[str, Any]]:
                 elapsed = time.perf_counter() - window_start
                 mean_loss = accelerator.reduce(window_loss / window_count, "mean").item()
                 record = {"loss": mean_loss, "lr": scheduler.get_last_lr()[0], "epoch": step / steps_per_epoch,
-                          "samples_per_s": window_samples / elapsed}
+                          "samples_per_s": window_samples / elapsed,
+                          "comm_bytes_sent": comm.bytes_sent if comm is not None else 0}
                 metrics_log.log(record, step)
                 progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")
                 window_loss, window_count, window_start, window_samples = 0.0, 0, time.perf_counter(), 0
 
             if step % eval_every == 0 or step == max_steps:
+                synchronize()  # evaluation points are synchronisation points with --local_steps
                 final_eval = evaluate(model, eval_loaders, spec, accelerator)
                 metrics_log.log({f"eval_{k}": v for k, v in final_eval.items()}, step)
                 logger.info("step %d: %s", step, _format(final_eval))
@@ -583,6 +704,7 @@ def train(args: GlueArgs) -> Optional[dict[str, Any]]:
                 break
     progress.close()
     train_runtime = time.perf_counter() - train_start
+    synchronize()  # normally a no-op here: the last step was evaluated
     if final_eval is None:  # resumed from the final checkpoint: nothing left to train
         final_eval = evaluate(model, eval_loaders, spec, accelerator)
 
@@ -612,12 +734,19 @@ def train(args: GlueArgs) -> Optional[dict[str, Any]]:
         "rank_state_sha256": list(hashes),
         "mixed_precision": accelerator.mixed_precision,
         "device": str(accelerator.device),
+        # bytes this (the main) process sent, and what fp32 gradient all-reduces would have sent for the same steps
+        "comm_bytes_sent": comm.bytes_sent if comm is not None else 0,
+        "comm_bytes_uncompressed": comm.bytes_uncompressed if comm is not None else 0,
+        "compression": comm.summary() if comm is not None else {"method": "none", "world_size": 1},
     }
     if accelerator.is_main_process:
         write_results(out, results)
         print(f"final eval ({spec.name}, {args.method}, {step} steps): {_format(final_eval)}; best "
               f"{main_metric} {state['best_eval'][main_metric]:.4f} at step {state['best_step']}; results in "
               f"{out / 'results.json'}", flush=True)
+        if comm is not None:
+            print(f"communication ({results['compression']['method']}): {comm.bytes_sent:,} bytes sent by this "
+                  f"process, {comm.bytes_uncompressed:,} for fp32 all-reduces of the same steps", flush=True)
     metrics_log.close()
     accelerator.wait_for_everyone()
     return results

@@ -7,6 +7,7 @@ in-process on a shrunken smoke task (a few hundred examples, a few steps) to sta
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -57,14 +58,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(args: list[str], *, processes: int = 1, timeout: int = 240) -> subprocess.CompletedProcess:
+def _launch(args: list[str], *, processes: int = 1, timeout: int = 240, check: bool = True) -> subprocess.CompletedProcess:
     cmd = [str(ACCELERATE), "launch", "--num_processes", str(processes), "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no"]
     if processes > 1:
         cmd += ["--multi_gpu", "--main_process_port", str(_free_port())]
     proc = subprocess.run([*cmd, str(RECIPES / "roberta_glue.py"), *args], cwd=REPO_ROOT, env=_env(),
                           capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
 
@@ -152,6 +154,9 @@ def test_smoke_run_reaches_accuracy_and_writes_results(smoke_run):
     assert results["eval"]["accuracy"] >= 0.70 and results["best_eval"]["accuracy"] >= results["eval"]["accuracy"]
     assert 0 < results["trainable_params"] < results["total_params"]
     assert (out / "metrics.jsonl").is_file() and (out / "best" / "adapter_config.json").is_file()
+    # one process: nothing communicated, and results.json says so
+    assert results["comm_bytes_sent"] == 0 and results["comm_bytes_uncompressed"] == 0
+    assert results["compression"] == {"method": "none", "world_size": 1}
 
 
 def test_saved_adapter_reloads_and_reproduces_eval(smoke_run):
@@ -176,13 +181,115 @@ def test_saved_adapter_reloads_and_reproduces_eval(smoke_run):
 # ----------------------------------------------------------------------------------------------------------------------
 # Data parallel and resume
 # ----------------------------------------------------------------------------------------------------------------------
-def test_two_processes_keep_equal_adapter_weights(tmp_path):
-    out = tmp_path / "ddp"
-    _launch([*TINY, "--output_dir", str(out), "--max_steps", "6", "--eval_steps", "3"], processes=2)
-    results = json.loads((out / "results.json").read_text())
-    assert results["world_size"] == 2
+# The 2-process runs are the full smoke config (252 steps: 4 epochs at a global batch of 64), so that their accuracy
+# means something; about 30 s each on 2 CPU cores.
+DDP_SMOKE = ["--config", str(SMOKE), "--progress_bar", "false", "--report_to", "none"]
+MARGIN = 0.02  # accuracy points a compressed run may lose against the uncompressed 2-process run
+
+
+def _ddp_smoke(tmp_path_factory, name: str, *extra: str) -> tuple[dict, list[dict], str]:
+    out = tmp_path_factory.mktemp(name) / "run"
+    proc = _launch([*DDP_SMOKE, "--output_dir", str(out), *extra], processes=2)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((out / "results.json").read_text()), records, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def ddp_uncompressed(tmp_path_factory):
+    """The baseline: 2 processes, --grad_compression none (an fp32 all-reduce through the counting hook)."""
+    return _ddp_smoke(tmp_path_factory, "glue_ddp_none")
+
+
+@pytest.fixture(scope="module")
+def ddp_topk(tmp_path_factory):
+    return _ddp_smoke(tmp_path_factory, "glue_ddp_topk", "--grad_compression", "topk", "--compression_ratio", "0.01",
+                      "--error_feedback", "ef21")
+
+
+def test_two_processes_keep_equal_adapter_weights(ddp_uncompressed):
+    results, records, _ = ddp_uncompressed
+    assert results["world_size"] == 2 and results["train_steps"] == 252
     hashes = results["rank_state_sha256"]
     assert len(hashes) == 2 and hashes[0] == hashes[1]
+    assert results["eval"]["accuracy"] >= 0.85  # learned (chance 0.5): a baseline worth comparing with
+    # fp32 all-reduce of the trainable parameters, counted by the hook: 2 processes send the whole buffer each step
+    steps, trainable = results["train_steps"], results["trainable_params"]
+    assert results["comm_bytes_sent"] == results["comm_bytes_uncompressed"] == steps * 4 * trainable
+    assert results["compression"]["method"] == "none" and results["compression"]["world_size"] == 2
+    assert results["compression"]["steps"] == steps
+
+
+def _comm_records(records: list[dict]) -> list[tuple[int, int]]:
+    return [(r["step"], r["comm_bytes_sent"]) for r in records if "comm_bytes_sent" in r]
+
+
+def _topk_bytes_per_round(adapter_dir: Path, ratio: float) -> int:
+    """Top-K payload of one round over the trainable tensors (the saved adapter: GSOFT blocks and the head):
+    ceil(ratio * n) fp32 values + as many int32 indices of each tensor (gsoft.distributed selects per tensor). With 2
+    processes all_gather sends exactly the payload."""
+    return 8 * sum(math.ceil(ratio * t.numel()) for t in _adapter_state(adapter_dir).values())
+
+
+def test_topk_two_processes_stay_equal_and_send_the_expected_bytes(ddp_topk, ddp_uncompressed):
+    results, records, log = ddp_topk
+    hashes = results["rank_state_sha256"]
+    assert results["world_size"] == 2 and len(hashes) == 2 and hashes[0] == hashes[1]
+    steps, trainable = results["train_steps"], results["trainable_params"]
+    assert steps == ddp_uncompressed[0]["train_steps"] == 252
+    per_step = _topk_bytes_per_round(Path(results["saved_to"]), 0.01)
+    assert results["comm_bytes_sent"] == steps * per_step
+    assert results["comm_bytes_uncompressed"] == steps * 4 * trainable
+    assert results["comm_bytes_uncompressed"] / results["comm_bytes_sent"] >= 30  # the issue's target, indices included
+    summary = results["compression"]
+    assert summary["method"] == "topk" and summary["error_feedback"] == "ef21"
+    assert summary["compression_ratio"] == 0.01 and summary["steps"] == summary["syncs"] == steps
+    # metrics.jsonl: cumulative bytes at every logging step, ending at the total
+    logged = _comm_records(records)
+    assert [s for s, _ in logged] == [*range(25, steps + 1, 25), steps]
+    assert [b for _, b in logged] == [s * per_step for s, _ in logged]
+    assert "communication (topk): " in log
+
+
+@pytest.mark.xfail(strict=True, reason="Top-K 1% with EF21 stays at chance on the smoke task (AdamW, 252 steps; also "
+                   "per tensor, at 10%, with EF, and in an in-process simulation without DDP), while ratio 1.0 "
+                   "matches: an algorithmic gap reported to gsoft.distributed, not a transport bug. Remove the "
+                   "marker when this passes.")
+def test_topk_two_processes_reach_the_uncompressed_accuracy(ddp_topk, ddp_uncompressed):
+    compressed, baseline = ddp_topk[0]["eval"]["accuracy"], ddp_uncompressed[0]["eval"]["accuracy"]
+    assert compressed >= baseline - MARGIN, (compressed, baseline)
+
+
+def test_local_steps_two_processes_synchronise_at_evaluations_and_resume_exactly(tmp_path):
+    # TINY in 2 processes: 6 steps per epoch. H = 4, evaluations at 3, 6, 7: every evaluation synchronises (and the
+    # end), so the replicas average at 3, 6 and 7 and never reach 4 local steps; without the evaluation points it
+    # would be 4 and 7. Interrupted at 5 (replicas differ then: each one's parameters are in the checkpoint), the
+    # resumed run must end bit-identical, error-feedback buffers and byte counters included.
+    common = [*TINY, "--max_steps", "7", "--eval_steps", "3", "--local_steps", "4", "--grad_compression", "topk"]
+    _launch([*common, "--output_dir", str(tmp_path / "full")], processes=2)
+    _launch([*common, "--output_dir", str(tmp_path / "resumed"), "--stop_after_steps", "5"], processes=2)
+    _launch([*common, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest"], processes=2)
+    full, resumed = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("full", "resumed"))
+    hashes = full["rank_state_sha256"]
+    assert len(hashes) == 2 and hashes[0] == hashes[1]
+    summary = full["compression"]
+    assert summary["method"] == "topk" and summary["local_steps"] == 4 and summary["error_feedback"] == "ef21"
+    assert summary["steps"] == 7 and summary["syncs"] == 3
+    per_sync = _topk_bytes_per_round(tmp_path / "full" / "adapter", 0.01)
+    assert full["comm_bytes_sent"] == 3 * per_sync  # parameter deltas, 3 rounds
+    assert full["comm_bytes_uncompressed"] == 7 * 4 * full["trainable_params"]  # the gradient all-reduces avoided
+    assert resumed["rank_state_sha256"] == hashes
+    assert resumed["compression"] == summary and resumed["eval"] == full["eval"]
+    a, b = _adapter_state(tmp_path / "full" / "adapter"), _adapter_state(tmp_path / "resumed" / "adapter")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_compression_on_gloo_is_a_clear_error(tmp_path):
+    out = tmp_path / "bf16"
+    proc = _launch([*TINY, "--output_dir", str(out), "--max_steps", "2", "--base_pretrain_steps", "0",
+                    "--grad_compression", "bf16"], processes=2, check=False)
+    assert proc.returncode != 0
+    assert "roberta_glue: error: --grad_compression bf16:" in proc.stderr and "gloo" in proc.stderr, proc.stderr[-3000:]
+    assert not out.exists()  # a fresh output directory is not left behind: fixing the flag and re-running works
 
 
 def _adapter_state(path: Path) -> dict[str, torch.Tensor]:
@@ -304,6 +411,30 @@ def test_block_size_that_does_not_fit_names_valid_sizes(tmp_path):
     message = _error(tmp_path, "--base_pretrain_steps", "0", "--method_options.gsoft.block_size", "7")
     assert "--method gsoft" in message and "block_size" in message
     assert re.search(r"\b(2|4|8|16|32)\b", message.split("block_size", 1)[1]), message
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--compression_ratio", "1.5"], "--compression_ratio must be in (0, 1]"),
+    (["--compression_ratio", "0"], "--compression_ratio must be in (0, 1]"),
+    (["--grad_compression", "bogus"], "--grad_compression 'bogus' is not one of none, fp16, bf16, int8, sign, topk"),
+    (["--error_feedback", "bogus"], "--error_feedback 'bogus' is not one of auto, none, ef, ef21"),
+    (["--local_steps_schedule", "bogus"], "--local_steps_schedule 'bogus' is not one of fixed, geometric"),
+    (["--local_steps", "0"], "--local_steps must be >= 1, got 0"),
+    (["--grad_compression", "gdsec", "--error_feedback", "ef"], "--grad_compression gdsec --error_feedback ef: gdsec"),
+])
+def test_bad_compression_options_fail_before_any_work(tmp_path, flags, expected):
+    message = _error(tmp_path, *flags)
+    assert expected in message, message
+    assert flags[1] in message  # names the value
+    assert not (tmp_path / "err").exists()
+
+
+def test_compression_in_one_process_warns_that_it_is_ignored(tmp_path, capfd):
+    results = _run(tmp_path, "single", "--max_steps", "2", "--base_pretrain_steps", "0", "--grad_compression", "topk",
+                   "--local_steps", "4")
+    err = capfd.readouterr().err
+    assert err.count("a single process has nothing to communicate") == 1, err[-3000:]
+    assert results["compression"] == {"method": "none", "world_size": 1} and results["comm_bytes_sent"] == 0
 
 
 def test_output_dir_holding_another_run_is_refused(tmp_path):
