@@ -1,0 +1,94 @@
+"""recipes/bench_comm.py: the --quick pipeline over loopback (two real 2-process jobs of the GLUE recipe, ~1 minute on
+2 cores), the "no root / no ip netns" exit, and the pure helpers that turn logs into numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import load_recipe
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "recipes" / "bench_comm.py"
+
+
+def _load():
+    return load_recipe("bench_comm")
+
+
+def test_quick_no_netns_writes_table_json_plot(tmp_path):
+    out = tmp_path / "bench"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--no_netns", "--output_dir", str(out)],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("table.md", "results.json", "bench_comm.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "bench_comm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "results.json").read_text())
+    rows = summary["settings"]
+    ref, topk = rows["fp32 all-reduce"], rows["Top-K 1% + EF21"]
+    assert ref["compression"]["method"] == "none" and topk["compression"]["method"] == "topk"
+    assert 0 < topk["counted_bytes_per_step"] < ref["counted_bytes_per_step"]
+    # fp32 all-reduce over 2 workers sends 4 bytes per trainable parameter per step
+    assert ref["counted_bytes_per_step"] == 4 * ref["trainable_params"]
+    assert ref["wire_bytes_per_step"]["unthrottled"] is None  # loopback: not measured, not made up
+    table = (out / "table.md").read_text()
+    assert "| Top-K 1% + EF21 |" in table and table in done.stdout
+    assert summary["targets"]["topk_1pct_bytes_reduction"]["reduction"] == pytest.approx(
+        ref["counted_bytes_per_step"] / topk["counted_bytes_per_step"])
+
+
+def test_without_root_says_why_and_writes_nothing(tmp_path):
+    out = tmp_path / "bench"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--output_dir", str(out)], capture_output=True, text=True,
+                          cwd=REPO_ROOT, timeout=300, env=dict(os.environ, GSOFT_BENCH_COMM_SIMULATE_NO_NETNS="1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "cannot run here" in done.stdout and "--no_netns" in done.stdout and "Nothing was written" in done.stdout
+    assert not out.exists()
+
+
+def test_not_root_reason(monkeypatch):
+    bench = _load()
+    monkeypatch.delenv(bench.SIMULATE_NO_NETNS_ENV, raising=False)
+    monkeypatch.setattr(bench.os, "geteuid", lambda: 1000)
+    assert "needs root" in bench.netns_unavailable_reason() and "uid 1000" in bench.netns_unavailable_reason()
+
+
+class _Sampler:
+    """Counters that grow 1000 bytes per second from t=0 (both workers together)."""
+
+    def at(self, t):
+        return 1000.0 * t
+
+
+def test_steady_state_skips_warmup_and_evaluation_windows():
+    bench = _load()
+    # logs every 4 steps; steps take 1 s, except the window holding the evaluation at step 8 (+5 s)
+    records = []
+    t = 0.0
+    for step in range(4, 21, 4):
+        t += 4.0 + (5.0 if step == 12 else 0.0)
+        records.append({"step": step, "time": t, "loss": 0.1, "comm_bytes_sent": 100 * step})
+        if step == 8:
+            records.append({"step": step, "time": t + 5.0, "eval_accuracy": 0.7})
+    job = {"records": records, "sampler": _Sampler()}
+    ss = bench.steady_state(job, warmup_steps=8)
+    # windows 8-12 (evaluation) and 4-8 (warm-up) are skipped: 12-16, 16-20 remain
+    assert ss["window_steps"] == 8 and ss["step_s"] == pytest.approx(1.0)
+    assert ss["counted_bytes_per_step"] == pytest.approx(100.0)
+    assert ss["wire_bytes_per_step"] == pytest.approx(1000.0 / 2)  # per worker
+
+
+def test_metric_at_is_the_last_evaluation_reached():
+    bench = _load()
+    curve = [(20, 0.6), (40, 0.8), (60, 0.9)]
+    assert bench.metric_at(curve, 10) is None
+    assert bench.metric_at(curve, 40) == 0.8
+    assert bench.metric_at(curve, 59.5) == 0.8
+    assert bench.metric_at(curve, 1000) == 0.9
