@@ -5,7 +5,7 @@
     accelerate launch recipes/roberta_glue.py --config configs/glue/smoke.yaml      # offline, ~1 minute on a CPU
     python recipes/roberta_glue.py --config configs/glue/smoke.yaml --method lora  # plain python works too
     accelerate launch --multi_gpu --num_processes 2 recipes/roberta_glue.py --config configs/glue/smoke.yaml \
-        --grad_compression topk --compression_ratio 0.01 --error_feedback ef21      # compressed adapter gradients
+        --grad_compression topk --compression_ratio 0.01 --compress updates         # compressed AdamW updates
 
 Modelled on transformers' ``run_glue_no_trainer.py``: accelerate for devices, mixed precision, gradient accumulation
 and data parallelism; PEFT's ``get_peft_model`` through ``gsoft.training.apply_method``. Every run writes
@@ -14,7 +14,8 @@ and data parallelism; PEFT's ``get_peft_model`` through ``gsoft.training.apply_m
 
 With several processes, what they exchange goes through ``gsoft.distributed.register_compression`` (also for the
 default ``--grad_compression none``, so the fp32 baseline's bytes are counted the same way): compressed adapter
-gradients every step, or with ``--local_steps H`` compressed parameter deltas every H steps.
+gradients every step (``--compress gradients``), or each process's own optimizer steps, averaged as compressed
+parameter deltas every ``--local_steps H`` steps (``--compress updates``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from transformers import (  # noqa: E402
 import gsoft  # noqa: E402,F401  (registers GSOFT with PEFT)
 import gsoft.distributed  # noqa: E402
 from gsoft.distributed.hooks import SCHEDULES as LOCAL_STEPS_SCHEDULES  # noqa: E402
+from gsoft.distributed.hooks import TARGETS as COMPRESS_TARGETS  # noqa: E402
 from gsoft.training import (  # noqa: E402
     METHODS,
     MetricsLogger,
@@ -239,6 +241,15 @@ class GlueArgs:
         metadata={"help": f"{' | '.join(gsoft.distributed.ERROR_FEEDBACKS)}: auto = ef21 for sign/topk/randk, ef "
                           "for powersgd, gdsec's own reference scheme for gdsec, none for the rest."},
     )
+    compress: Optional[str] = field(
+        default=None,
+        metadata={"help": f"{' or '.join(COMPRESS_TARGETS)}: what --grad_compression compresses. gradients: each "
+                          "gradient bucket, every step (DDP hook). updates: each process takes its own AdamW step "
+                          "and the parameter deltas are averaged, compressed with error feedback, every "
+                          "--local_steps steps. Default: updates when --local_steps > 1, else gradients. With "
+                          "AdamW, Top-K 1% needs updates: as gradients (EF21) it stayed near chance on the smoke "
+                          "task (README)."},
+    )
     local_steps: int = field(
         default=1,
         metadata={"help": "H > 1: no gradient communication; every H optimizer steps the replicas average their "
@@ -326,6 +337,11 @@ class GlueArgs:
         if self.error_feedback not in gsoft.distributed.ERROR_FEEDBACKS:
             raise ValueError(f"--error_feedback {self.error_feedback!r} is not one of "
                              f"{', '.join(gsoft.distributed.ERROR_FEEDBACKS)}.")
+        if self.compress is not None and self.compress not in COMPRESS_TARGETS:
+            raise ValueError(f"--compress {self.compress!r} is not one of {', '.join(COMPRESS_TARGETS)}.")
+        if self.compress == "gradients" and self.local_steps > 1:
+            raise ValueError(f"--local_steps {self.local_steps} averages parameter updates, not gradients: use "
+                             f"--compress updates (the default with --local_steps > 1).")
         if self.local_steps_schedule not in LOCAL_STEPS_SCHEDULES:
             raise ValueError(f"--local_steps_schedule {self.local_steps_schedule!r} is not one of "
                              f"{', '.join(LOCAL_STEPS_SCHEDULES)}.")
@@ -336,7 +352,9 @@ class GlueArgs:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
         try:  # combinations that cannot work (gdsec/powersgd with a foreign error feedback): before any work
-            gsoft.distributed.resolve_error_feedback(self.grad_compression, self.error_feedback)
+            gsoft.distributed.resolve_error_feedback(self.grad_compression, self.error_feedback,
+                                                     self.compress or ("updates" if self.local_steps > 1 else
+                                                                       "gradients"))
         except ValueError as exc:
             raise ValueError(f"--grad_compression {self.grad_compression} --error_feedback {self.error_feedback}: "
                              f"{exc}") from exc
@@ -500,28 +518,12 @@ def setup_communication(args: GlueArgs, accelerator: Accelerator, model: torch.n
     try:
         return gsoft.distributed.register_compression(
             model, args.grad_compression, compression_ratio=args.compression_ratio, error_feedback=args.error_feedback,
-            local_steps=args.local_steps, local_steps_schedule=args.local_steps_schedule, optimizer=optimizer,
+            compress=args.compress, local_steps=args.local_steps, local_steps_schedule=args.local_steps_schedule,
+            optimizer=optimizer,
             seed=args.seed, powersgd_rank=args.powersgd_rank,
         )
     except (ValueError, TypeError) as exc:  # e.g. bf16 on gloo: the recipe's one-line error
         raise ValueError(f"--grad_compression {args.grad_compression}: {exc}") from exc
-
-
-class PerProcessOptimizerState:
-    """Checkpoints every process's optimizer state (collective: gathered on save, each process loads its own).
-
-    With ``--local_steps`` the processes step on their own gradients between synchronisations, so their AdamW
-    moments differ, while accelerate saves the main process's optimizer only: without this a resumed run would give
-    every process the main one's moments and no longer continue exactly."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, process_index: int):
-        self.optimizer, self.process_index = optimizer, process_index
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"processes": gather_object([self.optimizer.state_dict()])}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["processes"][self.process_index])
 
 
 def train(args: GlueArgs) -> Optional[dict[str, Any]]:
@@ -624,10 +626,10 @@ def train(args: GlueArgs) -> Optional[dict[str, Any]]:
     # ---- resume ----
     step, skip_batches, start_epoch = 0, 0, 0
     state: dict[str, Any] = {"best_eval": None, "best_step": None}
-    if comm is not None:  # error-feedback buffers, local-step references and byte counters resume too
+    # error-feedback buffers, local-step references, each process's optimizer state (with --compress updates) and
+    # byte counters resume too; loaded after accelerate's own (main process) optimizer state, so theirs win
+    if comm is not None:
         accelerator.register_for_checkpointing(comm)
-        if args.local_steps > 1:  # loaded after accelerate's (main process) optimizer state, so this one wins
-            accelerator.register_for_checkpointing(PerProcessOptimizerState(optimizer, accelerator.process_index))
     if resume_path is not None:
         state = load_checkpoint(accelerator, resume_path)
         step = state.pop("step")

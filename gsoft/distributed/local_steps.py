@@ -1,4 +1,4 @@
-"""Local steps: train H optimizer steps without communication, then average compressed parameter deltas.
+"""Compressed updates: train H >= 1 optimizer steps without communication, then average compressed parameter deltas.
 
 Each process keeps the shared reference point ``x̄`` (the last average, identical everywhere). At a
 synchronisation it sends its delta ``x_m - x̄`` through the same compressor and error feedback as gradients
@@ -41,6 +41,7 @@ class LocalSteps:
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
         if not hasattr(inner, "register_step_post_hook"):
             raise TypeError(f"local steps need a torch.optim.Optimizer (got {type(optimizer).__name__})")
+        self.optimizer = inner
         self._handle = inner.register_step_post_hook(lambda *_: self.after_step())
 
     def _flat(self) -> torch.Tensor:
@@ -87,6 +88,8 @@ class LocalSteps:
     def state_dict(self) -> dict[str, Any]:
         return {"reference": self.reference.cpu().clone(), "since_sync": self.since_sync, "interval": self.interval,
                 "rng": self.rng.getstate(), "params": self._flat().cpu(),
+                # each process's optimizer moments follow its own gradients; accelerate saves the main one's only
+                "optimizer": self.optimizer.state_dict(),
                 "feedback": {s: t.cpu().clone() for s, t in self.state.feedback.states.get(KEY, {}).items()}}
 
     @torch.no_grad()
@@ -101,6 +104,7 @@ class LocalSteps:
         for p in self.params:
             p.copy_(params[offset: offset + p.numel()].view_as(p))
             offset += p.numel()
+        self.optimizer.load_state_dict(state["optimizer"])
         if state["feedback"]:
             self.state.feedback.states[KEY] = {s: t.to(device) for s, t in state["feedback"].items()}
 
