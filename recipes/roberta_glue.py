@@ -764,9 +764,15 @@ def save_trained(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pat
 def main(argv: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
     args = parse_recipe_args(GlueArgs, argv, description=__doc__)
     try:
-        return train(args)
+        results = train(args)
     except ValueError as exc:  # configuration and data errors: one readable line, not a traceback
         raise SystemExit(f"roberta_glue: error: {exc}") from exc
+    if torch.distributed.is_initialized():
+        # leave together: a process exiting while the other still holds gloo's connections aborted once in CI
+        # ("terminate called without an active exception", SIGABRT after the final results were written)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return results
 
 
 if __name__ == "__main__":
