@@ -352,9 +352,9 @@ class GlueArgs:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
         try:  # combinations that cannot work (gdsec/powersgd with a foreign error feedback): before any work
-            gsoft.distributed.resolve_error_feedback(self.grad_compression, self.error_feedback,
-                                                     self.compress or ("updates" if self.local_steps > 1 else
-                                                                       "gradients"))
+            gsoft.distributed.resolve_error_feedback(
+                self.grad_compression, self.error_feedback,
+                gsoft.distributed.resolve_compress(self.compress, self.local_steps))
         except ValueError as exc:
             raise ValueError(f"--grad_compression {self.grad_compression} --error_feedback {self.error_feedback}: "
                              f"{exc}") from exc

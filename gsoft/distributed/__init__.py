@@ -20,7 +20,14 @@ from .compressors import (
     build_compressor,
 )
 from .feedback import DifferenceFeedback, ErrorFeedback, Feedback, build_feedback, mean_decoded, simulate_round
-from .hooks import ERROR_FEEDBACKS, METHODS, CompressionState, register_compression, resolve_error_feedback
+from .hooks import (
+    ERROR_FEEDBACKS,
+    METHODS,
+    CompressionState,
+    register_compression,
+    resolve_compress,
+    resolve_error_feedback,
+)
 from .transport import Exchange, allgather_wire_bytes, allreduce_wire_bytes
 
 __all__ = [
@@ -45,6 +52,7 @@ __all__ = [
     "build_feedback",
     "mean_decoded",
     "register_compression",
+    "resolve_compress",
     "resolve_error_feedback",
     "simulate_round",
 ]

@@ -57,6 +57,18 @@ def resolve_error_feedback(method: str, error_feedback: str, compress: str = "gr
     return error_feedback
 
 
+def resolve_compress(compress: Optional[str], local_steps: int) -> str:
+    """``None``: ``updates`` when ``local_steps > 1`` (only updates can wait several steps), else ``gradients``."""
+    if compress is None:
+        return "updates" if local_steps > 1 else "gradients"
+    if compress not in TARGETS:
+        raise ValueError(f"unknown compress {compress!r}; choose gradients or updates")
+    if compress == "gradients" and local_steps > 1:
+        raise ValueError(f"local_steps={local_steps} averages parameter updates, not gradients: pass "
+                         f"compress='updates' (or leave it unset).")
+    return compress
+
+
 @dataclass
 class CompressionState:
     """What ``register_compression`` returns: settings, counters and the per-process compression state.
@@ -104,10 +116,10 @@ class CompressionState:
 
     # ---- bucket state: keyed by the bucket's parameter names, rebuilt from pieces when DDP re-buckets ----
     def bucket_key(self, bucket: dist.GradBucket) -> Hashable:
-        params = bucket.parameters()
-        key = tuple(self._param_names[id(p)] for p in params)
+        layout = [(self._param_names[id(p)], p.numel()) for p in bucket.parameters()]
+        key = tuple(name for name, _ in layout)
         if key not in self._layouts:
-            self._layouts[key] = [(self._param_names[id(p)], p.numel()) for p in params]
+            self._layouts[key] = layout
             if self.feedback is not None and self.feedback.state_names:
                 self._adopt(key, bucket.buffer().device)
         self._seen.add(key)
@@ -143,6 +155,27 @@ class CompressionState:
                 offset += numel
             state[s] = flat
         self.feedback.states[key] = state
+
+    def start_round(self, key: Hashable, x: torch.Tensor, sizes: list[int],
+                    seed: int) -> torch.futures.Future[torch.Tensor]:
+        """One counted exchange of ``x`` (made of tensors of ``sizes``) through the feedback and compressor; the
+        future holds the mean of every process's decoded message (gradient buckets and local-step deltas alike)."""
+        exchange = Exchange(self.feedback.compressor_for(sizes), x.numel(), group=self.group, shared_seed=seed)
+        payload = self.feedback.message(key, x, sizes=sizes, shared_seed=seed,
+                                        private_seed=shared_seed(seed, self.rank))
+        fut = exchange.start(payload)
+        self.bytes_sent += exchange.bytes_sent
+        self.payload_bytes += exchange.payload_bytes
+        return fut
+
+    def count_bucket(self, bucket: dist.GradBucket, *, step: bool) -> None:
+        """What an fp32 (bucket dtype) all-reduce of this bucket would send; with ``step``, the last bucket of a
+        backward ends an optimizer step that communicated."""
+        buffer = bucket.buffer()
+        self.bytes_uncompressed += allreduce_wire_bytes(buffer.numel() * buffer.element_size(), self.world_size)
+        if step and bucket.is_last():
+            self.steps += 1
+            self.syncs += 1
 
     def end_iteration(self) -> None:
         for key in list(self.feedback.states if self.feedback else []):
@@ -193,29 +226,19 @@ class CompressionState:
 def _compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     buffer = bucket.buffer()
     key = state.bucket_key(bucket)
-    step = state.steps
-    shared = shared_seed(state.options["seed"], step, key)
     sizes = [numel for _, numel in state._layouts[key]]
-    exchange = Exchange(state.feedback.compressor_for(sizes), buffer.numel(), group=state.group, shared_seed=shared)
-    payload = state.feedback.message(key, buffer, sizes=sizes, shared_seed=shared,
-                                     private_seed=shared_seed(shared, state.rank))
-    fut = exchange.start(payload)
-    state.bytes_sent += exchange.bytes_sent
-    state.payload_bytes += exchange.payload_bytes
-    state.bytes_uncompressed += allreduce_wire_bytes(buffer.numel() * buffer.element_size(), state.world_size)
+    fut = state.start_round(key, buffer, sizes, shared_seed(state.options["seed"], state.steps, key))
+    state.count_bucket(bucket, step=True)
     if bucket.is_last():
-        state.steps += 1
-        state.syncs += 1
         state.end_iteration()
     return fut.then(lambda f: state.feedback.update(key, f.value()).to(buffer.dtype))
 
 
 def _local_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Local steps: no gradient communication; parameters are averaged every H steps instead."""
-    buffer = bucket.buffer()
-    state.bytes_uncompressed += allreduce_wire_bytes(buffer.numel() * buffer.element_size(), state.world_size)
+    state.count_bucket(bucket, step=False)  # LocalSteps counts the optimizer steps
     fut: torch.futures.Future = torch.futures.Future()
-    fut.set_result(buffer)
+    fut.set_result(bucket.buffer())
     return fut
 
 
@@ -237,19 +260,13 @@ def _powersgd_split(ps: torch_powersgd.PowerSGDState, bucket: dist.GradBucket, s
 def _powersgd_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     ps = state.powersgd
     buffer = bucket.buffer()
-    if ps.iter < ps.start_powerSGD_iter:
-        sent = payload = buffer.numel() * buffer.element_size()
-        sent = allreduce_wire_bytes(sent, state.world_size)
+    if ps.iter < ps.start_powerSGD_iter:  # torch's vanilla all-reduce of the bucket
+        split: tuple[int, ...] = (buffer.numel() * buffer.element_size(),)
     else:
         split = _powersgd_split(ps, bucket, buffer.element_size())
-        payload = sum(split)
-        sent = sum(allreduce_wire_bytes(b, state.world_size) for b in split)
-    state.bytes_sent += sent
-    state.payload_bytes += payload
-    state.bytes_uncompressed += allreduce_wire_bytes(buffer.numel() * buffer.element_size(), state.world_size)
-    if bucket.is_last():
-        state.steps += 1
-        state.syncs += 1
+    state.bytes_sent += sum(allreduce_wire_bytes(b, state.world_size) for b in split)
+    state.payload_bytes += sum(split)
+    state.count_bucket(bucket, step=True)
     fut = torch_powersgd.powerSGD_hook(ps, bucket)
     if state.serialize_collectives:
         # torch's hook issues its Q all-reduce from a completion callback; with several buckets on gloo the two
@@ -310,13 +327,7 @@ def register_compression(
         raise ValueError(f"local_steps must be an integer >= 1 (1 = communicate every step), got {local_steps!r}")
     if local_steps_schedule not in SCHEDULES:
         raise ValueError(f"unknown local_steps_schedule {local_steps_schedule!r}; choose fixed or geometric")
-    if compress is None:
-        compress = "updates" if local_steps > 1 else "gradients"
-    if compress not in TARGETS:
-        raise ValueError(f"unknown compress {compress!r}; choose gradients or updates")
-    if compress == "gradients" and local_steps > 1:
-        raise ValueError(f"local_steps={local_steps} averages parameter updates, not gradients: pass "
-                         f"compress='updates' (or leave it unset).")
+    compress = resolve_compress(compress, local_steps)
     feedback_name = resolve_error_feedback(method, error_feedback, compress)
     group = process_group
     backend = _backend(group)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .transport import Exchange, shared_seed
+from .transport import shared_seed
 
 if TYPE_CHECKING:
     from .hooks import CompressionState
@@ -66,21 +66,15 @@ class LocalSteps:
     def synchronize(self) -> None:
         if self.since_sync == 0:
             return
-        state, feedback = self.state, self.state.feedback
+        state = self.state
         delta = self._flat() - self.reference
-        shared = shared_seed(state.options["seed"], state.syncs, KEY)
-        sizes = [p.numel() for p in self.params]
-        exchange = Exchange(feedback.compressor_for(sizes), delta.numel(), group=state.group, shared_seed=shared)
-        payload = feedback.message(KEY, delta, sizes=sizes, shared_seed=shared,
-                                   private_seed=shared_seed(shared, state.rank))
-        mean = exchange.run(payload)
-        self.reference += feedback.update(KEY, mean)
+        mean = state.start_round(KEY, delta, [p.numel() for p in self.params],
+                                 shared_seed(state.options["seed"], state.syncs, KEY)).wait()
+        self.reference += state.feedback.update(KEY, mean)
         offset = 0
         for p in self.params:
             p.copy_(self.reference[offset: offset + p.numel()].view_as(p))
             offset += p.numel()
-        state.bytes_sent += exchange.bytes_sent
-        state.payload_bytes += exchange.payload_bytes
         state.syncs += 1
         self.since_sync = 0
         self.interval = self._draw()

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .compressors import Compressor, Layout, Payload
+from .feedback import mean_decoded
 
 
 def shared_seed(*parts: Any) -> int:
@@ -74,7 +75,6 @@ class Exchange:
             return work.get_future().then(
                 lambda _: c.decompress((tensor,), self.numel, shared_seed=self.shared_seed) / world)
 
-        layouts = [c.layout(self.numel)] * world
         if c.variable_size:
             count = torch.tensor([c.count(payload)], dtype=torch.int32, device=payload[0].device)
             counts = [torch.empty_like(count) for _ in range(world)]
@@ -85,7 +85,8 @@ class Exchange:
             full = c.layout_for(max(sizes))
             layouts = [c.layout_for(n) for n in sizes]
         else:
-            full = layouts[0]
+            full = c.layout(self.numel)
+            layouts = [full] * world
         buffer = pack(payload)
         self.payload_bytes = buffer.numel()
         self.bytes_sent += allgather_wire_bytes(buffer.numel(), world)
@@ -93,12 +94,9 @@ class Exchange:
         work = dist.all_gather(received, buffer, group=self.group, async_op=True)
 
         def decode(_) -> torch.Tensor:
-            total = None
-            for buf, layout in zip(received, layouts):
-                parts = tuple(t[:n] for t, (_, n) in zip(unpack(buf, full), layout))
-                decoded = c.decompress(parts, self.numel, shared_seed=self.shared_seed)
-                total = decoded if total is None else total.add_(decoded)
-            return total / world
+            payloads = [tuple(t[:n] for t, (_, n) in zip(unpack(buf, full), layout))
+                        for buf, layout in zip(received, layouts)]
+            return mean_decoded(c, payloads, self.numel, shared_seed=self.shared_seed)
 
         return work.get_future().then(decode)
 
