@@ -12,6 +12,7 @@ import functools
 import importlib.util
 import os
 import random
+import socket
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -47,6 +48,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # The models are tiny: intra-op threads only add overhead, and with 2 cores they thrash badly as soon as anything else
 # runs (every op then waits ~10 ms on its OpenMP team). One thread makes the suite fast and its timings stable.
 torch.set_num_threads(1)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now, for a multi-process test's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)

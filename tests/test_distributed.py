@@ -17,7 +17,6 @@ import copy
 import hashlib
 import math
 import os
-import socket
 import traceback
 from typing import Any
 
@@ -28,6 +27,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from conftest import free_port
 from gsoft.distributed import (
     METHODS,
     Cast,
@@ -559,17 +559,11 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_ddp_worker, args=(rank, port, str(out))) for rank in range(WORLD)]
     for p in procs:
         p.start()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port
 from gsoft.diffusion import adapter_dirs, generate_images, load_adapter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -195,9 +195,7 @@ def test_prior_preservation_text_encoder_v_prediction(assets: dict[str, Path], t
 def test_two_processes_with_prior_preservation(assets: dict[str, Path], tmp_path: Path) -> None:
     """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine is one gloo job (not two runs into one
     directory): class images are generated once, split over the ranks, and the run reports world_size 2."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     out, class_dir = tmp_path / "run", tmp_path / "class"
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),

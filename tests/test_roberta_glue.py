@@ -10,7 +10,6 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from gsoft.training import METHODS, build_peft_config
-from conftest import load_recipe
+from conftest import free_port, load_recipe
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES = REPO_ROOT / "recipes"
@@ -52,17 +51,11 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(args: list[str], *, processes: int = 1, timeout: int = 240, check: bool = True) -> subprocess.CompletedProcess:
     cmd = [str(ACCELERATE), "launch", "--num_processes", str(processes), "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no"]
     if processes > 1:
-        cmd += ["--multi_gpu", "--main_process_port", str(_free_port())]
+        cmd += ["--multi_gpu", "--main_process_port", str(free_port())]
     proc = subprocess.run([*cmd, str(RECIPES / "roberta_glue.py"), *args], cwd=REPO_ROOT, env=_env(),
                           capture_output=True, text=True, timeout=timeout)
     if check:
