@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Sequence
+from typing import ClassVar, Sequence
 
 import torch
 
@@ -240,19 +240,21 @@ class RandK(Compressor):
 
     def __post_init__(self) -> None:
         _check_ratio(self.ratio)
-        self._last: Optional[tuple[tuple[int, int, torch.device], torch.Tensor]] = None
+        self._draws: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
     def layout(self, numel: int) -> Layout:
         return ((torch.float32, _keep_count(numel, self.ratio)),)
 
     def indices(self, numel: int, shared_seed: int, device: torch.device) -> torch.Tensor:
-        # compress and decompress of one round ask for the same draw: keep the last one (a randperm of n)
-        if self._last is not None and self._last[0] == (numel, shared_seed, device):
-            return self._last[1]
-        k = _keep_count(numel, self.ratio)
-        index = torch.randperm(numel, generator=_generator(shared_seed, torch.device("cpu")))[:k].to(device)
-        self._last = ((numel, shared_seed, device), index)
-        return index
+        # one round asks for the same draw up to three times per tensor (compress, the error-feedback decode, the
+        # decode of the sum) and PerTensor interleaves tensors, so keep this round's draws (seeds change per round)
+        key = (numel, shared_seed, device)
+        if key not in self._draws:
+            if len(self._draws) >= 1024:  # earlier rounds' draws: bounded memory
+                self._draws.clear()
+            perm = torch.randperm(numel, generator=_generator(shared_seed, torch.device("cpu")))
+            self._draws[key] = perm[: _keep_count(numel, self.ratio)].to(device)
+        return self._draws[key]
 
     def compress(self, x, *, shared_seed=0, private_seed=0):
         index = self.indices(x.numel(), shared_seed, x.device)
