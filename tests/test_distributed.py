@@ -42,6 +42,8 @@ from gsoft.distributed import (
     TopK,
     build_compressor,
     register_compression,
+    resolve_compress,
+    resolve_error_feedback,
     simulate_round,
 )
 from gsoft.distributed.transport import pack, unpack
@@ -844,3 +846,17 @@ def test_per_tensor_gives_every_tensor_its_share():
     payload = sig.compress(x)
     assert payload[0].tolist() == [int(n) for n in payload[0]] and len(payload[0]) == len(sizes)
     assert torch.split(sig.decompress(payload, x.numel()), sizes)[1].any()
+
+
+def test_compress_target_defaults_and_errors():
+    """Local steps can only average updates; one step defaults to gradients; auto feedback follows the target."""
+    assert resolve_compress(None, 1) == "gradients"
+    assert resolve_compress(None, 4) == "updates"
+    assert resolve_compress("updates", 1) == "updates"
+    with pytest.raises(ValueError, match="local_steps=4 averages parameter updates"):
+        resolve_compress("gradients", 4)
+    with pytest.raises(ValueError, match="unknown compress 'weights'"):
+        resolve_compress("weights", 1)
+    assert resolve_error_feedback("topk", "auto", "gradients") == "ef21"
+    assert resolve_error_feedback("topk", "auto", "updates") == "ef"
+    assert resolve_error_feedback("int8", "auto", "updates") == "none"
