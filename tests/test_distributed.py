@@ -538,7 +538,8 @@ def _cases() -> dict[str, Any]:
     cases["local_geometric"] = lambda r: _case_plain(r, "topk", steps=12, local_steps=3,
                                                      local_steps_schedule="geometric", seed=4)
     cases["resume_topk"] = lambda r: _case_resume(r, "topk")
-    cases["resume_topk_buckets"] = lambda r: _case_resume(r, "topk", bucket_cap_mb=0.001)
+    for method in ("topk", "randk", "int8"):  # randk/int8 draw from per-tensor seeds
+        cases[f"resume_{method}_buckets"] = lambda r, m=method: _case_resume(r, m, bucket_cap_mb=0.001)
     cases["resume_local"] = lambda r: _case_resume(r, "topk", local_steps=2)
     cases["local_convergence"] = _case_local_convergence
     return cases
@@ -696,16 +697,16 @@ def test_ddp_resume_bit_identical(ddp_results, name):
         assert r["resumed"]["summary"] == r["straight"]["summary"]
 
 
-def test_ddp_resume_with_rebuilt_buckets(ddp_results):
+@pytest.mark.parametrize("method", ["topk", "randk", "int8"])
+def test_ddp_resume_with_rebuilt_buckets(ddp_results, method):
     """Several buckets: the fresh DDP model of a resumed run starts from DDP's initial bucket layout again and rebuilds
-    it after its first step, so Top-K picks its k per bucket from different groups of parameters than the
-    uninterrupted run did at that step: not bit-identical to it, by DDP's design. What must hold: the per-parameter
-    feedback state survives the checkpoint, and the replicas stay identical through the re-bucketing."""
-    r0, r1 = _case(ddp_results, "resume_topk_buckets")
-    assert r0["roundtrip"] and r1["roundtrip"]
-    assert r0["resumed"]["digest"] == r1["resumed"]["digest"]
-    for key in ("steps", "syncs", "bytes_uncompressed"):
-        assert r0["resumed"]["summary"][key] == r0["straight"]["summary"][key]
+    it after its first step, so its buckets group parameters differently from the uninterrupted run's at that step.
+    Compression is per parameter (feedback state, selection, and the seeds of Rand-K's coordinates and int8's
+    rounding, derived from the parameter's name), so the resumed run is still bit-identical to the uninterrupted one."""
+    for r in _case(ddp_results, f"resume_{method}_buckets"):
+        assert r["roundtrip"]
+        assert r["resumed"]["digest"] == r["straight"]["digest"]
+        assert r["resumed"]["summary"] == r["straight"]["summary"]
 
 
 def _local_gd_uncompressed(data) -> torch.Tensor:
@@ -846,6 +847,35 @@ def test_per_tensor_gives_every_tensor_its_share():
     payload = sig.compress(x)
     assert payload[0].tolist() == [int(n) for n in payload[0]] and len(payload[0]) == len(sizes)
     assert torch.split(sig.decompress(payload, x.numel()), sizes)[1].any()
+
+
+def test_per_tensor_seeds_follow_tensor_ids_not_grouping():
+    """What a tensor draws (Rand-K's coordinates, int8's stochastic rounding) depends on the round's seed and the
+    tensor's id, not on which other tensors share its bucket or where it sits: DDP regroups parameters after its
+    first step and again after a resume. Without ids the seeds follow positions, and regrouping changes them."""
+    from gsoft.distributed.compressors import PerTensor
+
+    sizes, ids = [500, 40, 300], [11, 7, 3]
+    x = torch.randn(sum(sizes), generator=torch.Generator().manual_seed(0))
+    parts = torch.split(x, sizes)
+    for base in (RandK(0.05), Int8(64)):
+        together = PerTensor(base, sizes, ids)
+        y = together.decompress(together.compress(x, shared_seed=5, private_seed=9), x.numel(), shared_seed=5)
+        # regrouped: the last tensor alone in one bucket, the first two (reversed) in another
+        alone = PerTensor(base, sizes[2:], ids[2:])
+        pair = PerTensor(base, [sizes[1], sizes[0]], [ids[1], ids[0]])
+        x_pair = torch.cat([parts[1], parts[0]])
+        y_alone = alone.decompress(alone.compress(parts[2], shared_seed=5, private_seed=9), sizes[2], shared_seed=5)
+        y_pair = pair.decompress(pair.compress(x_pair, shared_seed=5, private_seed=9), x_pair.numel(), shared_seed=5)
+        out = torch.split(y, sizes)
+        assert torch.equal(out[2], y_alone), base.name
+        assert torch.equal(out[0], y_pair[sizes[1]:]) and torch.equal(out[1], y_pair[:sizes[1]]), base.name
+        by_position = PerTensor(base, sizes[2:])  # no ids: seeds from positions
+        y_pos = by_position.decompress(by_position.compress(parts[2], shared_seed=5, private_seed=9), sizes[2],
+                                       shared_seed=5)
+        assert not torch.equal(y_pos, y_alone), base.name
+    with pytest.raises(ValueError, match="2 tensor ids for 3 tensors"):
+        PerTensor(TopK(0.1), sizes, [1, 2])
 
 
 def test_compress_target_defaults_and_errors():

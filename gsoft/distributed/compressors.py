@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import torch
 
@@ -331,12 +331,20 @@ class PerTensor(Compressor):
     chunk drowns the small tensor. Per tensor, every parameter gets ``ceil(ratio * n_i)`` components and its own
     scales (layer-wise selection, as DGC does), and the result no longer depends on how DDP groups parameters.
     Variable-size bases add one int32 count per tensor in front.
+
+    ``tensor_ids``: stable integers naming the tensors (a DDP hook passes a hash of each parameter's name). Each
+    tensor's seeds are derived from the round's seed and its id rather than its position, so Rand-K's coordinates
+    and int8's rounding do not depend on how tensors are grouped: a resumed DDP run starts from DDP's initial
+    bucket layout again and still draws what the uninterrupted run drew. Default: the positions.
     """
 
-    def __init__(self, base: Compressor, sizes: Sequence[int]):
+    def __init__(self, base: Compressor, sizes: Sequence[int], tensor_ids: Optional[Sequence[int]] = None):
         if any(n < 1 for n in sizes):
             raise ValueError(f"tensor sizes must be positive, got {list(sizes)}")
+        if tensor_ids is not None and len(tensor_ids) != len(sizes):
+            raise ValueError(f"{len(tensor_ids)} tensor ids for {len(sizes)} tensors")
         self.base, self.sizes = base, tuple(int(n) for n in sizes)
+        self.tensor_ids = tuple(int(i) for i in tensor_ids) if tensor_ids is not None else tuple(range(len(sizes)))
         self.summable, self.biased, self.variable_size = base.summable, base.biased, base.variable_size
         self.name = base.name
 
@@ -353,7 +361,7 @@ class PerTensor(Compressor):
         return ((torch.int32, len(self.sizes)),) + self.base.layout_for(count)
 
     def _seeds(self, seed: int, i: int) -> int:
-        return seed * 1_000_003 + i
+        return seed * 1_000_003 + self.tensor_ids[i]
 
     def compress(self, x, *, shared_seed=0, private_seed=0):
         parts = [self.base.compress(piece, shared_seed=self._seeds(shared_seed, i),

@@ -45,16 +45,17 @@ class Feedback:
     def __init__(self, compressor: Compressor):
         self.compressor = compressor
         self.states: dict[Hashable, dict[str, torch.Tensor]] = {}
-        self._per_tensor: dict[tuple[int, ...], Compressor] = {}
+        self._per_tensor: dict[tuple, Compressor] = {}
 
-    def compressor_for(self, sizes: Optional[Sequence[int]] = None) -> Compressor:
+    def compressor_for(self, sizes: Optional[Sequence[int]] = None,
+                       tensor_ids: Optional[Sequence[int]] = None) -> Compressor:
         """The compressor for a vector made of tensors of ``sizes`` (one bucket): :class:`PerTensor` around the
-        base one when it selects or scales, so each tensor is compressed on its own."""
+        base one when it selects or scales, so each tensor is compressed on its own (``tensor_ids``: see there)."""
         if sizes is None or not self.compressor.per_tensor:
             return self.compressor
-        key = tuple(sizes)
+        key = (tuple(sizes), tuple(tensor_ids) if tensor_ids is not None else None)
         if key not in self._per_tensor:
-            self._per_tensor[key] = PerTensor(self.compressor, key)
+            self._per_tensor[key] = PerTensor(self.compressor, key[0], key[1])
         return self._per_tensor[key]
 
     def _state(self, key: Hashable, like: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -65,9 +66,11 @@ class Feedback:
         return state
 
     def message(self, key: Hashable, x: torch.Tensor, *, sizes: Optional[Sequence[int]] = None,
-                shared_seed: int = 0, private_seed: int = 0) -> Payload:
-        """``sizes``: the lengths of the tensors ``x`` is made of (compressed one by one), or None for one."""
-        return self.compressor_for(sizes).compress(x.float(), shared_seed=shared_seed, private_seed=private_seed)
+                tensor_ids: Optional[Sequence[int]] = None, shared_seed: int = 0, private_seed: int = 0) -> Payload:
+        """``sizes``: the lengths of the tensors ``x`` is made of (compressed one by one), or None for one;
+        ``tensor_ids``: their stable ids (seeds per tensor, see :class:`PerTensor`)."""
+        return self.compressor_for(sizes, tensor_ids).compress(x.float(), shared_seed=shared_seed,
+                                                               private_seed=private_seed)
 
     def update(self, key: Hashable, mean: torch.Tensor) -> torch.Tensor:
         return mean
@@ -80,8 +83,8 @@ class ErrorFeedback(Feedback):
     name = "ef"
     state_names = ("error",)
 
-    def message(self, key, x, *, sizes=None, shared_seed=0, private_seed=0):
-        state, compressor = self._state(key, x), self.compressor_for(sizes)
+    def message(self, key, x, *, sizes=None, tensor_ids=None, shared_seed=0, private_seed=0):
+        state, compressor = self._state(key, x), self.compressor_for(sizes, tensor_ids)
         corrected = x.float() + state["error"]
         payload = compressor.compress(corrected, shared_seed=shared_seed, private_seed=private_seed)
         state["error"] = corrected - compressor.decompress(payload, x.numel(), shared_seed=shared_seed)
@@ -101,8 +104,8 @@ class DifferenceFeedback(Feedback):
         self.beta = float(beta)
         self.name = name
 
-    def message(self, key, x, *, sizes=None, shared_seed=0, private_seed=0):
-        state, compressor = self._state(key, x), self.compressor_for(sizes)
+    def message(self, key, x, *, sizes=None, tensor_ids=None, shared_seed=0, private_seed=0):
+        state, compressor = self._state(key, x), self.compressor_for(sizes, tensor_ids)
         payload = compressor.compress(x.float() - state["reference"], shared_seed=shared_seed,
                                       private_seed=private_seed)
         state["reference"] += self.beta * compressor.decompress(payload, x.numel(), shared_seed=shared_seed)

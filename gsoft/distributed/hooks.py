@@ -9,7 +9,7 @@ assembled from the old buckets' pieces, and the same per-parameter pieces are wh
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Hashable, Optional
+from typing import TYPE_CHECKING, Any, Hashable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -156,12 +156,14 @@ class CompressionState:
             state[s] = flat
         self.feedback.states[key] = state
 
-    def start_round(self, key: Hashable, x: torch.Tensor, sizes: list[int],
-                    seed: int) -> torch.futures.Future[torch.Tensor]:
-        """One counted exchange of ``x`` (made of tensors of ``sizes``) through the feedback and compressor; the
-        future holds the mean of every process's decoded message (gradient buckets and local-step deltas alike)."""
-        exchange = Exchange(self.feedback.compressor_for(sizes), x.numel(), group=self.group, shared_seed=seed)
-        payload = self.feedback.message(key, x, sizes=sizes, shared_seed=seed,
+    def start_round(self, key: Hashable, x: torch.Tensor, sizes: list[int], seed: int,
+                    tensor_ids: Optional[Sequence[int]] = None) -> torch.futures.Future[torch.Tensor]:
+        """One counted exchange of ``x`` (made of tensors of ``sizes``, named by ``tensor_ids``) through the feedback
+        and compressor; the future holds the mean of every process's decoded message (gradient buckets and
+        local-step deltas alike)."""
+        compressor = self.feedback.compressor_for(sizes, tensor_ids)
+        exchange = Exchange(compressor, x.numel(), group=self.group, shared_seed=seed)
+        payload = self.feedback.message(key, x, sizes=sizes, tensor_ids=tensor_ids, shared_seed=seed,
                                         private_seed=shared_seed(seed, self.rank))
         fut = exchange.start(payload)
         self.bytes_sent += exchange.bytes_sent
@@ -226,8 +228,12 @@ class CompressionState:
 def _compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     buffer = bucket.buffer()
     key = state.bucket_key(bucket)
-    sizes = [numel for _, numel in state._layouts[key]]
-    fut = state.start_round(key, buffer, sizes, shared_seed(state.options["seed"], state.steps, key))
+    layout = state._layouts[key]
+    # seeds per step and parameter name, not per bucket: DDP's bucket layout changes after the first step, and a
+    # resumed run starts from the initial layout again (PerTensor)
+    fut = state.start_round(key, buffer, [numel for _, numel in layout],
+                            shared_seed(state.options["seed"], state.steps),
+                            tensor_ids=[shared_seed(name) for name, _ in layout])
     state.count_bucket(bucket, step=True)
     if bucket.is_last():
         state.end_iteration()
