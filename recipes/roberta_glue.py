@@ -20,7 +20,6 @@ parameter deltas every ``--local_steps H`` steps (``--compress updates``).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import shutil
@@ -50,16 +49,15 @@ from transformers import (  # noqa: E402
     get_scheduler,
 )
 
-import gsoft  # noqa: E402,F401  (registers GSOFT with PEFT)
-import gsoft.distributed  # noqa: E402
-from gsoft.distributed.hooks import SCHEDULES as LOCAL_STEPS_SCHEDULES  # noqa: E402
-from gsoft.distributed.hooks import TARGETS as COMPRESS_TARGETS  # noqa: E402
-from gsoft.training import (  # noqa: E402
+from gsoft.training import (  # noqa: E402  (importing gsoft registers GSOFT with PEFT)
     METHODS,
+    CommunicationArgs,
     MetricsLogger,
     StepTimer,
     accelerator_kwargs,
     apply_method,
+    check_communication_args,
+    communication_results,
     config_to_dict,
     count_parameters,
     load_checkpoint,
@@ -69,7 +67,9 @@ from gsoft.training import (  # noqa: E402
     resolve_checkpoint,
     resume_position,
     save_checkpoint,
+    setup_communication,
     tensorboard_available,
+    trainable_state_sha256,
     write_results,
 )
 from gsoft.tuner import TARGET_MODULES_MAPPING  # noqa: E402
@@ -85,8 +85,8 @@ GSOFT_METHODS = ("gsoft", "double_gsoft")
 
 
 @dataclass
-class GlueArgs:
-    """All options of the recipe (YAML keys and ``--key value`` flags)."""
+class _GlueOptions:
+    """The recipe's own options; :class:`GlueArgs` adds the communication ones (``gsoft.training.CommunicationArgs``)."""
 
     # --- data ---
     task: str = field(
@@ -223,48 +223,6 @@ class GlueArgs:
         metadata={"help": "Seed of model head initialisation, data order, dropout, and the shared seed of the "
                           "gradient compression (Rand-K coordinates, the geometric local-steps schedule)."},
     )
-    # --- communication between data-parallel processes (gsoft.distributed; ignored in a single process) ---
-    grad_compression: str = field(
-        default="none",
-        metadata={"help": f"What processes send each step: {', '.join(gsoft.distributed.METHODS)}. none = fp32 "
-                          "all-reduce (bytes counted like the others); fp16/bf16 casts (bf16 needs NCCL, gloo "
-                          "cannot all-reduce it); int8 scaled quantisation; sign 1 bit + scale; topk values + "
-                          "int32 indices; randk values only (shared-seed indices); powersgd (torch's hook, "
-                          "--powersgd_rank); gdsec significant components of the gradient difference."},
-    )
-    compression_ratio: float = field(
-        default=0.01,
-        metadata={"help": "Fraction of coordinates topk, randk and gdsec send, in (0, 1] (0.01: 1%)."},
-    )
-    error_feedback: str = field(
-        default="auto",
-        metadata={"help": f"{' | '.join(gsoft.distributed.ERROR_FEEDBACKS)}: auto = ef21 for sign/topk/randk, ef "
-                          "for powersgd, gdsec's own reference scheme for gdsec, none for the rest."},
-    )
-    compress: Optional[str] = field(
-        default=None,
-        metadata={"help": f"{' or '.join(COMPRESS_TARGETS)}: what --grad_compression compresses. gradients: each "
-                          "gradient bucket, every step (DDP hook). updates: each process takes its own AdamW step "
-                          "and the parameter deltas are averaged, compressed with error feedback, every "
-                          "--local_steps steps. Default: updates when --local_steps > 1, else gradients. With "
-                          "AdamW, Top-K 1% needs updates: as gradients (EF21) it stayed near chance on the smoke "
-                          "task (README)."},
-    )
-    local_steps: int = field(
-        default=1,
-        metadata={"help": "H > 1: no gradient communication; every H optimizer steps the replicas average their "
-                          "parameter deltas, compressed with --grad_compression and its error feedback. Evaluations "
-                          "(and the final save) are synchronisation points too. 1 = communicate every step."},
-    )
-    local_steps_schedule: str = field(
-        default="fixed",
-        metadata={"help": f"{' or '.join(LOCAL_STEPS_SCHEDULES)}: every H steps, or random intervals with mean H "
-                          "(geometric, as in OLGA; drawn with --seed, equal on every process)."},
-    )
-    powersgd_rank: int = field(
-        default=4,
-        metadata={"help": "--grad_compression powersgd: rank of the low-rank gradient approximation."},
-    )
     # --- run ---
     output_dir: str = field(
         default="outputs/glue/run",
@@ -331,35 +289,17 @@ class GlueArgs:
             raise ValueError(
                 f"--method_learning_rates has unknown methods {unknown}; choose from {', '.join(METHODS)}."
             )
-        if self.grad_compression not in gsoft.distributed.METHODS:
-            raise ValueError(f"--grad_compression {self.grad_compression!r} is not one of "
-                             f"{', '.join(gsoft.distributed.METHODS)}.")
-        if self.error_feedback not in gsoft.distributed.ERROR_FEEDBACKS:
-            raise ValueError(f"--error_feedback {self.error_feedback!r} is not one of "
-                             f"{', '.join(gsoft.distributed.ERROR_FEEDBACKS)}.")
-        if self.compress is not None and self.compress not in COMPRESS_TARGETS:
-            raise ValueError(f"--compress {self.compress!r} is not one of {', '.join(COMPRESS_TARGETS)}.")
-        if self.compress == "gradients" and self.local_steps > 1:
-            raise ValueError(f"--local_steps {self.local_steps} averages parameter updates, not gradients: use "
-                             f"--compress updates (the default with --local_steps > 1).")
-        if self.local_steps_schedule not in LOCAL_STEPS_SCHEDULES:
-            raise ValueError(f"--local_steps_schedule {self.local_steps_schedule!r} is not one of "
-                             f"{', '.join(LOCAL_STEPS_SCHEDULES)}.")
-        if not 0.0 < self.compression_ratio <= 1.0:
-            raise ValueError(f"--compression_ratio must be in (0, 1] (the fraction of coordinates sent, e.g. 0.01), "
-                             f"got {self.compression_ratio}.")
-        for name in ("local_steps", "powersgd_rank"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
-        try:  # combinations that cannot work (gdsec/powersgd with a foreign error feedback): before any work
-            gsoft.distributed.resolve_error_feedback(
-                self.grad_compression, self.error_feedback,
-                gsoft.distributed.resolve_compress(self.compress, self.local_steps))
-        except ValueError as exc:
-            raise ValueError(f"--grad_compression {self.grad_compression} --error_feedback {self.error_feedback}: "
-                             f"{exc}") from exc
         if self.base_pretrain_steps and not (self.model_config and self.base_pretrain_label_column):
             raise ValueError("--base_pretrain_steps needs --model_config and --base_pretrain_label_column.")
+
+
+@dataclass
+class GlueArgs(CommunicationArgs, _GlueOptions):
+    """All options of the recipe (YAML keys and ``--key value`` flags): its own, then the communication ones."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_communication_args(self)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -445,16 +385,6 @@ def adapt(model: torch.nn.Module, args: GlueArgs) -> torch.nn.Module:
         raise ValueError(f"--method {args.method} with options {args.method_options.get(args.method)}: {exc}") from exc
 
 
-def trainable_state_sha256(model: torch.nn.Module) -> str:
-    """Hash of the trained parameters: equal on every data-parallel process when replicas stayed in sync."""
-    digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
-        if param.requires_grad:
-            digest.update(name.encode())
-            digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------------------------------
@@ -502,28 +432,6 @@ def build(args: GlueArgs, accelerator: Accelerator, raw: datasets.DatasetDict, s
     with accelerator.main_process_first():
         tokenized = tokenize(raw, tokenizer, spec, args.max_seq_length)
     return source, tokenizer, tokenized, adapt(load_model(args, source, spec), args)
-
-
-def setup_communication(args: GlueArgs, accelerator: Accelerator, model: torch.nn.Module,
-                        optimizer: torch.optim.Optimizer) -> Optional[gsoft.distributed.CompressionState]:
-    """Several processes: ``register_compression`` on the prepared DDP model, also for ``none`` (an fp32 all-reduce
-    whose bytes are counted like the compressed ones, the baseline to compare with). One process: nothing to
-    communicate, so ``None`` (and a warning when compression or local steps were asked for)."""
-    if accelerator.num_processes == 1:
-        if args.grad_compression != "none" or args.local_steps > 1:
-            logger.warning("--grad_compression %s --local_steps %d: a single process has nothing to communicate, "
-                           "so they are ignored (launch several: accelerate launch --multi_gpu --num_processes N).",
-                           args.grad_compression, args.local_steps)
-        return None
-    try:
-        return gsoft.distributed.register_compression(
-            model, args.grad_compression, compression_ratio=args.compression_ratio, error_feedback=args.error_feedback,
-            compress=args.compress, local_steps=args.local_steps, local_steps_schedule=args.local_steps_schedule,
-            optimizer=optimizer,
-            seed=args.seed, powersgd_rank=args.powersgd_rank,
-        )
-    except (ValueError, TypeError) as exc:  # e.g. bf16 on gloo: the recipe's one-line error
-        raise ValueError(f"--grad_compression {args.grad_compression}: {exc}") from exc
 
 
 def train(args: GlueArgs) -> Optional[dict[str, Any]]:
@@ -603,7 +511,7 @@ def train(args: GlueArgs) -> Optional[dict[str, Any]]:
     )
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     try:
-        comm = setup_communication(args, accelerator, model, optimizer)
+        comm = setup_communication(args, accelerator, model, optimizer, seed=args.seed)
     except ValueError:
         if fresh and accelerator.is_main_process:
             shutil.rmtree(out, ignore_errors=True)
@@ -629,7 +537,7 @@ def train(args: GlueArgs) -> Optional[dict[str, Any]]:
     # error-feedback buffers, local-step references, each process's optimizer state (with --compress updates) and
     # byte counters resume too; loaded after accelerate's own (main process) optimizer state, so theirs win
     if comm is not None:
-        accelerator.register_for_checkpointing(comm)
+        comm.register_for_checkpointing(accelerator)
     if resume_path is not None:
         state = load_checkpoint(accelerator, resume_path)
         step = state.pop("step")
@@ -736,10 +644,7 @@ def train(args: GlueArgs) -> Optional[dict[str, Any]]:
         "rank_state_sha256": list(hashes),
         "mixed_precision": accelerator.mixed_precision,
         "device": str(accelerator.device),
-        # bytes this (the main) process sent, and what fp32 gradient all-reduces would have sent for the same steps
-        "comm_bytes_sent": comm.bytes_sent if comm is not None else 0,
-        "comm_bytes_uncompressed": comm.bytes_uncompressed if comm is not None else 0,
-        "compression": comm.summary() if comm is not None else {"method": "none", "world_size": 1},
+        **communication_results(comm),
     }
     if accelerator.is_main_process:
         write_results(out, results)

@@ -1,11 +1,19 @@
 """Shared pieces of the training recipes (``recipes/*.py``): YAML + CLI options, method -> PEFT config, output
-directories and results.json, checkpoints, metrics logging.
+directories and results.json, checkpoints, metrics logging, communication between data-parallel processes.
 
 Recipes differ in data and loss; everything a user expects to behave the same way across them lives here, once.
 """
 
 from .args import config_to_dict, parse_recipe_args
 from .checkpoint import load_checkpoint, resolve_checkpoint, resume_position, save_checkpoint
+from .communication import (
+    Communication,
+    CommunicationArgs,
+    check_communication_args,
+    communication_results,
+    setup_communication,
+    trainable_state_sha256,
+)
 from .methods import METHODS, apply_method, build_peft_config, check_targets, get_peft_model_checked
 from .run import (
     RESULTS_SCHEMA,
@@ -21,6 +29,8 @@ from .run import (
 from .tracking import MetricsLogger, tensorboard_available
 
 __all__ = [
+    "Communication",
+    "CommunicationArgs",
     "METHODS",
     "RESULTS_SCHEMA",
     "VOLATILE_KEYS",
@@ -29,7 +39,9 @@ __all__ = [
     "accelerator_kwargs",
     "apply_method",
     "build_peft_config",
+    "check_communication_args",
     "check_targets",
+    "communication_results",
     "config_to_dict",
     "count_parameters",
     "get_peft_model_checked",
@@ -41,6 +53,8 @@ __all__ = [
     "resolve_checkpoint",
     "resume_position",
     "save_checkpoint",
+    "setup_communication",
     "tensorboard_available",
+    "trainable_state_sha256",
     "write_results",
 ]

@@ -1,0 +1,211 @@
+"""Communication options of the recipes (``--grad_compression``, ``--local_steps``, ...) and their wiring to
+``gsoft.distributed.register_compression``, written once for every recipe.
+
+Why here and not in each recipe: the options, their validation messages, the single-process warning, the
+synchronisation points and the results.json fields must mean the same thing in the GLUE and the DreamBooth recipe
+(the README documents them once).
+
+A recipe's options dataclass gets the fields by inheriting :class:`CommunicationArgs` *first*, with its own fields in
+a base class after it, so that ``--help`` lists the recipe's options first and the communication section last::
+
+    @dataclass
+    class _MyOptions: ...                                   # the recipe's own fields
+
+    @dataclass
+    class MyArgs(CommunicationArgs, _MyOptions):
+        def __post_init__(self):
+            ...                                             # the recipe's checks
+            check_communication_args(self)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from gsoft.distributed import ERROR_FEEDBACKS, METHODS, register_compression, resolve_compress, resolve_error_feedback
+from gsoft.distributed.hooks import SCHEDULES as LOCAL_STEPS_SCHEDULES
+from gsoft.distributed.hooks import TARGETS as COMPRESS_TARGETS
+from gsoft.distributed.hooks import CompressionState
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CommunicationArgs:
+    """What data-parallel processes exchange (``gsoft.distributed``; ignored in a single process)."""
+
+    grad_compression: str = field(
+        default="none",
+        metadata={"help": f"What processes send each step: {', '.join(METHODS)}. none = fp32 all-reduce (bytes "
+                          "counted like the others); fp16/bf16 casts (bf16 needs NCCL, gloo cannot all-reduce it); "
+                          "int8 scaled quantisation; sign 1 bit + scale; topk values + int32 indices; randk values "
+                          "only (shared-seed indices); powersgd (torch's hook, --powersgd_rank); gdsec significant "
+                          "components of the gradient difference. Ignored in a single process."},
+    )
+    compression_ratio: float = field(
+        default=0.01,
+        metadata={"help": "Fraction of coordinates topk, randk and gdsec send, in (0, 1] (0.01: 1%)."},
+    )
+    error_feedback: str = field(
+        default="auto",
+        metadata={"help": f"{' | '.join(ERROR_FEEDBACKS)}: auto = ef21 for sign/topk/randk, ef for powersgd, "
+                          "gdsec's own reference scheme for gdsec, none for the rest."},
+    )
+    compress: Optional[str] = field(
+        default=None,
+        metadata={"help": f"{' or '.join(COMPRESS_TARGETS)}: what --grad_compression compresses. gradients: each "
+                          "gradient bucket, every step (DDP hook). updates: each process takes its own AdamW step "
+                          "and the parameter deltas are averaged, compressed with error feedback, every "
+                          "--local_steps steps. Default: updates when --local_steps > 1, else gradients. With "
+                          "AdamW, Top-K 1% needs updates: as gradients (EF21) it stayed near chance on the GLUE "
+                          "smoke task (README)."},
+    )
+    local_steps: int = field(
+        default=1,
+        metadata={"help": "H > 1: no gradient communication; every H optimizer steps the replicas average their "
+                          "parameter deltas, compressed with --grad_compression and its error feedback. Evaluations "
+                          "and validation images (and the final save) are synchronisation points too. 1 = "
+                          "communicate every step."},
+    )
+    local_steps_schedule: str = field(
+        default="fixed",
+        metadata={"help": f"{' or '.join(LOCAL_STEPS_SCHEDULES)}: every H steps, or random intervals with mean H "
+                          "(geometric, as in OLGA; drawn with --seed, equal on every process)."},
+    )
+    powersgd_rank: int = field(
+        default=4,
+        metadata={"help": "--grad_compression powersgd: rank of the low-rank gradient approximation."},
+    )
+
+
+def check_communication_args(args: CommunicationArgs) -> None:
+    """Reject bad or contradictory communication options before any work (call from the recipe's
+    ``__post_init__``); the messages name the option, the value and the fix."""
+    if args.grad_compression not in METHODS:
+        raise ValueError(f"--grad_compression {args.grad_compression!r} is not one of {', '.join(METHODS)}.")
+    if args.error_feedback not in ERROR_FEEDBACKS:
+        raise ValueError(f"--error_feedback {args.error_feedback!r} is not one of {', '.join(ERROR_FEEDBACKS)}.")
+    if args.compress is not None and args.compress not in COMPRESS_TARGETS:
+        raise ValueError(f"--compress {args.compress!r} is not one of {', '.join(COMPRESS_TARGETS)}.")
+    if args.compress == "gradients" and args.local_steps > 1:
+        raise ValueError(f"--local_steps {args.local_steps} averages parameter updates, not gradients: use "
+                         f"--compress updates (the default with --local_steps > 1).")
+    if args.local_steps_schedule not in LOCAL_STEPS_SCHEDULES:
+        raise ValueError(f"--local_steps_schedule {args.local_steps_schedule!r} is not one of "
+                         f"{', '.join(LOCAL_STEPS_SCHEDULES)}.")
+    if not 0.0 < args.compression_ratio <= 1.0:
+        raise ValueError(f"--compression_ratio must be in (0, 1] (the fraction of coordinates sent, e.g. 0.01), "
+                         f"got {args.compression_ratio}.")
+    for name in ("local_steps", "powersgd_rank"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    try:  # combinations that cannot work (gdsec/powersgd with a foreign error feedback): before any work
+        resolve_error_feedback(args.grad_compression, args.error_feedback,
+                               resolve_compress(args.compress, args.local_steps))
+    except ValueError as exc:
+        raise ValueError(f"--grad_compression {args.grad_compression} --error_feedback {args.error_feedback}: "
+                         f"{exc}") from exc
+
+
+class Communication:
+    """The compression states of a run's trained DDP models (one per model, all sharing the optimizer), seen as one.
+
+    ``bytes_sent`` / ``bytes_uncompressed`` add up over the models (each model's buckets, or its local-step deltas,
+    are counted by its own state, once); :meth:`synchronize` averages every model now (local steps; a no-op
+    otherwise). With one model, :meth:`summary` is that state's ``summary()``; with several, one entry per model.
+    """
+
+    def __init__(self, states: Mapping[str, CompressionState]) -> None:
+        if not states:
+            raise ValueError("Communication needs at least one compression state")
+        self.states = dict(states)
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(s.bytes_sent for s in self.states.values())
+
+    @property
+    def bytes_uncompressed(self) -> int:
+        return sum(s.bytes_uncompressed for s in self.states.values())
+
+    def synchronize(self) -> None:
+        """Local steps: average the replicas now, so that evaluation and saving see one model (collective: call it
+        on every process, in the same places)."""
+        for state in self.states.values():
+            state.synchronize()
+
+    def summary(self) -> dict[str, Any]:
+        if len(self.states) == 1:
+            return next(iter(self.states.values())).summary()
+        return {name: state.summary() for name, state in self.states.items()}
+
+    def register_for_checkpointing(self, accelerator: Any) -> None:
+        """Checkpoints carry every state (error-feedback buffers, local-step references, each process's optimizer
+        state with ``--compress updates``, byte counters): call before ``load_checkpoint``. The states are
+        registered one by one, so a one-model run writes the same checkpoint files as before this class existed."""
+        for state in self.states.values():
+            accelerator.register_for_checkpointing(state)
+
+
+def setup_communication(
+    args: CommunicationArgs,
+    accelerator: Any,
+    models: Union[nn.Module, Mapping[str, nn.Module]],
+    optimizer: torch.optim.Optimizer,
+    seed: int,
+) -> Optional[Communication]:
+    """Several processes: ``register_compression`` on every prepared DDP model (``models``: one, or ``{name:
+    model}``), also for ``none`` (an fp32 all-reduce whose bytes are counted like the compressed ones, the baseline to
+    compare with). One process: nothing to communicate, so ``None`` (and a warning when compression or local steps
+    were asked for).
+
+    Several models may share ``optimizer``: with ``--compress updates`` each state adds its own step post-hook to it,
+    which averages only its own model's parameters; all processes run the hooks in registration order, so the
+    collectives match and the replicas stay identical (tests/test_dreambooth.py checks it)."""
+    if accelerator.num_processes == 1:
+        if args.grad_compression != "none" or args.local_steps > 1:
+            logger.warning("--grad_compression %s --local_steps %d: a single process has nothing to communicate, "
+                           "so they are ignored (launch several: accelerate launch --multi_gpu --num_processes N).",
+                           args.grad_compression, args.local_steps)
+        return None
+    named = dict(models) if isinstance(models, Mapping) else {"model": models}
+    states = {}
+    for name, model in named.items():
+        try:
+            states[name] = register_compression(
+                model, args.grad_compression, compression_ratio=args.compression_ratio,
+                error_feedback=args.error_feedback, compress=args.compress, local_steps=args.local_steps,
+                local_steps_schedule=args.local_steps_schedule, optimizer=optimizer, seed=seed,
+                powersgd_rank=args.powersgd_rank,
+            )
+        except (ValueError, TypeError) as exc:  # e.g. bf16 on gloo: the recipe's one-line error
+            raise ValueError(f"--grad_compression {args.grad_compression}: {exc}") from exc
+    return Communication(states)
+
+
+def communication_results(comm: Optional[Communication]) -> dict[str, Any]:
+    """The results.json fields: bytes this (the main) process sent, what fp32 gradient all-reduces would have sent
+    for the same optimizer steps, and the settings and counters (``{"method": "none", "world_size": 1}`` alone)."""
+    return {
+        "comm_bytes_sent": comm.bytes_sent if comm is not None else 0,
+        "comm_bytes_uncompressed": comm.bytes_uncompressed if comm is not None else 0,
+        "compression": comm.summary() if comm is not None else {"method": "none", "world_size": 1},
+    }
+
+
+def trainable_state_sha256(*models: nn.Module) -> str:
+    """Hash of the trained parameters of ``models`` (in order): equal on every data-parallel process when the
+    replicas stayed in sync, so results.json can show it (``rank_state_sha256``, one per process)."""
+    digest = hashlib.sha256()
+    for model in models:
+        for name, param in sorted(model.named_parameters()):
+            if param.requires_grad:
+                digest.update(name.encode())
+                digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
