@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, Sampler  # noqa: E402
 
 from dreambooth_common import check_identifier, list_images, open_rgb, set_scheduler  # noqa: E402
+from gsoft.training import CommunicationArgs, check_communication_args  # noqa: E402
 
 logger = logging.getLogger("dreambooth")
 
@@ -52,8 +54,8 @@ FINAL_IMAGES = "final_images.pt"  # the last validation images as a float tensor
 
 
 @dataclass
-class DreamBoothArgs:
-    """All options of recipes/dreambooth.py (YAML keys and --flags have the same names)."""
+class _DreamBoothOptions:
+    """The recipe's own options; :class:`DreamBoothArgs` adds the communication ones (``CommunicationArgs``)."""
 
     # ---- model and data ---------------------------------------------------------------------------------------------
     pretrained_model_name_or_path: Optional[str] = field(
@@ -147,7 +149,11 @@ class DreamBoothArgs:
     mixed_precision: Optional[str] = field(
         default=None, metadata={"help": "no | fp16 | bf16 (default: accelerate's config). Adapters train in fp32."}
     )
-    seed: int = field(default=0, metadata={"help": "Seed of every random draw (data order, noise, validation)."})
+    seed: int = field(
+        default=0,
+        metadata={"help": "Seed of every random draw (data order, noise, validation), and the shared seed of the "
+                  "gradient compression (Rand-K coordinates, the geometric local-steps schedule)."},
+    )
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data-loader worker processes."})
     # ---- validation, logging, checkpoints ---------------------------------------------------------------------------
     validation_prompts: list[str] = field(
@@ -207,6 +213,16 @@ class DreamBoothArgs:
             raise ValueError("resolution, train_batch_size and max_train_steps must be positive.")
         if self.gradient_accumulation_steps <= 0:
             raise ValueError("gradient_accumulation_steps must be >= 1.")
+
+
+@dataclass
+class DreamBoothArgs(CommunicationArgs, _DreamBoothOptions):
+    """All options of recipes/dreambooth.py (YAML keys and --flags have the same names): its own, then what
+    data-parallel processes exchange (``--grad_compression``, ``--local_steps``, ...; see the README)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_communication_args(self)
 
 
 # ======================================================================================================================
@@ -545,7 +561,7 @@ def _log_images(accelerator: Any, images: torch.Tensor, step: int) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Train, save the adapter(s), validate; returns the results written to ``output_dir/results.json``."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
@@ -554,6 +570,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         StepTimer,
         accelerator_kwargs,
         check_targets,
+        communication_results,
         config_to_dict,
         count_parameters,
         get_peft_model_checked,
@@ -564,7 +581,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         resolve_checkpoint,
         resume_position,
         save_checkpoint,
+        setup_communication,
         tensorboard_available,
+        trainable_state_sha256,
         write_results,
     )
 
@@ -610,6 +629,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                 components[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         components[name] = get_peft_model_checked(components[name], config)
     run_config = config_to_dict(args)
+    fresh = not (output_dir.is_dir() and any(output_dir.iterdir()))
     prepare_output_dir(output_dir, run_config, overwrite=args.overwrite_output_dir,
                        resume=bool(args.resume_from_checkpoint), is_main_process=accelerator.is_main_process)
     accelerator.wait_for_everyone()
@@ -651,6 +671,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if args.train_text_encoder:
         text_encoder = trained[1]
     components.update(unet=unet, text_encoder=text_encoder)
+    # Several processes: every trained DDP model exchanges its gradients (or, with --compress updates, its parameter
+    # deltas) through gsoft.distributed; the two models share the optimizer (see setup_communication).
+    try:
+        comm = setup_communication(args, accelerator, dict(zip(("unet", "text_encoder"), trained)), optimizer,
+                                   seed=args.seed)
+    except ValueError:  # e.g. bf16 on gloo: a corrected re-run must not meet "a different run" in output_dir
+        if fresh and accelerator.is_main_process:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
 
     # Fixed prompts: with a frozen text encoder their embeddings are computed once.
     prompts = [args.instance_prompt] * args.train_batch_size
@@ -674,6 +703,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     metrics = MetricsLogger(accelerator, output_dir, "dreambooth", run_config, tensorboard=use_tb)
     global_step, first_epoch, skip_batches = 0, 0, 0
     checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+    if comm is not None:  # error feedback, local-step references, per-process optimizer state and byte counters
+        comm.register_for_checkpointing(accelerator)
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint)
         global_step = int(state["step"])
@@ -722,10 +753,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             progress.update(1)
             progress.set_postfix(loss=f"{last_loss:.4f}")
             if global_step % max(1, args.logging_steps) == 0 or global_step == stop_at:
-                metrics.log({"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch, **stats},
-                            global_step)
+                metrics.log({"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch, **stats,
+                             "comm_bytes_sent": comm.bytes_sent if comm is not None else 0}, global_step)
             if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
+                if comm is not None:  # local steps: validation samples the average (collective, on every process)
+                    comm.synchronize()
                 validate(args, components, accelerator, global_step, dtype, final=False)
+            # Checkpoints are no synchronisation points: they hold every process's state (LocalSteps), so a run
+            # stopped and resumed anywhere continues exactly like the uninterrupted one.
             if (args.checkpointing_steps and global_step % args.checkpointing_steps == 0) or (
                 global_step == stop_at < args.max_train_steps
             ):
@@ -752,12 +787,20 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "train_text_encoder": args.train_text_encoder,
         "final_loss": last_loss,
         "finished": global_step >= args.max_train_steps,
+        **communication_results(comm),
     }
     if global_step < args.max_train_steps:
         logger.info("Stopped at step %d of %d (--stop_after_steps); resume with --resume_from_checkpoint latest.",
                     global_step, args.max_train_steps)
         metrics.close()
         return results
+    if comm is not None:  # the saved adapters and the final images are the average of the replicas
+        comm.synchronize()
+        results.update(communication_results(comm))
+        logger.info("communication (%s): %s bytes sent by this process, %s for fp32 all-reduces of the same steps",
+                    args.grad_compression, f"{comm.bytes_sent:,}", f"{comm.bytes_uncompressed:,}")
+    results["rank_state_sha256"] = gather_object([trainable_state_sha256(*(accelerator.unwrap_model(m)
+                                                                          for m in trained))])
     if accelerator.is_main_process:
         for name, model in (("unet", unet), ("text_encoder", text_encoder if args.train_text_encoder else None)):
             if model is not None:

@@ -3,12 +3,14 @@
 Covers: the smoke config, loading the saved adapter into a StableDiffusionPipeline (reproducing the training-time
 validation images; merged == unmerged), dreambooth_infer.py, prior preservation with generated class images
 (v-prediction model, text-encoder adapter, conv targets), resume == uninterrupted, eval_subject.py on tiny CLIP / DINO
-models, a 2-process (gloo) run, the benchmark's quick mode, and the recipe's error messages.
+models, 2-process (gloo) runs (plain, Top-K compressed gradients of two models, compressed local steps with a resume),
+the benchmark's quick mode, and the recipe's error messages.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -46,6 +48,20 @@ def run(assets: dict[str, Path], out: Path, *extra: str, instance: Path | None =
     argv = ["--config", str(SMOKE), "--pretrained_model_name_or_path", str(assets["model"]), "--smoke_assets", "false",
             "--instance_data_dir", str(instance or assets["instance"]), "--output_dir", str(out), *extra]
     return dreambooth.main(argv)
+
+
+def launch2(assets: dict[str, Path], out: Path, *extra: str) -> dict:
+    """The smoke config with FAST settings as one 2-process gloo job (`accelerate launch --multi_gpu`); its results."""
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(free_port()), str(REPO_ROOT / "recipes" / "dreambooth.py"), "--config", str(SMOKE), "--smoke_assets",
+           "false", "--pretrained_model_name_or_path", str(assets["model"]), "--instance_data_dir",
+           str(assets["instance"]), "--output_dir", str(out), "--progress_bar", "false", *FAST, *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    results_file = out / "results.json"
+    return json.loads(results_file.read_text()) if results_file.is_file() else {}
 
 
 def pipeline(model_dir: Path, scheduler: str = "DPMSolverMultistepScheduler"):
@@ -195,23 +211,80 @@ def test_prior_preservation_text_encoder_v_prediction(assets: dict[str, Path], t
 def test_two_processes_with_prior_preservation(assets: dict[str, Path], tmp_path: Path) -> None:
     """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine is one gloo job (not two runs into one
     directory): class images are generated once, split over the ranks, and the run reports world_size 2."""
-    port = free_port()
     out, class_dir = tmp_path / "run", tmp_path / "class"
-    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           str(REPO_ROOT / "recipes" / "dreambooth.py"), "--config", str(SMOKE), "--smoke_assets", "false",
-           "--pretrained_model_name_or_path", str(assets["model"]), "--instance_data_dir", str(assets["instance"]),
-           "--output_dir", str(out), "--progress_bar", "false", *FAST, "--with_prior_preservation",
-           "--class_prompt", "a photo of a disc", "--class_data_dir", str(class_dir), "--num_class_images", "3",
-           "--class_inference_steps", "2", "--sample_batch_size", "1"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    results = json.loads((out / "results.json").read_text())
+    results = launch2(assets, out, "--with_prior_preservation", "--class_prompt", "a photo of a disc",
+                      "--class_data_dir", str(class_dir), "--num_class_images", "3", "--class_inference_steps", "2",
+                      "--sample_batch_size", "1")
     assert results["world_size"] == 2 and results["finished"] and results["class_images"] == 3
+    # the default --grad_compression none: fp32 all-reduces, counted, and replicas equal
+    assert results["compression"]["method"] == "none"
+    assert results["comm_bytes_sent"] == results["comm_bytes_uncompressed"] == 6 * 4 * results["trainable_params"]
+    assert len(results["rank_state_sha256"]) == 2 and len(set(results["rank_state_sha256"])) == 1
     assert len(list(class_dir.glob("*.png"))) == 3
     pipe = pipeline(assets["model"])
     load_adapter(pipe, out)
+
+
+def _trained_sizes(out: Path, results: dict) -> dict[str, list[int]]:
+    """Sizes of every trained tensor per model, read back from the saved adapters (checked to be all of them)."""
+    from safetensors import safe_open
+
+    sizes = {}
+    for name in ("unet", "text_encoder"):
+        with safe_open(str(out / name / "adapter_model.safetensors"), framework="pt") as f:
+            sizes[name] = [f.get_slice(k).get_shape() for k in f.keys()]
+    sizes = {name: [math.prod(shape) for shape in shapes] for name, shapes in sizes.items()}
+    assert sum(map(sum, sizes.values())) == results["trainable_params"]
+    return sizes
+
+
+def _topk_bytes(sizes: list[int], ratio: float = 0.01) -> int:
+    """Bytes one process sends for one Top-K round of these tensors on 2 processes: per tensor ceil(ratio * n) fp32
+    values + int32 indices, all-gathered ((p - 1) x payload = the payload)."""
+    return sum(8 * max(1, math.ceil(ratio * n)) for n in sizes)
+
+
+def test_two_processes_topk_unet_and_text_encoder(assets: dict[str, Path], tmp_path: Path) -> None:
+    """Top-K 1% compressed gradients on both trained DDP models (UNet and text encoder, one optimizer): the bytes are
+    the per-tensor payload formula, counted once per model and step, and the replicas stay bit-identical."""
+    out = tmp_path / "run"
+    results = launch2(assets, out, "--grad_compression", "topk", "--compression_ratio", "0.01", "--train_text_encoder")
+    assert results["world_size"] == 2 and results["finished"]
+    hashes = results["rank_state_sha256"]
+    assert len(hashes) == 2 and hashes[0] == hashes[1]
+    sizes = _trained_sizes(out, results)
+    per_model = results["compression"]
+    assert set(per_model) == {"unet", "text_encoder"}
+    for name, summary in per_model.items():
+        assert summary["method"] == "topk" and summary["error_feedback"] == "ef21"
+        assert summary["steps"] == summary["syncs"] == 6
+        assert summary["bytes_sent"] == 6 * _topk_bytes(sizes[name]), name
+        assert summary["bytes_uncompressed"] == 6 * 4 * sum(sizes[name]), name
+    assert results["comm_bytes_sent"] == 6 * _topk_bytes(sizes["unet"] + sizes["text_encoder"])
+    assert results["comm_bytes_uncompressed"] == 6 * 4 * results["trainable_params"]
+    assert results["comm_bytes_uncompressed"] > 10 * results["comm_bytes_sent"]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["comm_bytes_sent"] == results["comm_bytes_sent"]
+
+
+def test_two_processes_local_steps_resume(assets: dict[str, Path], tmp_path: Path) -> None:
+    """Top-K 1% compressed updates every 2 local steps on UNet and text encoder: each model's state adds its own
+    step post-hook to the shared optimizer. Stopped at step 3 (between two averages) and resumed: the checkpoint
+    carries both states, the byte counters continue, every model is averaged at steps 2, 4 and 6 and the replicas end
+    bit-identical."""
+    out = tmp_path / "run"
+    common = ["--grad_compression", "topk", "--local_steps", "2", "--train_text_encoder"]
+    assert launch2(assets, out, *common, "--stop_after_steps", "3") == {}
+    results = launch2(assets, out, *common, "--resume_from_checkpoint", "latest")
+    assert results["world_size"] == 2 and results["finished"] and results["train_steps"] == 6
+    hashes = results["rank_state_sha256"]
+    assert len(hashes) == 2 and hashes[0] == hashes[1]
+    sizes = _trained_sizes(out, results)
+    for name, summary in results["compression"].items():
+        assert summary["compress"] == "updates" and summary["error_feedback"] == "ef"
+        assert summary["steps"] == 6 and summary["syncs"] == 3, (name, summary)
+        assert summary["bytes_sent"] == 3 * _topk_bytes(sizes[name]), name
+    assert results["comm_bytes_sent"] == 3 * _topk_bytes(sizes["unet"] + sizes["text_encoder"])
 
 
 def test_resume_matches_uninterrupted(assets: dict[str, Path], tmp_path: Path) -> None:
@@ -236,6 +309,28 @@ def test_resume_matches_uninterrupted(assets: dict[str, Path], tmp_path: Path) -
 # ----------------------------------------------------------------------------------------------------------------------
 # Errors
 # ----------------------------------------------------------------------------------------------------------------------
+def test_communication_option_errors(assets: dict[str, Path], tmp_path: Path) -> None:
+    """Bad communication options stop before anything is loaded or written, naming the value and the fix."""
+    for extra, message in [
+        (["--grad_compression", "zip"], r"--grad_compression 'zip' is not one of none, fp16, bf16, int8, sign, topk"),
+        (["--compression_ratio", "0"], r"--compression_ratio must be in \(0, 1\].*got 0"),
+        (["--compress", "gradients", "--local_steps", "2"],
+         r"--local_steps 2 averages parameter updates, not gradients: use --compress updates"),
+        (["--grad_compression", "gdsec", "--error_feedback", "ef"], r"gdsec keeps its own per-worker reference"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            run(assets, tmp_path / "out", *extra)
+    assert not (tmp_path / "out").exists()
+
+
+def test_communication_ignored_in_one_process(assets: dict[str, Path], tmp_path: Path, caplog) -> None:
+    with caplog.at_level("WARNING"):
+        results = run(assets, tmp_path / "out", *FAST, "--max_train_steps", "1", "--grad_compression", "topk")
+    assert "a single process has nothing to communicate" in caplog.text
+    assert results["compression"] == {"method": "none", "world_size": 1} and results["comm_bytes_sent"] == 0
+    assert len(results["rank_state_sha256"]) == 1
+
+
 def test_empty_instance_dir(assets: dict[str, Path], tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
