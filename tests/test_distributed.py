@@ -433,8 +433,11 @@ def _make(rank, method, bucket_cap_mb=None, momentum=0.9, **options):
     return model, ddp, opt, state
 
 
-def _case_resume(rank, method, **options):
-    """6 uninterrupted steps vs 3 steps, checkpoint, fresh DDP + register + load, 3 more steps."""
+def _case_resume(rank, method, main_optimizer_only=False, **options):
+    """6 uninterrupted steps vs 3 steps, checkpoint, fresh DDP + register + load, 3 more steps.
+
+    ``main_optimizer_only``: every process loads rank 0's optimizer state, as accelerate's checkpoints give it; with
+    local steps the compression state must restore each process's own moments."""
     model, ddp, opt, state = _make(rank, method, **options)
     _train(ddp, opt, state, rank, 6)
     state.synchronize()
@@ -449,7 +452,12 @@ def _case_resume(rank, method, **options):
     with torch.no_grad():
         for p, saved in zip(_trainable(model), ckpt["params"]):
             p.copy_(saved)
-    opt.load_state_dict(ckpt["opt"])
+    if main_optimizer_only:
+        main = [ckpt["opt"]]
+        dist.broadcast_object_list(main, src=0)
+        opt.load_state_dict(main[0])
+    else:
+        opt.load_state_dict(ckpt["opt"])
     state.load_state_dict(ckpt["comp"])
     roundtrip = _same(state.state_dict(), ckpt["comp"])  # saving right after loading keeps everything
     _train(ddp, opt, state, rank, 3, first_step=3)
@@ -540,7 +548,7 @@ def _cases() -> dict[str, Any]:
     cases["resume_topk"] = lambda r: _case_resume(r, "topk")
     for method in ("topk", "randk", "int8"):  # randk/int8 draw from per-tensor seeds
         cases[f"resume_{method}_buckets"] = lambda r, m=method: _case_resume(r, m, bucket_cap_mb=0.001)
-    cases["resume_local"] = lambda r: _case_resume(r, "topk", local_steps=2)
+    cases["resume_local"] = lambda r: _case_resume(r, "topk", main_optimizer_only=True, local_steps=2)
     cases["local_convergence"] = _case_local_convergence
     return cases
 

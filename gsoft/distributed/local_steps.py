@@ -82,8 +82,10 @@ class LocalSteps:
     def state_dict(self) -> dict[str, Any]:
         return {"reference": self.reference.cpu().clone(), "since_sync": self.since_sync, "interval": self.interval,
                 "rng": self.rng.getstate(), "params": self._flat().cpu(),
-                # each process's optimizer moments follow its own gradients; accelerate saves the main one's only
-                "optimizer": self.optimizer.state_dict(),
+                # each process's optimizer moments follow its own gradients; accelerate saves the main one's only.
+                # Only this model's parameters: several models (a UNet and a text encoder) may share the optimizer,
+                # and each one's LocalSteps saves its own part
+                "optimizer_state": [_detached(self.optimizer.state.get(p, {})) for p in self.params],
                 "feedback": {s: t.cpu().clone() for s, t in self.state.feedback.states.get(KEY, {}).items()}}
 
     @torch.no_grad()
@@ -98,7 +100,19 @@ class LocalSteps:
         for p in self.params:
             p.copy_(params[offset: offset + p.numel()].view_as(p))
             offset += p.numel()
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer_state" in state:
+            on_device = {id(q): bool(g.get("capturable") or g.get("fused"))
+                         for g in self.optimizer.param_groups for q in g["params"]}
+            for p, saved in zip(self.params, state["optimizer_state"]):
+                if saved:  # as torch's load_state_dict places them: "step" stays on the CPU unless capturable/fused
+                    self.optimizer.state[p] = {
+                        k: v.to(p.device) if torch.is_tensor(v) and (k != "step" or on_device[id(p)]) else v
+                        for k, v in saved.items()}
+        else:  # checkpoints written before the per-parameter format: the whole optimizer
+            self.optimizer.load_state_dict(state["optimizer"])
         if state["feedback"]:
             self.state.feedback.states[KEY] = {s: t.to(device) for s, t in state["feedback"].items()}
 
+
+def _detached(param_state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in param_state.items()}
