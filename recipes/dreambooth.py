@@ -42,7 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, Sampler  # noqa: E402
 
 from dreambooth_common import check_identifier, list_images, open_rgb, set_scheduler  # noqa: E402
-from gsoft.training import CommunicationArgs, check_communication_args  # noqa: E402
+from gsoft.training import CommunicationArgs, check_communication_args, leave_process_group  # noqa: E402
 
 logger = logging.getLogger("dreambooth")
 
@@ -816,3 +816,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+    leave_process_group()

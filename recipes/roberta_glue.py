@@ -60,6 +60,7 @@ from gsoft.training import (  # noqa: E402  (importing gsoft registers GSOFT wit
     communication_results,
     config_to_dict,
     count_parameters,
+    leave_process_group,
     load_checkpoint,
     parse_recipe_args,
     peak_memory_mb,
@@ -672,11 +673,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
         results = train(args)
     except ValueError as exc:  # configuration and data errors: one readable line, not a traceback
         raise SystemExit(f"roberta_glue: error: {exc}") from exc
-    if torch.distributed.is_initialized():
-        # leave together: a process exiting while the other still holds gloo's connections aborted once in CI
-        # ("terminate called without an active exception", SIGABRT after the final results were written)
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_process_group()
     return results
 
 

@@ -132,6 +132,15 @@ def reset_peak_memory(device: Union[torch.device, str]) -> None:
         pass
 
 
+def leave_process_group() -> None:
+    """End a multi-process run together: a process exiting while another still holds gloo's connections aborted once
+    in CI ("terminate called without an active exception", SIGABRT after the final results were written). A no-op
+    in a single process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def accelerator_kwargs(**kwargs: Any) -> dict[str, Any]:
     """Keyword arguments for ``Accelerator`` that make ``accelerate launch --multi_gpu --num_processes N`` on a
     machine without GPUs one N-process gloo job (MULTI_CPU) instead of N independent single-process runs writing the
