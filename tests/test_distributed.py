@@ -775,6 +775,22 @@ def test_bad_ratio(single_group, method, ratio):
         register_compression(ddp, method, compression_ratio=ratio)
 
 
+def test_ratio_default_and_unused_ratio_warned(single_group, caplog):
+    """Only topk/randk/gdsec select a fraction of coordinates: the default is 0.01 for them, and a ratio passed to a
+    method that sends everything is said to be unused instead of being silently ignored."""
+    ddp, _ = _ddp1()
+    assert register_compression(ddp, "randk").options["compression_ratio"] == 0.01
+    with caplog.at_level("WARNING", logger="gsoft.distributed"):
+        state = register_compression(_ddp1()[0], "int8", compression_ratio=0.05)
+    assert "compression_ratio" not in state.options
+    assert "compression_ratio=0.05 is not used by int8" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gsoft.distributed"):
+        register_compression(_ddp1()[0], "fp16")
+        register_compression(_ddp1()[0], "topk", compression_ratio=0.05)
+    assert "is not used" not in caplog.text
+
+
 def test_unknown_method_lists_choices(single_group):
     ddp, _ = _ddp1()
     with pytest.raises(ValueError) as info:

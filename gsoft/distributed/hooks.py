@@ -31,6 +31,9 @@ METHODS = ("none", "fp16", "bf16", "int8", "sign", "topk", "randk", "powersgd", 
 ERROR_FEEDBACKS = ("auto", "none", "ef", "ef21")
 SCHEDULES = ("fixed", "geometric")
 TARGETS = ("gradients", "updates")
+#: the methods that send a fraction (``compression_ratio``) of the coordinates, and that fraction's default
+RATIO_METHODS = ("topk", "randk", "gdsec")
+DEFAULT_RATIO = 0.01
 
 
 def resolve_error_feedback(method: str, error_feedback: str, compress: str = "gradients") -> str:
@@ -290,7 +293,7 @@ def register_compression(
     model: nn.Module,
     method: str = "topk",
     *,
-    compression_ratio: float = 0.01,
+    compression_ratio: Optional[float] = None,
     error_feedback: str = "auto",
     compress: Optional[str] = None,
     local_steps: int = 1,
@@ -308,7 +311,8 @@ def register_compression(
 
     - ``method``: ``none`` (fp32, counted), ``fp16``, ``bf16``, ``int8``, ``sign``, ``topk``, ``randk``,
       ``powersgd`` (torch's hook, ``powersgd_rank``, ``powersgd_start_iter``) or ``gdsec``.
-    - ``compression_ratio``: fraction of coordinates ``topk``/``randk``/``gdsec`` send, in (0, 1].
+    - ``compression_ratio``: fraction of coordinates ``topk``/``randk``/``gdsec`` send, in (0, 1]; default 0.01.
+      The other methods send every coordinate, so a ratio given to them is reported as unused (a warning).
     - ``error_feedback``: ``auto | none | ef | ef21`` (see :func:`resolve_error_feedback`).
     - ``compress``: ``gradients`` (the DDP hook compresses each gradient bucket; the default with one local step)
       or ``updates``: no gradient communication; each process applies its optimizer to its own gradient and the
@@ -342,8 +346,12 @@ def register_compression(
                          "(no bf16 all-reduce). Use fp16 or int8 on gloo (CPU), or bf16 with NCCL.")
     options: dict[str, Any] = {"compress": compress, "error_feedback": feedback_name, "local_steps": local_steps,
                                "seed": seed}
-    if method in ("topk", "randk", "gdsec"):
+    if method in RATIO_METHODS:
+        compression_ratio = DEFAULT_RATIO if compression_ratio is None else compression_ratio
         options["compression_ratio"] = compression_ratio
+    elif compression_ratio is not None:
+        logger.warning("compression_ratio=%s is not used by %s, which sends every coordinate (only %s select a "
+                       "fraction of them).", compression_ratio, method, ", ".join(RATIO_METHODS))
     if method == "gdsec":
         options.update(beta=beta, threshold=threshold)
     if method in ("int8", "sign"):

@@ -48,9 +48,10 @@ class CommunicationArgs:
                           "only (shared-seed indices); powersgd (torch's hook, --powersgd_rank); gdsec significant "
                           "components of the gradient difference. Ignored in a single process."},
     )
-    compression_ratio: float = field(
-        default=0.01,
-        metadata={"help": "Fraction of coordinates topk, randk and gdsec send, in (0, 1] (0.01: 1%)."},
+    compression_ratio: Optional[float] = field(
+        default=None,
+        metadata={"help": "Fraction of coordinates topk, randk and gdsec send, in (0, 1] (0.01: 1%); null = 0.01. "
+                          "The other methods send every coordinate and warn that it is unused."},
     )
     error_feedback: str = field(
         default="auto",
@@ -99,7 +100,7 @@ def check_communication_args(args: CommunicationArgs) -> None:
     if args.local_steps_schedule not in LOCAL_STEPS_SCHEDULES:
         raise ValueError(f"--local_steps_schedule {args.local_steps_schedule!r} is not one of "
                          f"{', '.join(LOCAL_STEPS_SCHEDULES)}.")
-    if not 0.0 < args.compression_ratio <= 1.0:
+    if args.compression_ratio is not None and not 0.0 < args.compression_ratio <= 1.0:
         raise ValueError(f"--compression_ratio must be in (0, 1] (the fraction of coordinates sent, e.g. 0.01), "
                          f"got {args.compression_ratio}.")
     for name in ("local_steps", "powersgd_rank"):
