@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -573,6 +572,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         communication_results,
         config_to_dict,
         count_parameters,
+        discard_new_output_dir_on_error,
         get_peft_model_checked,
         load_checkpoint,
         parse_recipe_args,
@@ -673,13 +673,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     components.update(unet=unet, text_encoder=text_encoder)
     # Several processes: every trained DDP model exchanges its gradients (or, with --compress updates, its parameter
     # deltas) through gsoft.distributed; the two models share the optimizer (see setup_communication).
-    try:
+    with discard_new_output_dir_on_error(output_dir, fresh, accelerator.is_main_process):  # e.g. bf16 on gloo
         comm = setup_communication(args, accelerator, dict(zip(("unet", "text_encoder"), trained)), optimizer,
                                    seed=args.seed)
-    except ValueError:  # e.g. bf16 on gloo: a corrected re-run must not meet "a different run" in output_dir
-        if fresh and accelerator.is_main_process:
-            shutil.rmtree(output_dir, ignore_errors=True)
-        raise
 
     # Fixed prompts: with a frozen text encoder their embeddings are computed once.
     prompts = [args.instance_prompt] * args.train_batch_size

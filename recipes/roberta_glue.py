@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ from gsoft.training import (  # noqa: E402  (importing gsoft registers GSOFT wit
     communication_results,
     config_to_dict,
     count_parameters,
+    discard_new_output_dir_on_error,
     leave_process_group,
     load_checkpoint,
     parse_recipe_args,
@@ -482,13 +482,9 @@ def train(args: GlueArgs) -> Optional[dict[str, Any]]:
         prepare_output_dir(out, run_config, overwrite=args.overwrite_output_dir,
                            resume=bool(args.resume_from_checkpoint), is_main_process=accelerator.is_main_process)
     resume_path = resolve_checkpoint(out, args.resume_from_checkpoint)
-    try:
+    # e.g. a block size that does not fit: the corrected re-run must not meet "a different run" in the directory
+    with discard_new_output_dir_on_error(out, fresh, accelerator.is_main_process):
         source, tokenizer, tokenized, model = build(args, accelerator, raw, spec, out)
-    except Exception:
-        # e.g. a block size that does not fit: fixing the option and re-running must not meet "a different run"
-        if fresh and accelerator.is_main_process:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
     trainable, total = count_parameters(model)
     logger.info("task %s (%d train examples), method %s: %s trainable of %s parameters", spec.name,
                 len(tokenized["train"]), args.method, f"{trainable:,}", f"{total:,}")
@@ -511,12 +507,8 @@ def train(args: GlueArgs) -> Optional[dict[str, Any]]:
         lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
     )
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    try:
+    with discard_new_output_dir_on_error(out, fresh, accelerator.is_main_process):  # e.g. bf16 on gloo
         comm = setup_communication(args, accelerator, model, optimizer, seed=args.seed)
-    except ValueError:
-        if fresh and accelerator.is_main_process:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
 
     def synchronize() -> None:
         """Local steps: average the replicas now, so evaluation and saving see one model (a no-op otherwise)."""

@@ -3,6 +3,7 @@ honest step timing and peak memory."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -12,7 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -163,6 +164,20 @@ def _comparable(config: dict[str, Any], volatile: Iterable[str]) -> dict[str, An
     skip = set(volatile)
     # Round-trip through JSON so tuples vs lists and paths vs strings compare equal.
     return json.loads(json.dumps({k: v for k, v in config.items() if k not in skip}, sort_keys=True, default=str))
+
+
+@contextlib.contextmanager
+def discard_new_output_dir_on_error(output_dir: Union[str, Path], new: bool,
+                                   is_main_process: bool = True) -> Iterator[None]:
+    """Remove ``output_dir`` when the block fails and the directory was created by this run (``new``): a refused
+    option (a block size that does not fit, bf16 on gloo) is fixed and the run started again, which must not meet
+    "a directory holding another run" from :func:`prepare_output_dir`."""
+    try:
+        yield
+    except Exception:
+        if new and is_main_process:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
 
 
 def prepare_output_dir(
