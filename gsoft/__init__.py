@@ -4,8 +4,9 @@
 ``PeftModel.from_pretrained`` and transformers' ``model.load_adapter`` work for GSOFT adapters.
 """
 
-from . import gs
-from .gs import gs_apply, is_dense, materialize, orthogonal_blocks
+from . import gs, plan
+from .gs import is_dense, materialize, orthogonal_blocks
+from .plan import gs_apply
 from .tuner import GSOFTConfig, GSOFTModel, GSOFTPeftType
 
 __version__ = "0.1.0"
@@ -15,6 +16,7 @@ __all__ = [
     "GSOFTModel",
     "GSOFTPeftType",
     "gs",
+    "plan",
     "gs_apply",
     "is_dense",
     "materialize",

@@ -20,12 +20,9 @@ Conventions (see README, "The math"):
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Literal, Union
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 OrthogonalMap = Literal["cayley", "cayley_neumann", "exp"]
 ORTHOGONAL_MAPS: tuple[str, ...] = ("cayley", "cayley_neumann", "exp")
@@ -216,73 +213,103 @@ def two_factor_groups(blocks: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ihpl,hlij->hpilj", second, first).reshape(groups, b * b, b * b)
 
 
-Backend = Literal["auto", "torch", "triton", "cuda"]
-BACKENDS: tuple[str, ...] = ("auto", "torch", "triton", "cuda")
-_AUTO_CHOICES_LOGGED: set[tuple[str, str]] = set()
+def grouped(n_factors: int, n_blocks: int, block_size: int) -> bool:
+    """Whether a GS matrix is applied through its dense two-factor groups (:func:`two_factor_groups`)."""
+    return n_factors == 2 and n_blocks % block_size == 0 and block_size <= GROUPED_MAX_BLOCK
 
 
-def resolve_backend(backend: str, x: torch.Tensor, blocks: torch.Tensor | None = None) -> str:
-    """The backend that multiplies ``x`` (``"torch"``, ``"triton"`` or ``"cuda"``), following :func:`gs_apply`'s
-    rules. An explicit fused backend that cannot run raises a ``RuntimeError`` saying why; nothing falls back."""
-    if backend == "torch":
-        return "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"Unknown GS backend {backend!r}; choose one of {BACKENDS}.")
-    if backend == "auto":
-        if x.device.type != "cuda":  # checked first: CPU users never import gsoft.kernels
-            choice, why = "torch", f"tensors on {x.device.type!r}"
-        else:
-            from .kernels.availability import unavailable_reason
-
-            reason = unavailable_reason("triton", x, blocks)
-            choice, why = ("torch", reason) if reason else ("triton", "CUDA tensors and Triton installed")
-        if (choice, x.device.type) not in _AUTO_CHOICES_LOGGED:
-            _AUTO_CHOICES_LOGGED.add((choice, x.device.type))
-            logger.info("GS backend 'auto' uses %r (%s).", choice, why)
-        return choice
-    from .kernels.availability import unavailable_reason
-
-    reason = unavailable_reason(backend, x, blocks)
-    if reason:
-        raise RuntimeError(f"GS backend {backend!r} cannot run: {reason}. Use backend='torch' or 'auto'.")
-    return backend
+def block_diagonal(blocks: torch.Tensor) -> torch.Tensor | None:
+    """The GS matrix as one block-diagonal matrix ``(k, c, c)`` when it is one (``n_factors = 1``: its blocks; two
+    grouped factors: their groups), else ``None``. One block-diagonal multiply is the cheapest way to apply it."""
+    m, r, b, _ = blocks.shape
+    if m == 1:
+        return blocks[0]
+    if grouped(m, r, b):
+        return two_factor_groups(blocks)
+    return None
 
 
-def gs_apply(
-    x: torch.Tensor, blocks: torch.Tensor, dim: int = -1, transpose: bool = False, backend: Backend = "torch"
-) -> torch.Tensor:
-    """Compute ``Q x`` (or ``Q^T x`` with ``transpose=True``) for every vector of ``x`` along ``dim``.
+def block_diag_rows(x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """``D x`` (``D^T x``) for every row of ``x`` ``(N, k c)``, ``D`` block-diagonal with blocks ``(k, c, c)``.
 
-    ``blocks`` has shape ``(n_factors, n_blocks, b, b)``. Works for any leading shape and never builds the dense
-    ``n x n`` matrix. This is the one dispatch point between backends:
+    One batched matmul over the blocks (rows viewed as ``(k, N, c)``), then one copy back to ``(N, k c)``.
+    """
+    rows, n = x.shape
+    k, c, _ = blocks.shape
+    h = torch.bmm(x.reshape(rows, k, c).transpose(0, 1), blocks if transpose else blocks.transpose(1, 2))
+    return h.transpose(0, 1).reshape(rows, n)
 
-    * ``"torch"`` (the default here, and the reference): each factor is a batched block multiply, each shuffle a
-      reshape/transpose; ``x`` and ``blocks`` must share a dtype.
-    * ``"triton"``: the fused kernels of :mod:`gsoft.kernels` (one pass over the activations for two factors with
-      ``b | r``, else one pass per factor with the shuffles folded in); ``x`` may be fp16/bf16/fp32/fp64 with fp32
-      blocks, accumulation is fp32 and the result has ``x``'s dtype. CUDA tensors, or CPU ones under
-      ``TRITON_INTERPRET=1``.
-    * ``"cuda"``: the optional CUDA extension (one-pass cases only), built on first use.
-    * ``"auto"``: ``"triton"`` for CUDA tensors when Triton is installed, ``"torch"`` otherwise (logged once).
+
+def block_diag_cols(w: torch.Tensor, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """``D w`` (``D^T w``) for a matrix ``w`` ``(k c, M)``: every column rotated, one batched matmul, no copy.
+
+    This is how a rotation of a layer's input folds into its weight: ``(W Q)^T = Q^T W^T``.
+    """
+    n, cols = w.shape
+    k, c, _ = blocks.shape
+    return torch.bmm(blocks.transpose(1, 2) if transpose else blocks, w.reshape(k, c, cols)).view(n, cols)
+
+
+def block_diag_grad(grad: torch.Tensor, x: torch.Tensor, k: int, transpose: bool = False) -> torch.Tensor:
+    """Gradient ``(k, c, c)`` of the blocks of ``y = D x`` (``D^T x``) over rows ``x``, ``grad = dL/dy`` ``(N, k c)``:
+    ``dD_h = sum_rows dy_h x_h^T`` (transposed for ``D^T``), one batched matmul."""
+    rows, n = x.shape
+    c = n // k
+    g = grad.reshape(rows, k, c).permute(1, 2, 0)
+    v = x.reshape(rows, k, c).transpose(0, 1)
+    if transpose:
+        return torch.bmm(v.transpose(1, 2), g.transpose(1, 2))
+    return torch.bmm(g, v)
+
+
+def block_diag_grad_split(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``sum_rows grad_h^T x_h`` for batches ``(k, N, c)`` of rows (the block gradient of :func:`block_diag_rows` in its
+    batched layout), ``(k, c, c)``.
+
+    With few blocks and many rows one batched matmul has too little parallel work for a GPU (k output tiles, each
+    a reduction over all N rows), so on CUDA the rows are split into chunks whose partial products are summed.
+    """
+    k, rows, c = grad.shape
+    chunks = _row_chunks(grad.device, k, rows)
+    if chunks == 1:
+        return torch.bmm(grad.transpose(1, 2), x)
+    n = rows // chunks
+    g = grad.view(k, chunks, n, c).permute(1, 0, 3, 2)  # (chunks, k, c, n)
+    return torch.matmul(g, x.view(k, chunks, n, c).transpose(0, 1)).sum(0)
+
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+def _row_chunks(device: torch.device, k: int, rows: int) -> int:
+    """Row chunks for :func:`block_diag_grad_split`: 1 off CUDA; on CUDA enough ``k x chunks`` products for about
+    two waves of the GPU's multiprocessors, chunks of at least 256 rows, a divisor of ``rows``."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    sms = _SM_COUNTS.get(index)
+    if sms is None:
+        sms = _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    target = min(rows // 256, -(-2 * sms // k))
+    for chunks in range(max(target, 1), 0, -1):
+        if rows % chunks == 0:
+            return chunks
+    return 1
+
+
+def gs_apply(x: torch.Tensor, blocks: torch.Tensor, dim: int = -1, transpose: bool = False) -> torch.Tensor:
+    """Compute ``Q x`` (or ``Q^T x`` with ``transpose=True``) for every vector of ``x`` along ``dim``: the reference.
+
+    ``blocks`` has shape ``(n_factors, n_blocks, b, b)``; ``x`` and ``blocks`` share a dtype. Works for any leading
+    shape and never builds the dense ``n x n`` matrix: each factor is a batched block multiply, each shuffle a
+    reshape/transpose (two factors with ``b | r`` and small ``b`` go through their dense groups,
+    :func:`two_factor_groups`). :func:`gsoft.plan.gs_apply` adds the fused backends on top of this.
     """
     m, r, b, b2 = blocks.shape
-    n = r * b
     if b != b2:
         raise ValueError(f"GS blocks must be square, got shape {tuple(blocks.shape)}.")
-    move = dim not in (-1, x.ndim - 1)
-    moved = x.movedim(dim, -1) if move else x
-    if moved.shape[-1] != n:
-        raise ValueError(
-            f"GS matrix of size {n} (n_blocks={r} x block_size={b}) cannot act on dimension {dim} of size "
-            f"{moved.shape[-1]} (input shape {tuple(x.shape)})."
-        )
-    h = moved.reshape(-1, n)
-    chosen = resolve_backend(backend, x, blocks)
-    if chosen != "torch":
-        from .kernels.ops import gs_multiply
-
-        h = gs_multiply(h, blocks, transpose, chosen)
-    elif m == 2 and b <= GROUPED_MAX_BLOCK and r % b == 0:
+    h, restore = as_rows(x, r * b, dim, f" (n_blocks={r} x block_size={b})")
+    if grouped(m, r, b):
         groups = two_factor_groups(blocks)
         h = block_diag_apply(h, groups.transpose(-1, -2) if transpose else groups)
     elif not transpose:
@@ -300,8 +327,25 @@ def gs_apply(
             h = block_diag_apply(h, blocks_t[i])
             if i > 0:
                 h = perfect_shuffle(h, b)
-    y = h.reshape(moved.shape)
-    return y.movedim(-1, dim) if move else y
+    return restore(h)
+
+
+def as_rows(x: torch.Tensor, n: int, dim: int = -1, what: str = ""):
+    """``x`` as rows ``(N, n)`` of its vectors along ``dim``, and the function that puts rows of that shape back into
+    ``x``'s layout. Raises if that dimension is not of size ``n``."""
+    move = dim not in (-1, x.ndim - 1)
+    moved = x.movedim(dim, -1) if move else x
+    if moved.shape[-1] != n:
+        raise ValueError(
+            f"GS matrix of size {n}{what} cannot act on dimension {dim} of size {moved.shape[-1]} "
+            f"(input shape {tuple(x.shape)})."
+        )
+
+    def restore(rows: torch.Tensor) -> torch.Tensor:
+        y = rows.reshape(moved.shape)
+        return y.movedim(-1, dim) if move else y
+
+    return moved.reshape(-1, n), restore
 
 
 def materialize(blocks: torch.Tensor) -> torch.Tensor:

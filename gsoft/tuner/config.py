@@ -7,7 +7,8 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
-from ..gs import BACKENDS, ORTHOGONAL_MAPS
+from ..gs import ORTHOGONAL_MAPS
+from ..plan import BACKENDS
 from .peft_type import GSOFTPeftType
 
 
