@@ -13,12 +13,18 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
 
-from .. import gs
+from .. import gs, plan
+from . import fused, rotations
 from .config import GSOFTConfig
 
 
 class GSOrthogonal(nn.Module):
-    """One orthogonal GS matrix (one side of one layer). Stores only the free skew entries of every block."""
+    """One orthogonal GS matrix (one side of one layer). Stores only the free skew entries of every block.
+
+    :meth:`rotation` is what layers use: the matrix in its :attr:`plan`'s layout, built with every other rotation of
+    the model in one batched computation and cached until a parameter changes (:mod:`gsoft.tuner.rotations`).
+    :meth:`blocks` builds this one alone (merging, ``torch.compile``).
+    """
 
     def __init__(
         self,
@@ -27,7 +33,7 @@ class GSOrthogonal(nn.Module):
         n_factors: int,
         orthogonal_map: gs.OrthogonalMap,
         neumann_terms: int,
-        backend: gs.Backend = "auto",
+        backend: plan.Backend = "auto",
     ) -> None:
         super().__init__()
         self.n = n
@@ -37,24 +43,47 @@ class GSOrthogonal(nn.Module):
         self.orthogonal_map = orthogonal_map
         self.neumann_terms = neumann_terms
         self.backend = backend
+        #: "blockdiag" when the matrix is one block-diagonal matrix (one factor, or two grouped factors; applied
+        #: with one batched matmul), "factors" otherwise (one pass per factor).
+        self.plan = "blockdiag" if n_factors == 1 or gs.grouped(n_factors, self.n_blocks, block_size) else "factors"
         self.skew = nn.Parameter(torch.zeros(n_factors, self.n_blocks, gs.n_skew_params(block_size)))
+        self._sides: dict[tuple, fused.Side] = {}
+        rotations.register(self)
 
     def blocks(self) -> torch.Tensor:
-        """Orthogonal blocks, shape ``(n_factors, n_blocks, b, b)``."""
+        """Orthogonal blocks, shape ``(n_factors, n_blocks, b, b)``, built from the current skew entries."""
         return gs.orthogonal_blocks(self.skew, self.block_size, self.orthogonal_map, self.neumann_terms)
 
-    def fused_for(self, x: torch.Tensor) -> bool:
-        """Whether ``x`` goes through a fused kernel, which takes activations in their own dtype (fp32 accumulation
-        inside); the torch path needs them in the blocks' dtype."""
-        return gs.resolve_backend(self.backend, x) != "torch"
+    def rotation(self) -> torch.Tensor:
+        """The matrix in the plan's layout: ``(k, c, c)`` blocks for "blockdiag", ``(m, r, b, b)`` for "factors"."""
+        if torch.compiler.is_compiling():  # traced per layer; the compiler fuses the build
+            blocks = self.blocks()
+            return gs.block_diagonal(blocks) if self.plan == "blockdiag" else blocks
+        return rotations.rotation(self)
+
+    def side(self, x: torch.Tensor) -> fused.Side:
+        """How this rotation multiplies activations like ``x``: resolved once per device and dtype."""
+        key = (x.device, x.dtype)
+        side = self._sides.get(key)
+        if side is None:
+            probe = torch.empty(0, device=x.device, dtype=x.dtype)
+            backend = plan.resolve_backend(self.backend, probe, self._probe_blocks())
+            side = self._sides[key] = fused.Side(self.plan, backend, self.orthogonal_map != "cayley_neumann")
+        return side
+
+    def _probe_blocks(self) -> torch.Tensor:
+        """An empty tensor of the blocks' shape for backend checks that look at the shape only."""
+        return torch.empty(self.n_factors, self.n_blocks, self.block_size, self.block_size, device="meta")
 
     def forward(self, x: torch.Tensor, dim: int = -1, transpose: bool = False) -> torch.Tensor:
-        return gs.gs_apply(x, self.blocks(), dim=dim, transpose=transpose, backend=self.backend)
+        """``Q x`` (``Q^T x``) along ``dim``, in ``x``'s dtype (differentiable)."""
+        rows, restore = gs.as_rows(x, self.n, dim)
+        return restore(fused.rotate_rows(rows, self.rotation(), self.side(x), transpose))
 
     def extra_repr(self) -> str:
         return (
             f"n={self.n}, block_size={self.block_size}, n_blocks={self.n_blocks}, n_factors={self.n_factors}, "
-            f"orthogonal_map={self.orthogonal_map!r}, backend={self.backend!r}"
+            f"orthogonal_map={self.orthogonal_map!r}, backend={self.backend!r}, plan={self.plan!r}"
         )
 
 
@@ -76,6 +105,9 @@ class GSOFTLayer(BaseTunerLayer):
         self.merged_adapters = []
         self.cast_input_dtype_enabled = True
         self.kwargs = kwargs
+        self._layer_name = kwargs.get("layer_name", "") or type(base_layer).__name__
+        self._specs: dict[tuple, fused.LinearSpec] = {}  # fused-op descriptions per (adapter, device, dtype)
+        self._cols_cache: Optional[tuple] = None  # (key, view of the base weight) for the fused op
         self.in_features, self.out_features = self._features(self.get_base_layer())
 
     # -- layer-type specifics ------------------------------------------------------------------------------------------
@@ -94,6 +126,7 @@ class GSOFTLayer(BaseTunerLayer):
         self, adapter_name: str, config: GSOFTConfig, inference_mode: bool = False, layer_name: str = "", **kwargs: Any
     ) -> None:
         where = f"layer '{layer_name}'" if layer_name else type(self.get_base_layer()).__name__
+        self._specs.clear()
         sides = {"in": self.in_features}
         if config.double:
             sides["out"] = self.out_features
@@ -205,12 +238,18 @@ class GSOFTLayer(BaseTunerLayer):
         shape[self.feature_dim] = -1
         return s.view(shape)
 
-    def _cast_for_rotation(self, x: torch.Tensor, rotation: GSOrthogonal) -> torch.Tensor:
-        """The torch path rotates in the adapter's dtype; fused kernels read fp16/bf16 activations as they are."""
-        return x if rotation.fused_for(x) else self._cast_input_dtype(x, rotation.skew.dtype)
+    def _rotate(self, x: torch.Tensor, rotation: GSOrthogonal) -> torch.Tensor:
+        """One rotation along the feature dim: the torch path rotates in the adapter's dtype, fused kernels read
+        fp16/bf16 activations as they are."""
+        if rotation.side(x).backend == "torch":
+            x = self._cast_input_dtype(x, rotation.skew.dtype)
+        return rotation(x, dim=self.feature_dim)
+
+    def _fused_spec(self, adapter: str, x: torch.Tensor) -> Optional[fused.LinearSpec]:
+        """The fused op's description of ``adapter`` on this layer, or None where the fused op does not apply."""
+        return None
 
     def _gsoft_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        previous_dtype = x.dtype
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -218,17 +257,43 @@ class GSOFTLayer(BaseTunerLayer):
         adapters = [a for a in self.active_adapters if a in self.gsoft_in and a not in self.merged_adapters]
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
+        if len(adapters) == 1 and not torch.compiler.is_compiling():
+            spec = self._fused_spec(adapters[0], x)
+            if spec is not None:
+                return self._fused_forward(adapters[0], x, spec)
+        return self._composed_forward(adapters, x)
+
+    def _fused_forward(self, adapter: str, x: torch.Tensor, spec: fused.LinearSpec) -> torch.Tensor:
         base = self.get_base_layer()
-        dim = self.feature_dim
+        rot_out = self.gsoft_out[adapter].rotation() if adapter in self.gsoft_out else None
+        scale = self.gsoft_scale[adapter] if adapter in self.gsoft_scale else None
+        rot_in = self.gsoft_in[adapter]
+        cols = self._weight_cols(base.weight, rot_in)
+        return fused.AdaptedLinear.apply(x, base.weight, cols, base.bias, scale, rot_in.rotation(), rot_out, spec)
+
+    def _weight_cols(self, weight: torch.Tensor, rotation: GSOrthogonal) -> torch.Tensor:
+        """``W^T`` as the fused op's weight rotation reads it (a view, cached while the weight keeps its storage)."""
+        key = (weight.data_ptr(), weight.dtype, weight.device, rotation.plan, rotation.n_blocks)
+        cached = self._cols_cache
+        if cached is None or cached[0] != key:
+            wt = weight if getattr(self, "fan_in_fan_out", False) else weight.t()
+            if rotation.plan == "blockdiag":
+                k = rotation.n_blocks if rotation.n_factors == 1 else rotation.n_blocks // rotation.block_size
+                wt = wt.view(k, wt.shape[0] // k, wt.shape[1])
+            cached = self._cols_cache = (key, wt)
+        return cached[1]
+
+    def _composed_forward(self, adapters: list[str], x: torch.Tensor) -> torch.Tensor:
+        """Several active adapters, ``torch.compile`` and conv layers: rotations composed with autograd."""
+        previous_dtype = x.dtype
+        base = self.get_base_layer()
         # Input side in reverse order, so that this forward equals merging the adapters in active order.
         for adapter in reversed(adapters):
-            rot_in = self.gsoft_in[adapter]
-            x = rot_in(self._cast_for_rotation(x, rot_in), dim=dim)
+            x = self._rotate(x, self.gsoft_in[adapter])
         y = self._base_forward_no_bias(self._cast_input_dtype(x, base.weight.dtype))
         for adapter in adapters:
             if adapter in self.gsoft_out:
-                rot_out = self.gsoft_out[adapter]
-                y = rot_out(self._cast_for_rotation(y, rot_out), dim=dim)
+                y = self._rotate(y, self.gsoft_out[adapter])
             if adapter in self.gsoft_scale:
                 y = y * self._scale_view(self.gsoft_scale[adapter], y.ndim)
         if base.bias is not None:
@@ -257,6 +322,15 @@ class Linear(nn.Module, GSOFTLayer):
 
     def _weight_out_in(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.T if self.fan_in_fan_out else weight
+
+    def _fused_spec(self, adapter: str, x: torch.Tensor) -> Optional[fused.LinearSpec]:
+        key = (adapter, x.device, x.dtype)
+        spec = self._specs.get(key)
+        if spec is None:
+            out = self.gsoft_out[adapter].side(x) if adapter in self.gsoft_out else None
+            spec = fused.LinearSpec(self.gsoft_in[adapter].side(x), out, self.fan_in_fan_out, self._layer_name)
+            self._specs[key] = spec
+        return spec
 
     def _base_forward_no_bias(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self._weight_out_in(self.get_base_layer().weight))
