@@ -1,14 +1,15 @@
 """Fused kernels of the GS multiply, shipped as ``gsoft.kernels`` (sources: the repository's top-level ``kernels/``).
 
 * ``triton_gs``: the Triton kernels (a block-diagonal pass with the perfect shuffles folded into its indexing, and
-  its block gradient), autotuned over a small tile space on first use;
+  its block gradient), with tiles picked by a heuristic per shape (``GSOFT_TRITON_AUTOTUNE=1``: timed instead);
 * ``gs_grouped.cu`` + ``cuda_ext``: the optional CUDA extension (one-pass multiply and its backward), compiled with
   ``torch.utils.cpp_extension.load`` the first time ``backend="cuda"`` runs;
 * ``ops``: the ``torch.ops.gsoft.gs_multiply`` custom op with autograd, ``torch.compile`` and checkpointing support;
-* ``schedule``: the passes of a GS matrix; ``availability``: why a backend cannot run here.
+* ``schedule``: the plans and passes of a GS matrix (pure shape rules); ``availability``: why a backend cannot run.
 
-:func:`gsoft.gs.gs_apply` is the only entry point: ``gs_apply(x, blocks, backend="auto" | "torch" | "triton" |
-"cuda")``. Nothing is imported, compiled or tuned at import time. This file must stay free of imports: from a
+Imports between these modules go one way (``ops`` -> ``triton_gs`` / ``cuda_ext`` -> ``availability`` ->
+``schedule``). :func:`gsoft.gs_apply` is the only entry point: ``gs_apply(x, blocks, backend="auto" | "torch" |
+"triton" | "cuda")``. Nothing is imported, compiled or tuned at import time. This file must stay free of imports: from a
 checkout's root the directory is also reachable as a top-level ``kernels`` module, which transformers imports while
 probing for the unrelated Hub ``kernels`` package.
 """

@@ -1,4 +1,5 @@
-"""Why a fused backend cannot run on given tensors (None when it can). Imports neither Triton nor the extension."""
+"""Why a fused backend cannot run on given tensors (None when it can). Imports neither Triton nor the extension, and
+from ``gsoft.kernels`` only the shape rules of :mod:`.schedule` (``cuda_ext`` imports this module)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import sys
 from typing import Optional
 
 import torch
+
+from .schedule import cuda_unsupported_reason
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -65,8 +68,6 @@ def cuda_unavailable_reason(x: torch.Tensor, blocks: Optional[torch.Tensor] = No
     if CUDA_HOME is None:
         return "no CUDA toolkit (nvcc) found to build the extension; set CUDA_HOME"
     if blocks is not None:
-        from .ops import cuda_unsupported_reason
-
         reason = cuda_unsupported_reason(blocks)
         if reason:
             return reason

@@ -2,8 +2,8 @@
 
 Built with ``torch.utils.cpp_extension.load`` the first time ``backend="cuda"`` runs (never at import; the build
 takes a minute and is cached by torch under ``~/.cache/torch_extensions``). It only runs passes without folded
-shuffles, so :func:`gsoft.kernels.ops.cuda_unsupported_reason` limits it to ``n_factors = 1``, or ``n_factors = 2``
-with ``b | r`` through the dense two-factor groups, with groups of at most 64.
+shuffles, so :func:`gsoft.kernels.schedule.cuda_unsupported_reason` limits it to ``n_factors = 1``, or
+``n_factors = 2`` with ``b | r`` through the dense two-factor groups, with groups of at most 64.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The fused GS multiply as PyTorch custom ops (``torch.ops.gsoft.*``) with autograd, for the Triton and CUDA backends.
 
-:func:`gs_multiply` is what :func:`gsoft.gs.gs_apply` calls for ``backend="triton" | "cuda"``. It picks the plan:
+:func:`gs_multiply` is what :func:`gsoft.gs_apply` calls for ``backend="triton" | "cuda"``. It picks the plan:
 
 * ``m = 2`` with ``b | r`` and ``b <= FUSED_MAX_BLOCK``: ``Q`` is block-diagonal with ``r / b`` dense ``b^2 x b^2``
   groups (:func:`gsoft.gs.two_factor_groups`). The groups are built in torch (tiny: ``n b^2`` entries), so torch's
@@ -20,41 +20,19 @@ of keeping them alive between forward and backward.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .. import gs
-from .schedule import Pass, pass_schedule
-
-#: Largest block size of the one-pass plan for two factors. Each activation costs ``2 b^2`` flops there against
-#: ``4 b`` for two passes: up to b = 16 the single pass stays memory-bound on a current GPU (fp16 tensor cores), so
-#: saving a read and a write wins; from b = 32 on the dense groups would make it compute-bound.
-FUSED_MAX_BLOCK = 16
-
-#: Largest group / block size the CUDA extension handles (its tiles keep a whole ``b^2 x b^2`` group in shared memory).
-CUDA_MAX_GROUP = 64
+from .schedule import (  # noqa: F401  (the plan rules are re-exported: ops.grouped_plan, ops.FUSED_MAX_BLOCK, ...)
+    CUDA_MAX_GROUP,
+    FUSED_MAX_BLOCK,
+    Pass,
+    cuda_unsupported_reason,
+    grouped_plan,
+    pass_schedule,
+)
 
 FUSED_BACKENDS = ("triton", "cuda")
-
-
-def grouped_plan(blocks: torch.Tensor) -> bool:
-    """Whether ``blocks`` (``(m, r, b, b)``) run as one pass over the dense two-factor groups."""
-    m, r, b, _ = blocks.shape
-    return m == 2 and r % b == 0 and b <= FUSED_MAX_BLOCK
-
-
-def cuda_unsupported_reason(blocks: torch.Tensor) -> Optional[str]:
-    """Why the CUDA extension cannot run these blocks (it only has the one-pass kernel), or None."""
-    m, r, b, _ = blocks.shape
-    size = b * b if grouped_plan(blocks) else b
-    if (m == 1 or grouped_plan(blocks)) and size <= CUDA_MAX_GROUP:
-        return None
-    return (
-        f"the CUDA extension only runs one block-diagonal pass with blocks of at most {CUDA_MAX_GROUP} (n_factors=1, "
-        f"or n_factors=2 with block_size | n_blocks and block_size^2 <= {CUDA_MAX_GROUP}); got n_factors={m}, "
-        f"n_blocks={r}, block_size={b}. Use backend='triton' or 'torch'."
-    )
 
 
 def gs_multiply(x: torch.Tensor, blocks: torch.Tensor, transpose: bool, backend: str) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The passes of a fused GS multiply (no Triton needed: the CUDA backend and the op layer share it).
+"""Plans and passes of a fused GS multiply: pure shape rules, shared by the op layer, the CUDA backend and the
+availability checks. Imports nothing from ``gsoft.kernels`` (nor torch, nor Triton), so any of them can import it.
 
 A pass computes ``y = S_b^out_pow · W · S_r^in_pow · x`` for every row (see :mod:`gsoft.kernels.triton_gs`):
 a block-diagonal multiply whose perfect shuffles are folded into the read and write indices,
@@ -7,7 +8,37 @@ a block-diagonal multiply whose perfect shuffles are folded into the read and wr
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Optional
+
+if TYPE_CHECKING:
+    import torch
+
+#: Largest block size of the one-pass plan for two factors. Each activation costs ``2 b^2`` flops there against
+#: ``4 b`` for two passes: up to b = 16 the single pass stays memory-bound on a current GPU (fp16 tensor cores), so
+#: saving a read and a write wins; from b = 32 on the dense groups would make it compute-bound.
+FUSED_MAX_BLOCK = 16
+
+#: Largest group / block size the CUDA extension handles (its tiles keep a whole ``b^2 x b^2`` group in shared memory).
+CUDA_MAX_GROUP = 64
+
+
+def grouped_plan(blocks: "torch.Tensor") -> bool:
+    """Whether ``blocks`` (``(m, r, b, b)``) run as one pass over the dense two-factor groups."""
+    m, r, b, _ = blocks.shape
+    return m == 2 and r % b == 0 and b <= FUSED_MAX_BLOCK
+
+
+def cuda_unsupported_reason(blocks: "torch.Tensor") -> Optional[str]:
+    """Why the CUDA extension cannot run these blocks (it only has the one-pass kernel), or None."""
+    m, r, b, _ = blocks.shape
+    size = b * b if grouped_plan(blocks) else b
+    if (m == 1 or grouped_plan(blocks)) and size <= CUDA_MAX_GROUP:
+        return None
+    return (
+        f"the CUDA extension only runs one block-diagonal pass with blocks of at most {CUDA_MAX_GROUP} (n_factors=1, "
+        f"or n_factors=2 with block_size | n_blocks and block_size^2 <= {CUDA_MAX_GROUP}); got n_factors={m}, "
+        f"n_blocks={r}, block_size={b}. Use backend='triton' or 'torch'."
+    )
 
 
 class Pass(NamedTuple):

@@ -6,6 +6,7 @@ Usage::
     python recipes/bench_kernels.py                  # defaults from configs/bench/kernels.yaml (GPU: the full grid)
     python recipes/bench_kernels.py --quick          # smoke test, a few seconds on a CPU
     python recipes/bench_kernels.py --hidden 4096 --tokens 16384 --dtypes bf16 --methods torch,triton
+    python recipes/bench_kernels.py --sweep          # GPU: time every Triton tile config at a few shapes (< 1 min)
 
 For every hidden size ``n``, token count ``T`` (rows of ``x``), activation dtype and mode (``fwd``: ``y = Q x``;
 ``fwd+bwd``: also the backward to ``x`` and to the parameters) it times each method (median of ``reps`` after
@@ -24,6 +25,16 @@ of ``recipes/bench_adapters.py`` because PEFT's ``fbd_cuda`` extension is broken
 orthogonal blocks: the Cayley transform is excluded everywhere.
 
 Outputs in ``--output_dir``: ``results.json``, ``tables.md`` and ``bench_kernels_<device>.png``.
+
+``--sweep`` (config ``sweep.enabled``) runs the tile sweep instead: for each shape of ``sweep.shapes`` (rows x hidden x
+block size ``c``, one block-diagonal pass with ``hidden / c`` blocks, as the two-factor GSOFT plan runs it) and dtype,
+it times the multiply and the block-gradient kernels with every config of their tile spaces
+(``gsoft.kernels.triton_gs.MULTIPLY_TILES`` / ``GRAD_TILES``, normalised per block size) and the heuristic's pick
+(``triton.testing.do_bench``, median; the weights in the dtype ``block_multiply`` would pass, plus the heuristic's
+pick with the other one), plus the public launchers (heuristic, dispatch and weight cast included) and a torch
+einsum of the same multiply. It prints one table (ms, GB/s of the ideal traffic: read x and write y, or read
+dy and x; % of ``sweep.peak_gbps``), marking the heuristic's pick (``H``) and the fastest config (``*``), and writes
+``sweep.json``. It needs a CUDA GPU; on a CPU it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -81,6 +92,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--plot", type=lambda s: s.lower() in ("1", "true", "yes"), help="save the PNG plot (true/false)")
     p.add_argument("--seed", type=int)
     p.add_argument("--output_dir")
+    p.add_argument("--sweep", action="store_true", help="time every Triton tile config instead (config `sweep`; GPU)")
     return p.parse_args(argv)
 
 
@@ -103,6 +115,9 @@ def load_settings(args: argparse.Namespace) -> dict[str, Any]:
         settings[key] = value
     settings["device"] = device
     settings["quick_mode"] = bool(args.quick)
+    settings["sweep"] = dict(settings.get("sweep") or {})
+    if args.sweep:
+        settings["sweep"]["enabled"] = True
     unknown = [d for d in settings["dtypes"] if d not in DTYPES] + [m for m in settings["methods"] if m not in NAMES]
     if unknown:
         raise SystemExit(f"Unknown dtype(s)/method(s) {unknown}; dtypes: {sorted(DTYPES)}, methods: {sorted(NAMES)}.")
@@ -123,13 +138,14 @@ def gs_blocks(n: int, settings: dict[str, Any], device: torch.device) -> torch.T
 def make_method(
     name: str, n: int, dtype: torch.dtype, settings: dict[str, Any], device: torch.device
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[torch.Tensor]]:
+    import gsoft
     from gsoft import gs
 
     if name in ("torch", "triton", "cuda"):
         blocks = gs_blocks(n, settings, device).requires_grad_()
         if name == "torch":  # the reference path needs one dtype; the fused kernels read fp32 blocks directly
-            return (lambda x: gs.gs_apply(x, blocks.to(x.dtype), backend="torch")), [blocks]
-        return (lambda x: gs.gs_apply(x, blocks, backend=name)), [blocks]
+            return (lambda x: gsoft.gs_apply(x, blocks.to(x.dtype), backend="torch")), [blocks]
+        return (lambda x: gsoft.gs_apply(x, blocks, backend=name)), [blocks]
     if name == "dense":
         q = gs.materialize(gs_blocks(n, settings, device)).to(dtype).requires_grad_()
         return (lambda x: x @ q.T), [q]
@@ -179,13 +195,10 @@ def unavailable(name: str, device: torch.device, settings: dict[str, Any], n: in
     if name in ("triton", "cuda") and device.type != "cuda":
         return "needs GPU"
     if name in ("triton", "cuda"):
-        from gsoft import gs
+        from gsoft.kernels.availability import unavailable_reason
 
-        x = torch.empty(1, n, device=device)
-        try:
-            gs.resolve_backend(name, x, gs_blocks(n, settings, device))
-        except RuntimeError as exc:
-            return str(exc).split(": ", 1)[-1][:80]
+        reason = unavailable_reason(name, torch.empty(1, n, device=device), gs_blocks(n, settings, device))
+        return reason[:80] if reason else None
     return None
 
 
@@ -306,6 +319,170 @@ def check_targets(result: dict[str, Any], settings: dict[str, Any]) -> str:
 
 
 # ======================================================================================================================
+# Tile sweep (--sweep): every Triton config at a few shapes, one short GPU run
+# ======================================================================================================================
+def sweep_cases(x: torch.Tensor, c: int, n_sms: int) -> tuple[list[tuple[str, str, Callable[[], object], Any]], dict]:
+    """``(kernel, label, fn, tiles)`` for every timed variant of one shape (the tile spaces normalised, with the
+    heuristic's pick, given the weights ``block_multiply`` would pass; the heuristic's pick with the other weight
+    dtype; the public launchers; torch), and the heuristic's picks ``{kernel: tiles}``."""
+    from gsoft.kernels import triton_gs as tg
+    from gsoft.kernels.schedule import Pass
+
+    rows, n = x.shape
+    nb = n // c
+    step = Pass(0, False, 0, 0)
+    blocks = torch.randn(1, nb, c, c, device=x.device) / c**0.5
+    mode = tg.dot_mode(x.dtype)
+    w = tg.pass_weights(blocks, step, x, mode)  # what block_multiply passes (cast to x's dtype for many rows)
+    y, grad = torch.empty_like(x), torch.randn_like(x)
+    pick_m = tg.multiply_config(rows, c, nb, x.dtype, n_sms)
+    pick_g = tg.grad_config(rows, c, nb, x.dtype, n_sms)
+    cases: list[tuple[str, str, Callable[[], object], Any]] = []
+    for tiles in tg.space(tg.MULTIPLY_TILES, c, pick_m):
+        cases.append(("multiply", tiles.label(), lambda t=tiles: tg.launch_multiply(t, x, w, y, step, 0, 0), tiles))
+    if mode == tg.DOT_HALF:  # the other choice of weight dtype, for PRECAST_MIN_ROWS
+        w_other = blocks[0].contiguous() if w.dtype == x.dtype else blocks[0].to(x.dtype).contiguous()
+        label = f"{pick_m.label()} W {str(w_other.dtype)[6:]}"
+        cases.append(("multiply", label, lambda: tg.launch_multiply(pick_m, x, w_other, y, step, 0, 0), "W dtype"))
+    cases.append(("multiply", "block_multiply()", lambda: tg.block_multiply(x, blocks, step, 0, 0), "launcher"))
+    w_torch = blocks[0].to(x.dtype)
+    cases.append(("multiply", "torch einsum", lambda: torch.einsum("nkj,kij->nki", x.view(rows, nb, c), w_torch),
+                  "torch"))  # fmt: skip
+    for tiles in tg.space(tg.GRAD_TILES, c, pick_g):
+        run = lambda t=tiles: tg.launch_grad(t, grad, x, nb, c, step, 0, 0, n_sms)  # noqa: E731
+        cases.append(("grad", tiles.label(), run, tiles))
+    cases.append(("grad", "block_grad()", lambda: tg.block_grad(grad, x, blocks, step, 0, 0), "launcher"))
+    return cases, {"multiply": pick_m, "grad": pick_g}
+
+
+def run_sweep(settings: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """Time the cases of :func:`sweep_cases` for every shape and dtype; None (after saying why) without a GPU."""
+    if settings["device"] != "cuda" or not torch.cuda.is_available():
+        print("The tile sweep times the Triton kernels on a CUDA GPU; none here, nothing to do "
+              "(run `python recipes/bench_kernels.py --sweep` on a GPU machine).")  # fmt: skip
+        return None
+    import triton.testing
+    from triton.runtime.errors import OutOfResources
+
+    from gsoft.kernels import triton_gs as tg
+
+    cfg = settings["sweep"]
+    device = torch.device("cuda")
+    n_sms = tg.sm_count(device)
+    peak = float(cfg.get("peak_gbps", 4800))
+    start = time.perf_counter()
+    warm_up_gpu()
+    rows_out = []
+    for rows, n, c in cfg["shapes"]:
+        for dtype_name in cfg["dtypes"]:
+            torch.manual_seed(settings["seed"])
+            x = torch.randn(rows, n, device=device, dtype=DTYPES[dtype_name])
+            cases, picks = sweep_cases(x, c, n_sms)
+            traffic = 2 * rows * n * x.element_size()  # multiply: read x, write y; grad: read dy and x
+            for kernel, label, fn, tiles in cases:
+                row = {"shape": f"{rows}x{n}x{c}", "rows": rows, "hidden": n, "c": c, "dtype": dtype_name,
+                       "kernel": kernel, "config": label, "heuristic": tiles == picks[kernel],
+                       "kind": tiles if isinstance(tiles, str) else "config"}  # fmt: skip
+                try:
+                    ms = triton.testing.do_bench(fn, warmup=cfg["warmup_ms"], rep=cfg["rep_ms"], return_mode="median")
+                    row.update(ms=ms, gbps=traffic / ms / 1e6, peak_fraction=traffic / ms / 1e6 / peak)
+                    if row["kind"] != "config" or row["heuristic"]:
+                        row["call_us"] = back_to_back_us(fn)
+                except OutOfResources as exc:
+                    row["error"] = f"out of resources: {exc}"[:80]
+                rows_out.append(row)
+            del x, cases
+    mark_best(rows_out)
+    seconds = time.perf_counter() - start
+    return {"device": device_label(device), "peak_gbps": peak, "seconds": seconds, "n_sms": n_sms, "rows": rows_out}
+
+
+def warm_up_gpu(seconds: float = 0.5) -> None:
+    """Matrix products for ``seconds``: an idle GPU runs at low clocks, which would slow the first configs timed."""
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize()
+
+
+def back_to_back_us(fn: Callable[[], object], calls: int = 200) -> float:
+    """Microseconds per call of ``calls`` back-to-back calls, one sync at the end: the host's launch cost where it
+    exceeds the kernel's time (small shapes), else the kernel's."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def mark_best(rows: list[dict[str, Any]]) -> None:
+    """Flag the fastest tile config per (shape, dtype, kernel) and the heuristic's slowdown against it."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["shape"], r["dtype"], r["kernel"]), []).append(r)
+    for group in groups.values():
+        timed = [r for r in group if r["kind"] == "config" and "ms" in r]
+        if not timed:
+            continue
+        best = min(timed, key=lambda r: r["ms"])
+        pick = next((r for r in timed if r["heuristic"]), None)
+        for r in group:
+            r["best"] = r is best
+            if pick is not None:
+                r["heuristic_vs_best"] = pick["ms"] / best["ms"]
+
+
+def sweep_table(report: dict[str, Any]) -> str:
+    lines = [
+        f"#### Triton tile sweep — {report['device']} ({report['n_sms']} SMs), {report['seconds']:.0f} s",
+        "",
+        f"do_bench median; GB/s = ideal traffic (multiply: read x + write y; grad: read dy + x) / time; % of "
+        f"{report['peak_gbps']:.0f} GB/s. H = the heuristic's pick, * = fastest tile config. µs/call: 200 calls "
+        "back to back, one sync (host launch cost when it exceeds the kernel time).",
+        "",
+        "| shape (rows x hidden x c) | dtype | kernel | config | ms | GB/s | % peak | | µs/call |",
+        "|---|---|---|---|---:|---:|---:|---|---:|",
+    ]
+    for r in report["rows"]:
+        mark = ("H" if r["heuristic"] else "") + ("*" if r.get("best") else "")
+        if "ms" not in r:
+            lines.append(f"| {r['shape']} | {r['dtype']} | {r['kernel']} | {r['config']} | {r['error']} | | | | |")
+            continue
+        call = f"{r['call_us']:.1f}" if "call_us" in r else ""
+        lines.append(f"| {r['shape']} | {r['dtype']} | {r['kernel']} | {r['config']} | {r['ms']:.4f} | "
+                     f"{r['gbps']:.0f} | {r['peak_fraction']:.0%} | {mark} | {call} |")  # fmt: skip
+    lines += ["", "Heuristic against the fastest config:"]
+    seen = set()
+    for r in report["rows"]:
+        key = (r["shape"], r["dtype"], r["kernel"])
+        if key in seen or "heuristic_vs_best" not in r:
+            continue
+        seen.add(key)
+        best = next(b for b in report["rows"] if (b["shape"], b["dtype"], b["kernel"]) == key and b.get("best"))
+        lines.append(f"- {key[0]} {key[1]} {key[2]}: heuristic {r['heuristic_vs_best']:.2f}x the best "
+                     f"({best['config']}, {best['ms']:.4f} ms)")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def sweep_main(settings: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    report = run_sweep(settings)
+    if report is None:
+        return {"sweep": None, "reason": "needs a CUDA GPU"}
+    table = sweep_table(report)
+    print(table)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "versions": versions(), "settings": settings["sweep"], "sweep": report}  # fmt: skip
+    (out_dir / "sweep.json").write_text(json.dumps(report, indent=1))
+    (out_dir / "sweep.md").write_text(table)
+    print(f"Wrote {out_dir / 'sweep.json'}, {out_dir / 'sweep.md'}")
+    return report
+
+
+# ======================================================================================================================
 # Reporting
 # ======================================================================================================================
 def markdown_table(result: dict[str, Any], settings: dict[str, Any]) -> str:
@@ -390,6 +567,8 @@ def _main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     out_dir = Path(settings["output_dir"])
     if not out_dir.is_absolute():
         out_dir = REPO_ROOT / out_dir
+    if settings["sweep"].get("enabled"):
+        return sweep_main(settings, out_dir)
     print(f"bench_kernels on {settings['device']}: hidden {settings['hidden']}, tokens {settings['tokens']}, "
           f"{settings['dtypes']}, {settings['modes']}")  # fmt: skip
     result = run(settings)
@@ -400,7 +579,7 @@ def _main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     (out_dir / "tables.md").write_text(table)
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "settings": {k: v for k, v in settings.items() if k not in ("device_overrides", "quick")},
+        "settings": {k: v for k, v in settings.items() if k not in ("device_overrides", "quick", "sweep")},
         "versions": versions(),
         "result": result,
     }
