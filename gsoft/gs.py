@@ -282,9 +282,10 @@ _SM_COUNTS: dict[int, int] = {}
 
 
 def _row_chunks(device: torch.device, k: int, rows: int) -> int:
-    """Row chunks for :func:`block_diag_grad_split`: 1 off CUDA; on CUDA enough ``k x chunks`` products for about
-    two waves of the GPU's multiprocessors, chunks of at least 256 rows, a divisor of ``rows``."""
-    if device.type != "cuda":
+    """Row chunks for :func:`block_diag_grad_split`: 1 off CUDA and for a single block (one GEMM, which cuBLAS splits
+    itself); on CUDA enough ``k x chunks`` products for about two waves of the GPU's multiprocessors, chunks of at
+    least 256 rows, a divisor of ``rows``."""
+    if device.type != "cuda" or k == 1:
         return 1
     index = device.index if device.index is not None else torch.cuda.current_device()
     sms = _SM_COUNTS.get(index)
@@ -354,6 +355,27 @@ def materialize(blocks: torch.Tensor) -> torch.Tensor:
     eye = torch.eye(r * b, dtype=blocks.dtype, device=blocks.device)
     # Rows of the identity through Q^T give the rows of Q.
     return gs_apply(eye, blocks, transpose=True)
+
+
+def materialize_batched(blocks: torch.Tensor) -> torch.Tensor:
+    """The dense matrices ``Q`` ``(L, n, n)`` of ``L`` GS matrices of one shape, blocks ``(L, m, r, b, b)``:
+    :func:`materialize` for many at once (a handful of batched ops whatever ``L``)."""
+    count, m, r, b, _ = blocks.shape
+    n = r * b
+
+    def shuffle(h: torch.Tensor, k: int) -> torch.Tensor:
+        return h.view(count, n, k, n // k).transpose(-1, -2).reshape(count, n, n)
+
+    # rows of the identity through Q^T are the rows of Q (the transposed branch of gs_apply, batched)
+    h = torch.eye(n, dtype=blocks.dtype, device=blocks.device).expand(count, n, n)
+    blocks_t = blocks.transpose(-1, -2)
+    for _ in range(m - 1):
+        h = shuffle(h, r)
+    for i in reversed(range(m)):
+        h = torch.einsum("lnkj,lkij->lnki", h.reshape(count, n, r, b), blocks_t[:, i]).reshape(count, n, n)
+        if i > 0:
+            h = shuffle(h, b)
+    return h
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -32,6 +32,37 @@ BACKENDS: tuple[str, ...] = ("auto", "torch", "triton", "cuda")
 #: (docs/benchmarks.md). An explicit ``backend="triton"`` still selects the fused kernels.
 AUTO_RULE: dict[str, str] = {"cpu": "torch", "cuda": "torch"}
 
+#: Largest block size whose two factors run as their dense groups (``b^2`` wide, :func:`gsoft.gs.two_factor_groups`),
+#: per device type: on a CPU the groups' ``b^2`` multiply-adds per feature stop paying off above b = 8; a GPU runs the
+#: batched GEMM of 256-wide groups at about 80 % of its memory bandwidth (H200, cuBLAS).
+GROUPED_MAX_BLOCK: dict[str, int] = {"cpu": gs.GROUPED_MAX_BLOCK, "cuda": 16}
+#: Largest dimension whose GS matrix runs as one dense ``n x n`` block on each device type when it is not grouped.
+#: On a GPU one GEMM of ``n`` multiply-adds per feature beats the factored form's ``2m`` passes of small block
+#: multiplies with shuffles in between (each a kernel over the whole activation); on a CPU the arithmetic counts.
+DENSE_MAX: dict[str, int] = {"cpu": 0, "cuda": 2048}
+FORMS: tuple[str, ...] = ("blocks", "groups", "dense", "factors")
+
+
+def matrix_form(n_factors: int, n_blocks: int, block_size: int, device_type: str) -> str:
+    """How a GS matrix with these sizes is built and applied on a device type:
+
+    * ``"blocks"``: one factor, its ``(r, b, b)`` blocks (one block-diagonal multiply);
+    * ``"groups"``: two factors with ``b | r`` as their dense groups ``(r / b, b^2, b^2)`` (one block-diagonal multiply);
+    * ``"dense"``: the whole matrix as one ``(1, n, n)`` block (one GEMM);
+    * ``"factors"``: the blocks ``(m, r, b, b)``, one pass per factor.
+
+    The first three are block-diagonal (plan "blockdiag" of the layers); see :data:`GROUPED_MAX_BLOCK` and
+    :data:`DENSE_MAX` for the device rules.
+    """
+    if n_factors == 1:
+        return "blocks"
+    if n_factors == 2 and n_blocks % block_size == 0 and block_size <= GROUPED_MAX_BLOCK.get(device_type, 8):
+        return "groups"
+    if n_blocks * block_size <= DENSE_MAX.get(device_type, 0):
+        return "dense"
+    return "factors"
+
+
 _AUTO_CHOICES_LOGGED: set[tuple[str, str]] = set()
 
 

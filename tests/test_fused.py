@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import gsoft
-from gsoft import gs
+from gsoft import gs, plan
 from gsoft.tuner import GSOFTLayer, rotations
 from gsoft.tuner.layer import Linear
 
@@ -91,6 +91,14 @@ def fused(model, x):
 
 # block_size 4: 24 = 6 blocks (4 does not divide 6: "factors"), 48 = 12 (grouped), 36 = 9 (factors)
 # block_size 3: 24 = 8, 48 = 16, 36 = 12 blocks, 3 | 12 only (mixed plans in one group)
+@pytest.fixture(params=["cpu-rules", "dense"])
+def forms(request, monkeypatch) -> str:
+    """Every test with this fixture runs with the CPU's forms and with every non-grouped matrix dense (the GPU's)."""
+    if request.param == "dense":
+        monkeypatch.setitem(plan.DENSE_MAX, "cpu", 10**6)
+    return request.param
+
+
 CONFIGS = [
     pytest.param({"block_size": 4}, id="b4-m2"),
     pytest.param({"block_size": 4, "double": True}, id="b4-double"),
@@ -105,7 +113,7 @@ CONFIGS = [
 
 @pytest.mark.parametrize("rows", [40, 3], ids=["weight-path", "activation-path"])
 @pytest.mark.parametrize("config", CONFIGS)
-def test_fused_matches_dense_reference(config: dict, rows: int) -> None:
+def test_fused_matches_dense_reference(config: dict, rows: int, forms: str) -> None:
     model = make(config)
     x = torch.randn(rows, 24, dtype=torch.float64)
     reference = grads_of(model, x, dense_forward)
@@ -163,7 +171,7 @@ def test_gradient_accumulation_and_two_forwards_one_backward() -> None:
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
-def test_checkpointing_reuses_the_build(reentrant: bool) -> None:
+def test_checkpointing_reuses_the_build(reentrant: bool, forms: str) -> None:
     model = make({"block_size": 4, "double": True})
     x = torch.randn(40, 24, dtype=torch.float64, requires_grad=True)
     stack = model.base_model.model
@@ -179,7 +187,7 @@ def test_checkpointing_reuses_the_build(reentrant: bool) -> None:
     assert_grads_close(grads_of(model, x, checkpointed), grads_of(model, x, dense_forward), atol=1e-10, rtol=1e-9)
 
 
-def test_cache_follows_every_kind_of_parameter_change() -> None:
+def test_cache_follows_every_kind_of_parameter_change(forms: str) -> None:
     model = make({"block_size": 4, "double": True})
     x = torch.randn(40, 24, dtype=torch.float64)
 
@@ -304,11 +312,26 @@ def test_conv1d_fan_in_fan_out_layers_use_the_fused_op() -> None:
     torch.testing.assert_close(gx, ex, atol=1e-10, rtol=1e-9)
 
 
-def test_batched_build_matches_each_rotation_alone() -> None:
+@pytest.mark.parametrize("dense_max", [0, 10**6], ids=["cpu-rules", "dense"])
+def test_batched_build_matches_each_rotation_alone(monkeypatch, dense_max: int) -> None:
+    monkeypatch.setitem(plan.DENSE_MAX, "cpu", dense_max)
     model = make({"block_size": 3, "double": True, "orthogonal_map": "exp"})
+    forms = set()
     for layer in layers(model):
         for side in (layer.gsoft_in, layer.gsoft_out):
             rotation = side["default"]
-            blocks = rotation.blocks()
-            alone = gs.block_diagonal(blocks) if rotation.plan == "blockdiag" else blocks
+            form = rotation.form("cpu")
+            forms.add(form)
+            alone = rotations.in_form(rotation.blocks(), form)
             torch.testing.assert_close(rotation.rotation(), alone, atol=1e-12, rtol=1e-12)
+    assert forms == ({"groups", "dense"} if dense_max else {"groups", "factors"})
+
+
+def test_matrix_form_rules(monkeypatch) -> None:
+    assert plan.matrix_form(1, 12, 4, "cpu") == "blocks"
+    assert plan.matrix_form(2, 96, 8, "cpu") == "groups"  # RoBERTa-base, b = 8
+    assert plan.matrix_form(2, 48, 16, "cpu") == "factors"  # b = 16: groups of 256 only on a GPU
+    assert plan.matrix_form(2, 48, 16, "cuda") == "groups"
+    assert plan.matrix_form(2, 32, 10, "cpu") == "factors"  # SD UNet, 32 blocks of 10: b does not divide r
+    assert plan.matrix_form(2, 32, 10, "cuda") == "dense"
+    assert plan.matrix_form(2, 128, 32, "cuda") == "factors"  # n = 4096: too wide for one dense block

@@ -67,13 +67,14 @@ def rotate_cols(w: torch.Tensor, rot: torch.Tensor, side: Side, transpose: bool 
 
 
 def rows_grad(grad: torch.Tensor, x: torch.Tensor, rot: torch.Tensor, side: Side) -> torch.Tensor:
-    """Gradient of the blockdiag rotation of ``y = Q x`` (rows), given ``grad = dL/dy``; float32."""
+    """Gradient of the blockdiag rotation of ``y = Q x`` (rows), given ``grad = dL/dy`` (the torch path in the
+    rows' dtype, the fused kernels in float32)."""
     k = rot.shape[0]
     if side.backend == "torch":
-        return gs.block_diag_grad(grad, x, k).to(rot.dtype)
+        return gs.block_diag_grad(grad, x, k)
     from ..kernels.schedule import Pass
 
-    return _kernels(side.backend).block_grad(grad, x, rot.unsqueeze(0), Pass(0, False, 0, 0), 1, 1).to(rot.dtype)
+    return _kernels(side.backend).block_grad(grad, x, rot.unsqueeze(0), Pass(0, False, 0, 0), 1, 1)
 
 
 def _kernels(backend: str):
@@ -177,18 +178,25 @@ class AdaptedLinear(torch.autograd.Function):
     def forward(ctx, x, weight, weight_cols, bias, scale, rot_in, rot_out, spec: LinearSpec):
         cdtype, out_dtype = compute_dtypes(x, weight)
         out_features = weight_cols.shape[-1]
+        # every operand in the GEMM dtype, once (no-ops without autocast); the backward reuses these casts
         x2 = _cast(x.reshape(-1, x.shape[-1]), cdtype)
         weight_c = _cast(weight, cdtype)
         cols = weight_cols if weight_c is weight else _cast(weight_cols, cdtype)
+        # the fused kernels read float32 blocks with any activations; the torch path multiplies in one dtype
+        rot_c = _cast(rot_in, cdtype) if spec.in_side.backend == "torch" else rot_in
+        rot_out_c = rot_out if rot_out is None or spec.out_side.backend != "torch" else _cast(rot_out, cdtype)
+        scale_c = None if scale is None else _cast(scale, cdtype)
+        bias_c = None if bias is None else _cast(bias, cdtype)
         if x2.shape[0] >= out_features:
-            w_t = adapted_weight_t(weight_c, cols, rot_in, rot_out, scale, spec)
-            y2 = torch.mm(x2, w_t) if bias is None else torch.addmm(_cast(bias, cdtype), x2, w_t)
+            w_t = adapted_weight_t(weight_c, cols, rot_c, rot_out_c, scale_c, spec)
+            y2 = torch.mm(x2, w_t) if bias is None else torch.addmm(bias_c, x2, w_t)
         else:
-            y2 = _activation_forward(x2, weight_c, bias, scale, rot_in, rot_out, spec)
+            y2 = _activation_forward(x2, weight_c, bias_c, scale_c, rot_c, rot_out_c, spec)
         y = _cast(_UNSAFE_VIEW(y2, (*x.shape[:-1], out_features)), out_dtype)
         ctx.spec, ctx.cdtype, ctx.x_meta = spec, cdtype, (x.shape, x.dtype)
+        ctx.param_dtypes = (rot_in.dtype, None if rot_out is None else rot_out.dtype, None if bias is None else bias.dtype)
         needs_y = scale is not None and ctx.needs_input_grad[4] or rot_out is not None
-        ctx.save_for_backward(x2, weight_c, bias, scale, rot_in, rot_out, y if needs_y else None)
+        ctx.save_for_backward(x2, weight_c, bias_c, scale, scale_c, rot_c, rot_out_c, y if needs_y else None)
         return y
 
     @staticmethod
@@ -206,49 +214,47 @@ class AdaptedLinear(torch.autograd.Function):
         return _backward(ctx, grad, *saved)
 
 
-def _backward(ctx, grad, x2, weight, bias, scale, rot_in, rot_out, y):
-    """The gradients of :class:`AdaptedLinear` from its input rows ``x2`` and output ``y`` (see the module doc)."""
+def _backward(ctx, grad, x2, weight, bias, scale, scale_c, rot_in, rot_out, y):
+    """The gradients of :class:`AdaptedLinear` from its input rows ``x2`` and output ``y`` (see the module doc); every
+    saved operand is already in the GEMM dtype, except ``scale`` (the parameter, for its own gradient)."""
     spec: LinearSpec = ctx.spec
     cdtype = ctx.cdtype
+    in_dtype, out_dtype, bias_dtype = ctx.param_dtypes
     need_x, _, _, need_bias, need_scale, need_in, need_out, _ = ctx.needs_input_grad
     rows = x2.shape[0]
     g2 = grad.reshape(rows, grad.shape[-1])
     if g2.dtype != cdtype:
         g2 = g2.to(cdtype)
     grad_scale = grad_bias = grad_out = grad_x = grad_in = None
-    if scale is None:
-        w = g2
-    else:
-        w = g2 * (scale if scale.dtype == cdtype else scale.to(cdtype))
+    w = g2 if scale is None else g2 * scale_c
     acc = torch.float64 if cdtype == torch.float64 else torch.float32  # sums over rows in at least float32
     if need_scale or rot_out is not None:
-        z = y if bias is None else y - (bias if bias.dtype == y.dtype else bias.to(y.dtype))  # s * (Q_out W Q_in x)
+        z = y if bias is None else y - _cast(bias, y.dtype)  # s * (Q_out W Q_in x)
         if need_scale:
             grad_scale = (grad * z).sum(tuple(range(grad.ndim - 1)), dtype=acc).div_(scale)
             if grad_scale.dtype != scale.dtype:
                 grad_scale = grad_scale.to(scale.dtype)
     if need_bias:
-        grad_bias = g2.sum(0, dtype=acc).to(bias.dtype)
+        grad_bias = g2.sum(0, dtype=acc).to(bias_dtype)
     if rot_out is not None:
-        w, grad_out = _output_rotation_backward(w, z, scale, rot_out, spec.out_side, cdtype, rows, need_out)
+        w, grad_out = _output_rotation_backward(w, z, scale_c, rot_out, spec.out_side, cdtype, rows, need_out)
+        if grad_out is not None:
+            grad_out = _cast(grad_out, out_dtype)
     v = torch.mm(w, weight.t() if spec.fan_in_fan_out else weight)  # dL/d(Q_in x)
     side = spec.in_side
     if side.plan == "factors":
         grad_x, grad_in = _factors_vjp(x2, rot_in, v, side, need_x)
-        if not need_in:
-            grad_in = None
+        grad_in = _cast(grad_in, in_dtype) if need_in else None
     elif side.backend != "torch":
-        grad_in = rows_grad(v, x2, rot_in, side) if need_in else None
+        grad_in = _cast(rows_grad(v, x2, rot_in, side), in_dtype) if need_in else None
         grad_x = rotate_rows(v, rot_in, side, transpose=True) if need_x else None
     else:  # blockdiag with torch: both products from one view of v
         k, c, _ = rot_in.shape
         vk = v.view(rows, k, c).transpose(0, 1)  # (k, N, c)
         if need_in:
-            grad_in = gs.block_diag_grad_split(vk, x2.view(rows, k, c).transpose(0, 1))
-            if grad_in.dtype != rot_in.dtype:
-                grad_in = grad_in.to(rot_in.dtype)
+            grad_in = _cast(gs.block_diag_grad_split(vk, x2.view(rows, k, c).transpose(0, 1)), in_dtype)
         if need_x:
-            grad_x = torch.bmm(vk, rot_in if rot_in.dtype == cdtype else rot_in.to(cdtype)).transpose(0, 1)
+            grad_x = torch.bmm(vk, rot_in).transpose(0, 1)
     if grad_x is not None:
         x_shape, x_dtype = ctx.x_meta
         grad_x = grad_x.reshape(x_shape)

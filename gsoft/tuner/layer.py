@@ -21,7 +21,7 @@ from .config import GSOFTConfig
 class GSOrthogonal(nn.Module):
     """One orthogonal GS matrix (one side of one layer). Stores only the free skew entries of every block.
 
-    :meth:`rotation` is what layers use: the matrix in its :attr:`plan`'s layout, built with every other rotation of
+    :meth:`rotation` is what layers use: the matrix in its :meth:`form`'s layout, built with every other rotation of
     the model in one batched computation and cached until a parameter changes (:mod:`gsoft.tuner.rotations`).
     :meth:`blocks` builds this one alone (merging, ``torch.compile``).
     """
@@ -43,22 +43,23 @@ class GSOrthogonal(nn.Module):
         self.orthogonal_map = orthogonal_map
         self.neumann_terms = neumann_terms
         self.backend = backend
-        #: "blockdiag" when the matrix is one block-diagonal matrix (one factor, or two grouped factors; applied
-        #: with one batched matmul), "factors" otherwise (one pass per factor).
-        self.plan = "blockdiag" if n_factors == 1 or gs.grouped(n_factors, self.n_blocks, block_size) else "factors"
         self.skew = nn.Parameter(torch.zeros(n_factors, self.n_blocks, gs.n_skew_params(block_size)))
         self._sides: dict[tuple, fused.Side] = {}
         rotations.register(self)
+
+    def form(self, device_type: str) -> str:
+        """How the matrix is built and applied on this device type (:func:`gsoft.plan.matrix_form`)."""
+        return plan.matrix_form(self.n_factors, self.n_blocks, self.block_size, device_type)
 
     def blocks(self) -> torch.Tensor:
         """Orthogonal blocks, shape ``(n_factors, n_blocks, b, b)``, built from the current skew entries."""
         return gs.orthogonal_blocks(self.skew, self.block_size, self.orthogonal_map, self.neumann_terms)
 
     def rotation(self) -> torch.Tensor:
-        """The matrix in the plan's layout: ``(k, c, c)`` blocks for "blockdiag", ``(m, r, b, b)`` for "factors"."""
+        """The matrix in its form's layout: block-diagonal blocks ``(k, c, c)`` ("blocks", "groups", "dense"),
+        or the factors' blocks ``(m, r, b, b)`` ("factors")."""
         if torch.compiler.is_compiling():  # traced per layer; the compiler fuses the build
-            blocks = self.blocks()
-            return gs.block_diagonal(blocks) if self.plan == "blockdiag" else blocks
+            return rotations.in_form(self.blocks(), self.form(self.skew.device.type))
         return rotations.rotation(self)
 
     def side(self, x: torch.Tensor) -> fused.Side:
@@ -68,8 +69,15 @@ class GSOrthogonal(nn.Module):
         if side is None:
             probe = torch.empty(0, device=x.device, dtype=x.dtype)
             backend = plan.resolve_backend(self.backend, probe, self._probe_blocks())
-            side = self._sides[key] = fused.Side(self.plan, backend, self.orthogonal_map != "cayley_neumann")
+            form = self.form(x.device.type)
+            layout = "factors" if form == "factors" else "blockdiag"
+            side = self._sides[key] = fused.Side(layout, backend, self.orthogonal_map != "cayley_neumann")
         return side
+
+    def diagonal_blocks(self, device_type: str) -> int:
+        """Number ``k`` of diagonal blocks of the block-diagonal forms (1 for "dense")."""
+        form = self.form(device_type)
+        return {"blocks": self.n_blocks, "groups": self.n_blocks // self.block_size, "dense": 1}[form]
 
     def _probe_blocks(self) -> torch.Tensor:
         """An empty tensor of the blocks' shape for backend checks that look at the shape only."""
@@ -83,7 +91,7 @@ class GSOrthogonal(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"n={self.n}, block_size={self.block_size}, n_blocks={self.n_blocks}, n_factors={self.n_factors}, "
-            f"orthogonal_map={self.orthogonal_map!r}, backend={self.backend!r}, plan={self.plan!r}"
+            f"orthogonal_map={self.orthogonal_map!r}, backend={self.backend!r}"
         )
 
 
@@ -273,12 +281,12 @@ class GSOFTLayer(BaseTunerLayer):
 
     def _weight_cols(self, weight: torch.Tensor, rotation: GSOrthogonal) -> torch.Tensor:
         """``W^T`` as the fused op's weight rotation reads it (a view, cached while the weight keeps its storage)."""
-        key = (weight.data_ptr(), weight.dtype, weight.device, rotation.plan, rotation.n_blocks)
+        key = (weight.data_ptr(), weight.dtype, weight.device, rotation.n_blocks, rotation.block_size)
         cached = self._cols_cache
         if cached is None or cached[0] != key:
             wt = weight if getattr(self, "fan_in_fan_out", False) else weight.t()
-            if rotation.plan == "blockdiag":
-                k = rotation.n_blocks if rotation.n_factors == 1 else rotation.n_blocks // rotation.block_size
+            if rotation.form(weight.device.type) != "factors":
+                k = rotation.diagonal_blocks(weight.device.type)
                 wt = wt.view(k, wt.shape[0] // k, wt.shape[1])
             cached = self._cols_cache = (key, wt)
         return cached[1]

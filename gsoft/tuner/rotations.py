@@ -18,8 +18,9 @@ run through it any number of times: several forwards before one backward, gradie
 backwards, reentrant and non-reentrant checkpointing all reuse it until the parameters change. Its backward
 rebuilds the batched rotations under autograd and returns every skew's gradient from one batched VJP.
 
-Each rotation comes in its plan's layout (:attr:`GSOrthogonal.plan`): ``"blockdiag"`` ``(k, c, c)`` when the GS
-matrix is one block-diagonal matrix (one factor, or two grouped factors), ``"factors"`` ``(m, r, b, b)`` otherwise.
+Each rotation comes in the layout of its form on its device (:func:`gsoft.plan.matrix_form`): block-diagonal blocks
+``(k, c, c)`` for "blocks" (one factor), "groups" (two grouped factors) and "dense" (``k = 1``), the factors' blocks
+``(m, r, b, b)`` for "factors".
 """
 
 from __future__ import annotations
@@ -197,18 +198,18 @@ class _Layout:
 
     Every member has ``n_factors`` factors of ``n_blocks`` blocks; their skew entries ``(m, r, p)`` are concatenated
     along the block axis into ``(m, R, p)`` (``R = sum r``) and mapped to orthogonal blocks ``(m, R, b, b)`` in one
-    batched call. Two grouped factors then become dense groups ``(r / b, b^2, b^2)`` per member
-    (:func:`gsoft.gs.two_factor_groups`, batched with one gather that puts both factors' blocks group-major), one
-    factor is its blocks ``(r, b, b)``, anything else the blocks ``(m, r, b, b)``.
+    batched call. Then each member takes its form (:func:`in_form`): "groups" become dense groups ``(r / b, b^2, b^2)``
+    (:func:`gsoft.gs.two_factor_groups`; for a group of only "groups" members batched with one gather that puts both
+    factors' blocks group-major, with a hand-written backward), "blocks" its ``(r, b, b)`` blocks, "dense" one
+    ``(1, n, n)`` matrix (batched per shape), "factors" the blocks ``(m, r, b, b)``.
     """
 
     def __init__(self, block_size: int, n_factors: int, orthogonal_map: str, neumann_terms: int,
-                 n_blocks: tuple[int, ...], plans: tuple[str, ...], device: torch.device) -> None:  # fmt: skip
+                 n_blocks: tuple[int, ...], forms: tuple[str, ...], device: torch.device) -> None:  # fmt: skip
         b, m = block_size, n_factors
-        self.block_size, self.n_factors, self.n_blocks, self.plans = b, m, n_blocks, plans
+        self.block_size, self.n_factors, self.n_blocks, self.forms = b, m, n_blocks, forms
         self.orthogonal_map, self.neumann_terms = orthogonal_map, neumann_terms
-        self.grouped = [m == 2 and plan == "blockdiag" for plan in plans]
-        self.all_grouped = all(self.grouped)
+        self.all_grouped = all(form == "groups" for form in forms)
         self.group_counts = [r // b for r in n_blocks]
         total = sum(n_blocks)
         p = gs.n_skew_params(b)
@@ -299,7 +300,7 @@ class _Layout:
 
     # -- orthogonal blocks -> every member's rotation -------------------------------------------------------------
     def outputs(self, blocks: torch.Tensor) -> tuple[list[torch.Tensor], Optional[tuple]]:
-        """Every member's rotation in its plan's layout, and the broadcast factors of the grouped product (for the
+        """Every member's rotation in its form's layout, and the broadcast factors of the grouped product (for the
         backward). Differentiable."""
         b, m = self.block_size, self.n_factors
         if self.all_grouped:
@@ -313,11 +314,20 @@ class _Layout:
                 groups = torch.mul(second, first, out=groups).view(-1, b * b, b * b)
             outs = list(groups.split(self.group_counts)) if len(self.n_blocks) > 1 else [groups]
             return outs, (first, second)
-        if m == 1:
+        if all(form == "blocks" for form in self.forms):
             return list(blocks[0].split(self.n_blocks)), None
-        out = []
-        for part, is_grouped in zip(blocks.split(self.n_blocks, dim=1), self.grouped):
-            out.append(gs.two_factor_groups(part) if is_grouped else part)
+        parts = blocks.split(self.n_blocks, dim=1)
+        out: list[Optional[torch.Tensor]] = [None] * len(parts)
+        dense: dict[int, list[int]] = {}
+        for i, (part, form) in enumerate(zip(parts, self.forms)):
+            if form == "dense":
+                dense.setdefault(self.n_blocks[i], []).append(i)
+            else:
+                out[i] = in_form(part, form)
+        for members in dense.values():  # one batched materialisation per shape
+            matrices = gs.materialize_batched(torch.stack([parts[i] for i in members]))
+            for j, i in enumerate(members):
+                out[i] = matrices[j : j + 1]
         return out, None
 
     def outputs_vjp(self, blocks: torch.Tensor, factors: Optional[tuple], grads) -> torch.Tensor:
@@ -333,7 +343,7 @@ class _Layout:
             both = torch.stack(((grad * second).sum(1), (grad * first).sum(-1)))
             factor, group, position = self.scatter
             return both[factor, group, :, position, :].view(2, -1, b, b)
-        if m == 1:
+        if all(form == "blocks" for form in self.forms):
             parts = [g if g is not None else blocks.new_zeros(r, b, b) for g, r in zip(grads, self.n_blocks)]
             return torch.cat(parts).unsqueeze(0)
         with torch.enable_grad():
@@ -348,16 +358,26 @@ _LAYOUTS: dict[tuple, _Layout] = {}
 
 def _layout(members: list["GSOrthogonal"]) -> _Layout:
     first = members[0]
+    device = first.skew.device
     n_blocks = tuple(m.n_blocks for m in members)
-    plans = tuple(m.plan for m in members)
-    key = (first.skew.device, first.block_size, first.n_factors, first.orthogonal_map, first.neumann_terms,
-           n_blocks, plans)  # fmt: skip
+    forms = tuple(m.form(device.type) for m in members)
+    key = (device, first.block_size, first.n_factors, first.orthogonal_map, first.neumann_terms, n_blocks, forms)
     layout = _LAYOUTS.get(key)
     if layout is None:
         if len(_LAYOUTS) > 64:
             _LAYOUTS.clear()
         layout = _LAYOUTS[key] = _Layout(
-            first.block_size, first.n_factors, first.orthogonal_map, first.neumann_terms, n_blocks, plans,
-            first.skew.device,
+            first.block_size, first.n_factors, first.orthogonal_map, first.neumann_terms, n_blocks, forms, device
         )
     return layout
+
+
+def in_form(blocks: torch.Tensor, form: str) -> torch.Tensor:
+    """One rotation's blocks ``(m, r, b, b)`` in the layout of ``form`` (see the module docstring)."""
+    if form == "blocks":
+        return blocks[0]
+    if form == "groups":
+        return gs.two_factor_groups(blocks)
+    if form == "dense":
+        return gs.materialize(blocks).unsqueeze(0)
+    return blocks
