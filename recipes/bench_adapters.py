@@ -6,6 +6,7 @@ Usage::
     python recipes/bench_adapters.py                         # defaults from configs/bench/adapters.yaml
     python recipes/bench_adapters.py --quick                 # smoke test, well under a minute on a CPU
     python recipes/bench_adapters.py --models roberta-base --layers 12 --methods gsoft,lora,oft
+    python recipes/bench_adapters.py --devices cuda --autocast bf16 --methods base,gsoft,gsoft_triton,lora
 
 Models are built from a ``RobertaConfig`` with random weights (nothing is downloaded): a RoBERTa-base-sized encoder
 (hidden 768, 12 layers, 12 heads, intermediate 3072) and a MiniLM-sized one (hidden 384, 12 layers, 12 heads,
@@ -36,18 +37,44 @@ What is measured, per model and method (all on one fixed random batch, ``batch_s
   BLAS/oneDNN. It is the CPU analogue of ``torch.cuda.max_memory_allocated``. The profiled step is not timed.
 * **unmerged inference**: ``model.eval()`` forward under ``torch.no_grad`` with the adapter active.
 * **merged inference**: the same after ``merge_and_unload()`` (on a deep copy; should match ``base``). The table
-  also reports the largest |logit difference| between the merged and the unmerged model as a merge sanity check.
+  also reports the largest |logit difference| between the merged and the unmerged model as a merge sanity check
+  (always computed in fp32, without autocast, so that it checks the merge and not the rounding).
 
-Relative columns divide each method's median step time by the reference methods' (``reference`` in the config), and
-the ``targets`` of the config are checked for one method (GSOFT by default) and printed under each table.
+Two cost proxies that need no GPU and no timer (``costs: true``; the second table of each model). They are exact and
+reproducible, so a regression test can hold them (``tests/test_costs.py``):
+
+* **ops/step**: aten ops dispatched in one steady-state train step (``zero_grad``, forward, ``loss.backward()``,
+  AdamW step), counted by a ``TorchDispatchMode`` after at least 2 untimed steps (the optimizer state exists). On a GPU
+  every op is at least one kernel launch plus Python / dispatcher work, so a method that dispatches many more ops than
+  LoRA is host-bound there however fast its kernels are. The counted step uses the foreach AdamW (the GPU default)
+  whatever the device, so a CPU count equals the GPU count of the torch path; a custom op (gsoft's fused Triton
+  kernels) counts as one op. Counted on the device of the run and on its batch (an adapter may pick its plan by the
+  number of token rows, so the count can depend on the batch). **adapter ops/step** = ops/step minus the ``base``
+  row's (which trains only the head), also per adapted layer, and **ops ×lora** = adapter ops / LoRA's adapter ops.
+* **memory proxy**: bytes of the distinct storages autograd saves for backward in one forward (a
+  ``saved_tensors_hooks`` pack hook; dropout off for this forward; storages of frozen parameters excluded, they exist
+  anyway) + trainable state (3 x trainable parameter bytes: weights and the two AdamW moments). The saved tensors are
+  what a train step's memory grows with the batch; ``mem proxy ×lora`` is its ratio to LoRA's. A tensor that an
+  ``autograd.Function`` keeps as a ``ctx`` attribute instead of ``save_for_backward`` is not seen by the hook.
+
+Precision: ``autocast`` (``none``, ``bf16`` or ``fp16``) wraps every forward (train steps, the memory and cost
+measurements, inference) in ``torch.autocast(device_type, dtype)``; weights and optimizer state stay fp32 and the
+backward runs outside the context, as in mixed-precision training (no gradient scaler: a benchmark times steps and
+does not need the fp16 loss to converge). Table titles say ``fp32`` or ``autocast bf16``.
+
+Relative columns divide each method's median step time (and peak memory, ops, memory proxy) by the reference
+methods' (``reference`` in the config). Targets: the top-level ``targets`` for one method (GSOFT by default) and the
+``targets`` of any method entry; each is printed under its table as held or MISSED. A missed target is reported,
+never raised: the benchmark measures, tests assert.
 
 CPU defaults (``device_overrides.cpu`` in the config): 2 of the 12 layers (one BOFT step costs ~10 s per
 RoBERTa-base layer on a CPU; per-layer costs do not depend on depth) and 1 thread (on a shared 2-core machine, OpenMP
 threads stall whenever another process holds a core, which hurts methods made of many small ops the most). Override
 with ``--layers 12 --threads 2``.
 
-Outputs in ``--output_dir``: ``results.json`` (every sample, settings, versions, device names), ``tables.md`` (the
-markdown tables) and ``bench_adapters_<device>.png`` (bar charts of step time and peak memory per method and model).
+Outputs in ``--output_dir``: ``results.json`` (every sample, cost proxies, targets, settings, versions, device
+names), ``tables.md`` (the markdown tables) and ``bench_adapters_<device>.png`` (bar charts of step time and peak
+memory per method and model).
 """
 
 from __future__ import annotations
@@ -80,6 +107,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 logger = logging.getLogger("bench_adapters")
 
@@ -105,7 +133,11 @@ CLI_KEYS = (
     "output_dir",
     "methods_filter",
     "dropout",
+    "autocast",
+    "costs",
 )
+#: ``--autocast`` choices: the dtype ``torch.autocast`` runs the forward in (``none``: plain fp32).
+AUTOCAST_DTYPES: dict[str, Optional[torch.dtype]] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ======================================================================================================================
@@ -127,6 +159,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--infer_rounds", type=int, help="interleaved inference timing rounds")
     p.add_argument("--dropout", type=float, help="encoder hidden/attention dropout")
     p.add_argument("--memory", type=_bool, help="measure peak memory (true/false)")
+    p.add_argument("--costs", type=_bool, help="measure ops/step and the saved-tensor memory proxy (true/false)")
+    p.add_argument("--autocast", choices=sorted(AUTOCAST_DTYPES), help="forward under torch.autocast in this dtype")
     p.add_argument("--plot", type=_bool, help="save the PNG plot (true/false)")
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
@@ -160,6 +194,7 @@ def load_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, A
             value = [v.strip() for v in value.split(",") if v.strip()]
         cli[key] = value
     settings.update(cli)
+    autocast_dtype(settings.get("autocast"))  # a bad value fails here, before any model is built
     settings["quick_mode"] = bool(args.quick)
     settings["quick_keys"] = sorted(quick)
     settings["config_path"] = str(args.config)
@@ -390,9 +425,39 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> None:
+def autocast_dtype(mode: Optional[str]) -> Optional[torch.dtype]:
+    """The dtype of an ``autocast`` setting (``None`` for ``none``); an unknown setting names the choices."""
+    key = "none" if mode is None else str(mode).lower()
+    if key not in AUTOCAST_DTYPES:
+        raise ValueError(f"Unknown autocast {mode!r}; use one of {sorted(AUTOCAST_DTYPES)} (e.g. --autocast bf16).")
+    return AUTOCAST_DTYPES[key]
+
+
+def autocast_context(device: torch.device, mode: Optional[str]) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for a forward on ``device``, or nothing for ``none`` (plain fp32)."""
+    dtype = autocast_dtype(mode)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def precision_label(mode: Optional[str]) -> str:
+    dtype = autocast_dtype(mode)
+    return "fp32" if dtype is None else f"autocast {str(mode).lower()}"
+
+
+def _batch_device(batch: dict[str, torch.Tensor]) -> torch.device:
+    return next(iter(batch.values())).device
+
+
+def train_step(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor], autocast: Optional[str] = None
+) -> None:
+    """``zero_grad -> forward -> backward -> step``; only the forward runs under autocast (mixed precision)."""
     opt.zero_grad(set_to_none=True)
-    model(**batch).loss.backward()
+    with autocast_context(_batch_device(batch), autocast):
+        loss = model(**batch).loss
+    loss.backward()
     opt.step()
 
 
@@ -432,6 +497,120 @@ def peak_step_bytes(fn: Callable[[], Any], device: torch.device) -> Optional[int
         running += nbytes
         peak = max(peak, running)
     return peak
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every aten op dispatched while active. Each is at least one kernel launch on a GPU, plus Python and
+    dispatcher work on the host, so the count measures a step's host overhead without a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's hook signature
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def foreach_optimizer(opt: torch.optim.Optimizer):
+    """The multi-tensor (foreach) implementation for the steps inside: the GPU default, and the same op sequence on
+    every device (a CPU optimizer otherwise loops over the parameters, one set of ops per tensor)."""
+    saved = [group.get("foreach") for group in opt.param_groups]
+    for group in opt.param_groups:
+        group["foreach"] = True
+    try:
+        yield opt
+    finally:
+        for group, value in zip(opt.param_groups, saved):
+            group["foreach"] = value
+
+
+def count_step_ops(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    autocast: Optional[str] = None,
+    untimed_steps: int = 2,
+    warm_batch: Optional[dict[str, torch.Tensor]] = None,
+) -> int:
+    """aten ops dispatched in one steady-state train step (zero_grad, forward, backward, foreach AdamW step).
+
+    ``untimed_steps`` uncounted steps come first so that the optimizer state exists (the first step also creates it);
+    they run on ``warm_batch`` (default: ``batch``), which may be small: the state does not depend on the batch. The
+    count may (an adapter can pick its plan by the number of rows), so ``batch`` is the shape that matters. The
+    model's parameters move: count on a model whose weights do not matter."""
+    with foreach_optimizer(opt):
+        for _ in range(untimed_steps):
+            train_step(model, opt, batch if warm_batch is None else warm_batch, autocast)
+        with OpCounter() as counter:
+            train_step(model, opt, batch, autocast)
+    opt.zero_grad(set_to_none=True)
+    return counter.count
+
+
+@contextlib.contextmanager
+def dropout_off(model: torch.nn.Module):
+    """Every dropout at p = 0 inside (RoBERTa's attention reads its dropout module's p as well), restored after.
+    Dropout masks are saved tensors of the base model, the same for every method: they would only dilute the ratios
+    of the memory proxy."""
+    modules = [m for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+    saved = [m.p for m in modules]
+    for m in modules:
+        m.p = 0.0
+    try:
+        yield model
+    finally:
+        for m, p in zip(modules, saved):
+            m.p = p
+
+
+def saved_tensor_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast: Optional[str] = None) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one forward (dropout off). Storages of frozen
+    parameters are excluded (they are in memory anyway); autocast's low-precision copies of them are counted."""
+    frozen = {p.untyped_storage().data_ptr() for p in model.parameters() if not p.requires_grad}
+    seen: set[int] = set()
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        storage = t.untyped_storage()
+        key = storage.data_ptr()  # saved tensors stay alive until the graph is freed: no address is reused meanwhile
+        if key not in seen and key not in frozen:
+            seen.add(key)
+            total += storage.nbytes()
+        return t
+
+    with dropout_off(model), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with autocast_context(_batch_device(batch), autocast):
+            loss = model(**batch).loss
+    del loss  # frees the graph and its saved tensors; no backward needed
+    return total
+
+
+def trainable_state_bytes(model: torch.nn.Module) -> int:
+    """3 x the trainable parameter bytes: the weights and AdamW's two moments (gradients are transient)."""
+    return 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def measure_costs(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    autocast: Optional[str] = None,
+    untimed_steps: int = 2,
+) -> dict[str, int]:
+    """Both cost proxies of one model (see the module docstring): ops per train step and the memory proxy."""
+    ops = count_step_ops(model, opt, batch, autocast, untimed_steps)
+    saved = saved_tensor_bytes(model, batch, autocast)
+    state = trainable_state_bytes(model)
+    return {"ops_per_step": ops, "saved_bytes": saved, "trainable_state_bytes": state, "mem_proxy_bytes": saved + state}
+
+
+def adapted_layer_count(base: torch.nn.Module, settings: dict[str, Any]) -> int:
+    """Linear layers that ``target_modules`` (a full-match regex) selects: the denominator of the per-layer ops."""
+    pattern = re.compile(settings["target_modules"])
+    return sum(isinstance(m, torch.nn.Linear) and bool(pattern.fullmatch(n)) for n, m in base.named_modules())
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -532,11 +711,13 @@ def bench_model(
     base = build_base_model(spec, settings)
     base_bytes = model_bytes(base)
     depth = base.config.num_hidden_layers
+    adapted_layers = adapted_layer_count(base, settings)
+    autocast = settings.get("autocast")
     print(
         f"\n== {model_name} on {device_label(device)}: hidden {spec['hidden_size']}, {depth} of "
         f"{spec['num_hidden_layers']} layers, {spec['num_attention_heads']} heads, intermediate "
         f"{spec['intermediate_size']}; batch {settings['batch_size']} x seq {settings['seq_len']}; "
-        f"load average {load_start}",
+        f"{precision_label(autocast)}; load average {load_start}",
         flush=True,
     )
     batch = make_batch(spec, settings, device)
@@ -592,7 +773,8 @@ def bench_model(
         return {m["key"]: max(1, min(settings[name], m.get(name, settings[name]))) for m in methods}
 
     steps_per_round, rounds_of = per_method("steps_per_round"), per_method("rounds")
-    total = len(live) * (settings["warmup"] + (1 if settings["memory"] else 0) + 1 + 2 * settings["infer_rounds"])
+    costs = settings.get("costs", True)
+    total = len(live) * (settings["warmup"] + int(settings["memory"]) + int(costs) + 1 + 2 * settings["infer_rounds"])
     total += sum(steps_per_round[k] * rounds_of[k] for k in live)
     bar = _progress(total, f"{model_name}/{device.type}")
 
@@ -601,7 +783,7 @@ def bench_model(
         for key in list(live):
             entry = entries[key]
             bar.set_postfix_str(f"warmup {key}")
-            attempt(key, "train", lambda: train_step(entry["model"], entry["opt"], batch))
+            attempt(key, "train", lambda: train_step(entry["model"], entry["opt"], batch, autocast))
             bar.update()
 
     # ---- peak memory: one profiled, untimed, steady-state train step per method ----
@@ -613,7 +795,9 @@ def bench_model(
             gc.collect()
 
             def step_without_zero_grad(entry=entry) -> None:
-                entry["model"](**batch).loss.backward()
+                with autocast_context(device, autocast):
+                    loss = entry["model"](**batch).loss
+                loss.backward()
                 entry["opt"].step()
 
             peak = attempt(key, "memory", lambda: peak_step_bytes(step_without_zero_grad, device), fatal=False)
@@ -621,6 +805,21 @@ def bench_model(
             row["optimizer_state_bytes"] = optimizer_state_bytes(entry["opt"])
             if peak is not None:
                 row["peak_train_mem_bytes"] = row["adapter_state_bytes"] + row["optimizer_state_bytes"] + peak
+            bar.update()
+
+    # ---- cost proxies: ops per train step and the saved-tensor memory proxy (untimed) ----
+    if costs:
+        done = settings["warmup"] + int(settings["memory"])  # optimizer steps already taken by every live method
+        for key in list(live):
+            entry, row = entries[key], by_key[key]
+            bar.set_postfix_str(f"costs {key}")
+            entry["opt"].zero_grad(set_to_none=True)
+
+            def costs_of(entry=entry) -> dict[str, int]:
+                return measure_costs(entry["model"], entry["opt"], batch, autocast, untimed_steps=max(0, 2 - done))
+
+            row.update(attempt(key, "costs", costs_of, fatal=False) or {})
+            gc.collect()
             bar.update()
 
     # ---- interleaved train-step timing ----
@@ -631,7 +830,9 @@ def bench_model(
             entry = entries[key]
             bar.set_postfix_str(f"round {r + 1} train {key}")
             for _ in range(steps_per_round[key]):
-                step = lambda: timed(lambda: train_step(entry["model"], entry["opt"], batch), device)  # noqa: E731
+                step = lambda: timed(  # noqa: E731
+                    lambda: train_step(entry["model"], entry["opt"], batch, autocast), device
+                )
                 dt = attempt(key, "train", step)
                 if dt is None:
                     break
@@ -670,7 +871,7 @@ def bench_model(
                 if model is not None:
 
                     def fwd(model=model) -> None:
-                        with torch.no_grad():
+                        with torch.no_grad(), autocast_context(device, autocast):
                             model(**infer_batch)
 
                     dt = attempt(key, f"infer_{which}", lambda: timed(fwd, device), fatal=False)
@@ -689,6 +890,7 @@ def bench_model(
                 row[f"{field}_samples_s"] = samples
         if row["phase_errors"]:
             row["error"] = "; ".join(f"{phase}: {err}" for phase, err in row["phase_errors"].items())
+    add_cost_columns(rows, adapted_layers)
     add_relative(rows, settings)
     result = {
         "model": model_name,
@@ -696,6 +898,9 @@ def bench_model(
         "layers_built": depth,
         "batch_size": settings["batch_size"],
         "seq_len": settings["seq_len"],
+        "autocast": str(autocast or "none").lower(),
+        "adapted_layers": adapted_layers,
+        "costs_device": device.type if costs else None,
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "base_model_bytes": base_bytes,
         "load_average_start": load_start,
@@ -709,36 +914,75 @@ def bench_model(
     return result
 
 
-def add_relative(rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
-    by_key = {r["key"]: r for r in rows}
-
-    def med(row: Optional[dict[str, Any]], field: str) -> Optional[float]:
-        if row is None or field not in row:
-            return None
-        value = row[field]["median"] if isinstance(row[field], dict) else row[field]
-        return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
-
+def add_cost_columns(rows: list[dict[str, Any]], adapted_layers: int) -> None:
+    """``adapter_ops_per_step`` (ops minus the ``base`` row's, which trains only the head) and the same per adapted
+    layer; left out when the run has no ``base`` row or a method has no op count."""
+    base = next((r for r in rows if r["type"] == "base" and r.get("ops_per_step") is not None), None)
+    if base is None:
+        return
     for row in rows:
-        rel = {}
+        if row.get("ops_per_step") is None:
+            continue
+        row["adapter_ops_per_step"] = row["ops_per_step"] - base["ops_per_step"]
+        row["adapter_ops_per_layer"] = row["adapter_ops_per_step"] / adapted_layers if adapted_layers else None
+
+
+#: relative column prefix -> the row field it divides (``<prefix>_vs_<label>`` = ours / the reference method's).
+RELATIVE_FIELDS = {
+    "step": "step_s",
+    "mem": "peak_train_mem_bytes",
+    "ops": "adapter_ops_per_step",
+    "mem_proxy": "mem_proxy_bytes",
+}
+
+
+def _value(row: Optional[dict[str, Any]], field: str) -> Optional[float]:
+    """A row's number (the median of a timing summary); None if absent, NaN or not measured."""
+    if row is None or row.get(field) is None:
+        return None
+    value = row[field]["median"] if isinstance(row[field], dict) else row[field]
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def add_relative(rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
+    """``<prefix>_vs_<label>`` = a method's value / the reference method's, for every RELATIVE_FIELDS entry and
+    every ``reference`` of the config (None when either side is missing or the reference is 0)."""
+    by_key = {r["key"]: r for r in rows}
+    for row in rows:
+        rel: dict[str, Optional[float]] = {}
         for label, ref_key in (settings.get("reference") or {}).items():
-            ours, ref = med(row, "step_s"), med(by_key.get(ref_key), "step_s")
-            rel[f"step_vs_{label}"] = ours / ref if ours is not None and ref else None
-            ours_m, ref_m = med(row, "peak_train_mem_bytes"), med(by_key.get(ref_key), "peak_train_mem_bytes")
-            rel[f"mem_vs_{label}"] = ours_m / ref_m if ours_m is not None and ref_m else None
+            for prefix, field in RELATIVE_FIELDS.items():
+                ours, ref = _value(row, field), _value(by_key.get(ref_key), field)
+                rel[f"{prefix}_vs_{label}"] = ours / ref if ours is not None and ref else None
         row["relative"] = rel
 
 
+def target_specs(settings: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Method key -> {metric: limit}: the top-level ``targets`` (for ``targets.method``) merged with the ``targets``
+    of each method entry. A metric is a key of a row's ``relative`` (``step_vs_lora``, ``ops_vs_lora``, ...)."""
+    specs: dict[str, dict[str, float]] = {}
+    top = dict(settings.get("targets") or {})
+    key = top.pop("method", None)
+    if key is not None:
+        specs[key] = top
+    for method in settings.get("methods") or []:
+        for metric, limit in (method.get("targets") or {}).items():
+            specs.setdefault(method["key"], {})[metric] = limit
+    return specs
+
+
 def check_targets(rows: list[dict[str, Any]], settings: dict[str, Any]) -> list[dict[str, Any]]:
-    targets = dict(settings.get("targets") or {})
-    key = targets.pop("method", None)
-    row = next((r for r in rows if r["key"] == key), None)
-    if row is None:
-        return []
+    """Every target of a method in this run: value, limit and ``ok`` (None when the value was not measured).
+    Reported, never raised."""
+    by_key = {r["key"]: r for r in rows}
     out = []
-    for name, limit in targets.items():
-        value = (row.get("relative") or {}).get(name)
-        out.append({"method": key, "metric": name, "value": value, "limit": limit,
-                    "ok": None if value is None else value <= limit})
+    for key, metrics in target_specs(settings).items():
+        if key not in by_key:
+            continue
+        for name, limit in metrics.items():
+            value = (by_key[key].get("relative") or {}).get(name)
+            out.append({"method": key, "metric": name, "value": value, "limit": limit,
+                        "ok": None if value is None else value <= limit})
     return out
 
 
@@ -788,7 +1032,7 @@ def markdown_table(result: dict[str, Any], device_name: str, settings: dict[str,
     refs = settings.get("reference") or {}
     threads = f"; {result['threads']} CPU thread(s)" if result.get("threads") else ""
     title = (
-        f"### {result['model']} — {device_name}\n\n"
+        f"### {result['model']} — {device_name} — {precision_label(result.get('autocast'))}\n\n"
         f"hidden {spec['hidden_size']}, {result['layers_built']} of {spec['num_hidden_layers']} layers, "
         f"{spec['num_attention_heads']} heads, intermediate {spec['intermediate_size']}; batch "
         f"{result['batch_size']} x seq {result['seq_len']}; medians of interleaved rounds "
@@ -824,13 +1068,73 @@ def markdown_table(result: dict[str, Any], device_name: str, settings: dict[str,
             notes.setdefault(note, []).append(row["name"])
     for note, names in notes.items():
         text += f"\nNote ({', '.join(names)}): {note}.\n"
-    if result.get("targets"):
-        text += "\nTargets for `" + result["targets"][0]["method"] + "`: " + "; ".join(
+    text += targets_text([t for t in result.get("targets") or [] if not _is_cost_metric(t["metric"])])
+    if any(row.get("ops_per_step") is not None or row.get("mem_proxy_bytes") is not None for row in result["rows"]):
+        text += "\n" + cost_table(result)
+        text += targets_text([t for t in result.get("targets") or [] if _is_cost_metric(t["metric"])])
+    return text
+
+
+def _is_cost_metric(metric: str) -> bool:
+    return metric.startswith(("ops_", "mem_proxy_"))
+
+
+def targets_text(targets: list[dict[str, Any]]) -> str:
+    """One line per method (``Targets for `gsoft`: metric = value (≤ limit: ok | MISSED | n/a); ...``), then a
+    line that counts the held and names the missed ones."""
+    if not targets:
+        return ""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for t in targets:
+        by_method.setdefault(t["method"], []).append(t)
+    text = "\n"
+    for method, items in by_method.items():
+        text += f"Targets for `{method}`: " + "; ".join(
             f"{t['metric']} = {_fmt_ratio(t['value'])} (≤ {t['limit']}: "
             f"{'ok' if t['ok'] else 'MISSED' if t['ok'] is not None else 'n/a'})"
-            for t in result["targets"]
+            for t in items
         ) + "\n"
+    held = sum(t["ok"] is True for t in targets)
+    missed = [f"{t['method']} {t['metric']} {_fmt_ratio(t['value'])} > {t['limit']}"
+              for t in targets if t["ok"] is False]
+    text += f"\nTargets held: {held} of {len(targets)}" + (f"; MISSED: {', '.join(missed)}" if missed else "") + ".\n"
     return text
+
+
+def cost_table(result: dict[str, Any]) -> str:
+    """The cost proxies of one model: ops per train step (total, adapter, per adapted layer, ×lora) and the memory
+    proxy (saved tensors + trainable state, ×lora)."""
+    where = result.get("costs_device") or "?"
+    title = (
+        f"Cost proxies — {result['model']}, {precision_label(result.get('autocast'))}: aten ops dispatched per train "
+        f"step (forward, backward, foreach AdamW step; counted on the {where}); adapter ops = ops − the base row's, "
+        f"per adapted layer = / {result.get('adapted_layers')} adapted linears. Memory proxy = bytes autograd saves "
+        f"in one forward (distinct storages, dropout off, frozen weights excluded) + 3 × trainable parameter bytes "
+        f"(weights, AdamW moments).\n\n"
+    )
+    head = ["method", "ops/step", "adapter ops/step", "per adapted layer", "ops ×lora", "saved MiB", "state MiB",
+            "mem proxy MiB", "mem proxy ×lora"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for row in result["rows"]:
+        rel = row.get("relative") or {}
+        per_layer = row.get("adapter_ops_per_layer")
+        cells = [
+            row["name"],
+            _fmt_int(row.get("ops_per_step")),
+            _fmt_int(row.get("adapter_ops_per_step")),
+            "-" if per_layer is None else f"{per_layer:.1f}",
+            _fmt_ratio(rel.get("ops_vs_lora")),
+            _fmt_mib(row.get("saved_bytes")),
+            _fmt_mib(row.get("trainable_state_bytes")),
+            _fmt_mib(row.get("mem_proxy_bytes")),
+            _fmt_ratio(rel.get("mem_proxy_vs_lora")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return title + "\n".join(lines) + "\n"
+
+
+def _fmt_int(x: Optional[int]) -> str:
+    return "-" if x is None else f"{x:,}"
 
 
 def _log_if_spread(ax, values: list[float]) -> str:
@@ -941,6 +1245,11 @@ def _main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "memory_definition": "adapter params+buffers + AdamW state + peak tensor bytes allocated during one "
         "steady-state train step (torch.profiler memory events on CPU, cuda.max_memory_allocated on GPU); "
         "frozen base weights excluded",
+        "ops_definition": "aten ops dispatched (TorchDispatchMode) in one steady-state train step: zero_grad, forward, "
+        "loss.backward, foreach AdamW step, after >= 2 untimed steps, on the device of the run; adapter ops = ops - "
+        "the base row's",
+        "mem_proxy_definition": "bytes of the distinct storages autograd saves for backward in one forward "
+        "(saved_tensors_hooks; dropout off; frozen parameters' storages excluded) + 3 x trainable parameter bytes",
         "devices": {},
     }
     tables: list[str] = []

@@ -1,4 +1,5 @@
-"""Smoke test of recipes/bench_adapters.py: a tiny model in --quick mode, in-process (a few seconds)."""
+"""Smoke test of recipes/bench_adapters.py: a tiny model in --quick mode, in-process (a few seconds): every table,
+column and results.json field exists, including the cost proxies (ops per step, memory proxy) and autocast."""
 
 from __future__ import annotations
 
@@ -77,6 +78,62 @@ def test_outputs_exist_and_list_every_method(bench_run):
         assert method["name"] in table
     assert "Targets for `gsoft`" in table
     assert (out_dir / "bench_adapters_cpu.png").stat().st_size > 0
+
+
+def test_cost_proxies_in_results_and_tables(bench_run):
+    config, out_dir, _ = bench_run
+    result = json.loads((out_dir / "results.json").read_text())["devices"]["cpu"]["models"]["tiny"]
+    assert result["autocast"] == "none" and result["costs_device"] == "cpu"
+    assert result["adapted_layers"] == 2 * len(LAYER_SHAPES)
+    rows = {row["key"]: row for row in result["rows"]}
+    for key, row in rows.items():
+        assert row["ops_per_step"] > 0 and row["saved_bytes"] > 0, key
+        assert row["mem_proxy_bytes"] == row["saved_bytes"] + row["trainable_state_bytes"], key
+        assert row["adapter_ops_per_step"] == row["ops_per_step"] - rows["base"]["ops_per_step"], key
+        assert row["relative"]["ops_vs_lora"] is not None and row["relative"]["mem_proxy_vs_lora"] > 0, key
+        if key != "base":
+            assert row["adapter_ops_per_step"] > 0, key
+    assert rows["base"]["adapter_ops_per_step"] == 0
+    assert rows["lora"]["relative"]["ops_vs_lora"] == 1.0 and rows["lora"]["relative"]["mem_proxy_vs_lora"] == 1.0
+    # the trainable state is 3 x the trainable parameters (fp32: 4 bytes each)
+    assert rows["lora"]["trainable_state_bytes"] == 3 * 4 * rows["lora"]["params"]["trainable"]
+
+    checked = {(t["method"], t["metric"]): t for t in result["targets"]}
+    for method in config["methods"]:
+        for metric, limit in (method.get("targets") or {}).items():
+            if method["key"] in rows:
+                assert checked[method["key"], metric]["limit"] == limit
+    assert {("gsoft", "ops_vs_lora"), ("gsoft", "mem_proxy_vs_lora"), ("double_gsoft", "ops_vs_lora")} <= set(checked)
+    for t in checked.values():
+        assert t["ok"] is (t["value"] <= t["limit"])
+
+    table = (out_dir / "tables.md").read_text()
+    assert "### tiny — cpu" in table and "— fp32" in table
+    for column in ("ops/step", "adapter ops/step", "per adapted layer", "ops ×lora", "saved MiB", "mem proxy ×lora"):
+        assert f" {column} |" in table, column
+    lines = table.splitlines()
+    double = next(line for line in lines if line.startswith("Targets for `double_gsoft`:") and "ops_" in line)
+    assert "ops_vs_lora = " in double and "mem_proxy_vs_lora = " in double and "Targets held:" in table
+
+
+def test_autocast_bf16_is_recorded(tmp_path):
+    """A bf16 run: every forward under autocast, the precision in results.json and the table title."""
+    bench = _load_script()
+    config = yaml.safe_load(CONFIG.read_text())
+    config["models"] = {"tiny": TINY}
+    (tmp_path / "adapters.yaml").write_text(yaml.safe_dump(config))
+    argv = [
+        "--config", str(tmp_path / "adapters.yaml"), "--quick", "--models", "tiny", "--methods", "base,gsoft,lora",
+        "--autocast", "bf16", "--rounds", "1", "--infer_rounds", "1", "--memory", "false", "--plot", "false",
+        "--devices", "cpu", "--output_dir", str(tmp_path / "out"),
+    ]
+    report = bench.main(argv)
+    result = report["devices"]["cpu"]["models"]["tiny"]
+    assert report["settings"]["autocast"] == "bf16" and result["autocast"] == "bf16"
+    assert all(row["error"] is None for row in result["rows"]), [row["error"] for row in result["rows"]]
+    assert "— autocast bf16" in (tmp_path / "out" / "tables.md").read_text()
+    with pytest.raises(ValueError, match="Unknown autocast 'int8'.*bf16"):
+        bench.autocast_dtype("int8")
 
 
 def test_gsoft_params_match_gs_param_count(bench_run):
