@@ -302,6 +302,12 @@ def _load_tile(ptr, rows64, row_ok, cols, col_ok, stride_m, stride_n):
 
 
 @triton.jit
+def _add(a, b):
+    """The combine function of a sum reduction (``tl.sum`` is a @triton.jit helper of Triton's own; see above)."""
+    return a + b
+
+
+@triton.jit
 def _mma(a, b, acc, DOT_MODE: tl.constexpr):
     """``acc + a @ b`` in the precision of ``DOT_MODE`` (see the module docstring)."""
     if DOT_MODE == 0:
@@ -313,7 +319,7 @@ def _mma(a, b, acc, DOT_MODE: tl.constexpr):
     elif DOT_MODE == 3:
         acc = tl.dot(a.to(tl.float64), b.to(tl.float64), acc)
     else:
-        acc += tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
+        acc += tl.reduce(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], 1, _add)
     return acc
 
 
@@ -649,14 +655,7 @@ def block_multiply(
     def run(tiles: Tiles) -> None:
         launch_multiply(tiles, x, w, y, step, shuffle_blocks, shuffle_size)
 
-    n_sms = sm_count(x.device)
-    if autotune_enabled():
-        candidates = autotune_candidates("multiply", n_rows, block_size, n_blocks, x.dtype, n_sms)
-        key = _tune_key("multiply", x, n_blocks, block_size, step, (shuffle_blocks, shuffle_size))
-        tiles = _autotuned(key, candidates, run, x.device)
-    else:
-        tiles = default_tiles("multiply", n_rows, block_size, n_blocks, x.dtype, n_sms)
-    run(tiles)
+    run(_tiles("multiply", x, n_blocks, block_size, step, (shuffle_blocks, shuffle_size), run, sm_count(x.device)))
     return y
 
 
@@ -681,13 +680,18 @@ def block_grad(
     def run(tiles: Tiles) -> torch.Tensor:
         return launch_grad(tiles, grad, x, n_blocks, block_size, step, shuffle_blocks, shuffle_size, n_sms)
 
+    return run(_tiles("grad", x, n_blocks, block_size, step, (shuffle_blocks, shuffle_size), run, n_sms))
+
+
+def _tiles(kind: str, x: torch.Tensor, n_blocks: int, block_size: int, step: Pass, shuffles: tuple[int, int], run,
+           n_sms: int) -> Tiles:  # fmt: skip
+    """The tiles of one launch: the heuristic's, or with ``GSOFT_TRITON_AUTOTUNE=1`` the fastest candidate (timed with
+    ``run`` once per key)."""
+    n_rows = x.shape[0]
     if autotune_enabled():
-        candidates = autotune_candidates("grad", n_rows, block_size, n_blocks, x.dtype, n_sms)
-        key = _tune_key("grad", x, n_blocks, block_size, step, (shuffle_blocks, shuffle_size))
-        tiles = _autotuned(key, candidates, run, x.device)
-    else:
-        tiles = default_tiles("grad", n_rows, block_size, n_blocks, x.dtype, n_sms)
-    return run(tiles)
+        candidates = autotune_candidates(kind, n_rows, block_size, n_blocks, x.dtype, n_sms)
+        return _autotuned(_tune_key(kind, x, n_blocks, block_size, step, shuffles), candidates, run, x.device)
+    return default_tiles(kind, n_rows, block_size, n_blocks, x.dtype, n_sms)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
