@@ -8,7 +8,6 @@ backward nor the batched build (:mod:`gsoft.tuner.rotations`) takes part in it.
 from __future__ import annotations
 
 import copy
-import logging
 
 import pytest
 import torch
@@ -40,7 +39,6 @@ class Stack(nn.Module):
 def make(config: dict, sizes=(24, 48, 24, 36), bias: bool = True, dtype=torch.float64, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     base = Stack(sizes, bias, dtype)
-    logging.getLogger("gsoft").setLevel(logging.ERROR)
     model = get_peft_model(base, gsoft.GSOFTConfig(target_modules=["0", "1", "2"], init_weights=False, **config))
     return model.to(dtype)
 
