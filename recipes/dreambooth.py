@@ -631,7 +631,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     run_config = config_to_dict(args)
     fresh = not (output_dir.is_dir() and any(output_dir.iterdir()))
     prepare_output_dir(output_dir, run_config, overwrite=args.overwrite_output_dir,
-                       resume=bool(args.resume_from_checkpoint), is_main_process=accelerator.is_main_process)
+                       resume=bool(args.resume_from_checkpoint), is_main_process=accelerator.is_main_process,
+                       barrier=accelerator.wait_for_everyone)
     accelerator.wait_for_everyone()
     class_images: list[Any] = []
     if args.with_prior_preservation:

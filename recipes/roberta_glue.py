@@ -478,9 +478,9 @@ def train(args: GlueArgs) -> Optional[dict[str, Any]]:
     run_config = config_to_dict(args)
     out = Path(args.output_dir)
     fresh = not (out.is_dir() and any(out.iterdir()))
-    with accelerator.main_process_first():
-        prepare_output_dir(out, run_config, overwrite=args.overwrite_output_dir,
-                           resume=bool(args.resume_from_checkpoint), is_main_process=accelerator.is_main_process)
+    prepare_output_dir(out, run_config, overwrite=args.overwrite_output_dir, resume=bool(args.resume_from_checkpoint),
+                       is_main_process=accelerator.is_main_process, barrier=accelerator.wait_for_everyone)
+    accelerator.wait_for_everyone()
     resume_path = resolve_checkpoint(out, args.resume_from_checkpoint)
     # e.g. a block size that does not fit: the corrected re-run must not meet "a different run" in the directory
     with discard_new_output_dir_on_error(out, fresh, accelerator.is_main_process):

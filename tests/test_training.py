@@ -167,6 +167,28 @@ def test_output_dir_protection(tmp_path):
     assert (foreign / "notes.txt").exists()
 
 
+def test_output_dir_is_checked_by_every_process_before_the_main_one_writes(tmp_path):
+    """With several processes, each checks the directory as it found it, then all meet at the barrier, then the main
+    process writes: a non-main process never sees the main one's half-written files, and a refused directory is
+    refused by every process before any of them waits."""
+    out = tmp_path / "run"
+    config = {"task": "sst2", "learning_rate": 1e-3, "output_dir": str(out)}
+    seen = []
+
+    def barrier():
+        seen.append(sorted(p.name for p in out.iterdir()) if out.exists() else None)
+
+    prepare_output_dir(out, config, overwrite=False, resume=False, is_main_process=False, barrier=barrier)
+    assert seen == [None] and not out.exists()  # a non-main process writes nothing
+    prepare_output_dir(out, config, overwrite=False, resume=False, is_main_process=True, barrier=barrier)
+    assert seen == [None, None] and (out / "run_config.json").is_file()  # the main process wrote after the barrier
+    prepare_output_dir(out, config, overwrite=True, resume=False, is_main_process=True, barrier=barrier)
+    assert seen[-1] == ["run_config.json"]  # overwriting deletes only after the barrier
+    with pytest.raises(ValueError, match="different run"):
+        prepare_output_dir(out, {**config, "learning_rate": 1.0}, overwrite=False, resume=False, barrier=barrier)
+    assert len(seen) == 3  # refused before the barrier
+
+
 def test_results_and_timing(tmp_path):
     timer = StepTimer("cpu")
     for _ in range(3):

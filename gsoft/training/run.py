@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -188,13 +188,15 @@ def prepare_output_dir(
     resume: bool,
     is_main_process: bool = True,
     volatile_keys: Iterable[str] = (),
+    barrier: Optional[Callable[[], None]] = None,
 ) -> Path:
     """Create ``output_dir`` for this run, refusing to mix it with a different one.
 
     A directory holding another run (a different ``run_config.json``, ignoring :data:`VOLATILE_KEYS`), a finished
     run of the same config (``results.json``) when not resuming, or foreign files is refused unless
-    ``overwrite``, which deletes it first (only directories a recipe made, or empty ones). Safe to call on every
-    process: all check, only the main process writes.
+    ``overwrite``, which deletes it first (only directories a recipe made, or empty ones). Call it on every process
+    with the processes' ``barrier`` (``accelerator.wait_for_everyone``): all check the directory as they found it,
+    so they refuse it together, then wait for each other, and only then does the main process write.
     """
     out = Path(output_dir)
     volatile = VOLATILE_KEYS | set(volatile_keys)
@@ -209,10 +211,7 @@ def prepare_output_dir(
             f"--output_dir {str(out)!r} is not empty and was not made by a gsoft recipe (no {RUN_CONFIG}); "
             "choose another --output_dir. (--overwrite_output_dir only deletes directories a recipe made.)"
         )
-    if contents and overwrite:
-        if is_main_process:
-            shutil.rmtree(out)
-    elif contents:
+    if contents and not overwrite:
         try:
             previous = json.loads(existing.read_text())
         except (OSError, json.JSONDecodeError) as exc:
@@ -231,7 +230,11 @@ def prepare_output_dir(
                 f"--output_dir {str(out)!r} already holds a finished run of this config ({RESULTS}). Pass "
                 "--overwrite_output_dir to run it again, or --resume_from_checkpoint latest to continue it."
             )
+    if barrier is not None:
+        barrier()  # nobody changes the directory before every process has looked at it
     if is_main_process:
+        if contents and overwrite:
+            shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         _atomic_write_json(out / RUN_CONFIG, run_config)
     return out
