@@ -8,6 +8,9 @@ Backends:
 * ``"cuda"``: the optional CUDA extension (one-pass shapes only), compiled on first use.
 * ``"auto"``: the rule of :data:`AUTO_RULE`.
 
+:func:`matrix_form` is the other per-device rule: how a GS matrix is built and applied (block-diagonal groups, one
+dense block, or one pass per factor).
+
 An explicit fused backend that cannot run raises a ``RuntimeError`` that says why; nothing falls back silently.
 This module imports :mod:`gsoft.gs` (the math) and, lazily, :mod:`gsoft.kernels`; neither imports it back.
 """
@@ -27,9 +30,10 @@ Backend = Literal["auto", "torch", "triton", "cuda"]
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton", "cuda")
 
 #: What ``"auto"`` picks, per device type. GSOFT layers fold the input rotation into the frozen weight in the
-#: forward and spend two block-diagonal multiplies per layer in the backward, so the choice only decides who runs
-#: those; "torch" (batched GEMMs) is the choice that is never slower end-to-end on the devices measured
-#: (docs/benchmarks.md). An explicit ``backend="triton"`` still selects the fused kernels.
+#: forward and multiply activations only in the backward (two block-diagonal products per layer), so the backend only
+#: decides who runs those. Measured on an H200 (docs/benchmarks.md), the torch path is faster end to end than the
+#: Triton kernels there: RoBERTa-base step 1.19x LoRA against 1.35x (fp32), 1.25x against 1.29x (bf16); each Triton
+#: launch costs 25-60 us of host time in a step that is host-bound. ``backend="triton"`` still selects the kernels.
 AUTO_RULE: dict[str, str] = {"cpu": "torch", "cuda": "torch"}
 
 #: Largest block size whose two factors run as their dense groups (``b^2`` wide, :func:`gsoft.gs.two_factor_groups`),

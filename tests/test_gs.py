@@ -239,3 +239,35 @@ def test_inverse_transpose_blocks_invert_non_orthogonal_gs():
     x = torch.randn(5, 12, dtype=torch.float64)
     y = gs.gs_apply(x, blocks)
     torch.testing.assert_close(gs.gs_apply(y, gs.inverse_transpose_blocks(blocks), transpose=True), x)
+
+
+def _imported_modules(path, package: str) -> set[str]:
+    """Every module a source file of ``package`` imports, at the top or inside functions (relative imports
+    resolved)."""
+    import ast
+    from pathlib import Path
+
+    found = set()
+    for node in ast.walk(ast.parse(Path(path).read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split(".")
+            base = parts[: len(parts) - node.level + 1] if node.level else []
+            module = ".".join([*base, node.module] if node.module else base)
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_the_math_imports_no_other_gsoft_module():
+    """gsoft.gs is the bottom layer: the kernels, the backend plan and the tuner import it, never the reverse; the
+    kernels import nothing above it."""
+    from pathlib import Path
+
+    imports = _imported_modules(gs.__file__, "gsoft")
+    assert not {m for m in imports if m.startswith("gsoft")}, imports
+    kernels = Path(gs.__file__).parent.parent / "kernels"
+    for source in kernels.glob("*.py"):
+        upward = {m for m in _imported_modules(source, "gsoft.kernels") if m.startswith(("gsoft.plan", "gsoft.tuner"))}
+        assert not upward, f"{source.name} imports {upward}"

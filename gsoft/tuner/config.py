@@ -81,12 +81,13 @@ class GSOFTConfig(PeftConfig):
     backend: Literal["auto", "torch", "triton", "cuda"] = field(
         default="auto",
         metadata={
-            "help": "How the rotations multiply activations in the forward/backward pass: 'torch' (batched block "
-            "matmuls, the reference), 'triton' (fused kernels: one pass over the activations for n_factors=2 with "
-            "block_size | n_blocks; needs a CUDA GPU, or TRITON_INTERPRET=1 on a CPU for tests), 'cuda' (optional "
-            "CUDA extension, compiled on first use, one-pass shapes only), 'auto' = 'triton' for CUDA tensors when "
-            "Triton is installed, else 'torch'. An explicit backend that cannot run raises an error saying why. "
-            "Merging always uses 'torch'. Adapter configs saved without this field load as 'auto'."
+            "help": "Who multiplies activations by the rotations in the backward (and in the forward for batches "
+            "with fewer rows than output features; otherwise the forward folds the rotation into the weight): "
+            "'torch' (batched matmuls), 'triton' (fused Triton kernels; a CUDA GPU, or TRITON_INTERPRET=1 on a CPU "
+            "for tests), 'cuda' (optional CUDA extension, compiled on first use, one-pass shapes only), 'auto' = "
+            "gsoft.plan.AUTO_RULE: 'torch' on every device, the fastest end to end where measured (docs/kernels.md). "
+            "An explicit backend that cannot run raises an error saying why. Merging always uses 'torch'. Adapter "
+            "configs saved without this field load as 'auto'."
         },
     )
     fan_in_fan_out: bool = field(
