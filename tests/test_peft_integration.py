@@ -64,8 +64,7 @@ def test_config_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({}, "exactly one of `block_size` and `n_blocks`"),
-        ({"block_size": 4, "n_blocks": 2}, "exactly one of `block_size` and `n_blocks`"),
+        ({"block_size": 4, "n_blocks": 2}, "at most one of `block_size` and `n_blocks`"),
         ({"block_size": 4, "orthogonal_map": "qr"}, "Unknown orthogonal_map 'qr'"),
         ({"block_size": 4, "n_factors": 0}, "n_factors must be an int >= 1 or 'auto', got 0"),
         ({"block_size": 1}, "block_size must be an int >= 2"),
@@ -199,12 +198,19 @@ def test_parameter_counts_match_readme_formulas():
         assert model.get_nb_trainable_parameters()[0] == expected
 
 
-def test_non_dense_configuration_is_logged_once(caplog):
+def test_non_dense_configuration_is_logged_once(caplog, monkeypatch):
+    from gsoft.tuner import model as tuner_model
+
+    monkeypatch.setattr(tuner_model, "_REPORTED_SPARSE", set())
     with caplog.at_level("WARNING", logger="gsoft"):
         get_peft_model(make_mlp(), gsoft.GSOFTConfig(block_size=2, target_modules=["lin0", "lin1"]))
     records = [r for r in caplog.records if "not dense" in r.getMessage()]
     assert len(records) == 1
     assert "n=16, block_size=2, n_factors=2" in records[0].getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gsoft"):  # the same sizes again (a reload): nothing new to say
+        get_peft_model(make_mlp(), gsoft.GSOFTConfig(block_size=2, target_modules=["lin0", "lin1"]))
+    assert not [r for r in caplog.records if "not dense" in r.getMessage()]
     caplog.clear()
     with caplog.at_level("WARNING", logger="gsoft"):
         get_peft_model(make_mlp(), gsoft.GSOFTConfig(block_size=2, n_factors="auto", target_modules=["lin0", "lin1"]))

@@ -984,8 +984,7 @@ def test_grouped_conv_raises() -> None:
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({}, "exactly one of `block_size` and `n_blocks`"),
-        ({"block_size": 4, "n_blocks": 4}, "exactly one of `block_size` and `n_blocks`"),
+        ({"block_size": 4, "n_blocks": 4}, "at most one of `block_size` and `n_blocks`"),
         ({"block_size": 1}, "block_size must be an int >= 2"),
         ({"block_size": 4, "n_factors": 0}, "n_factors must be an int >= 1"),
         ({"block_size": 4, "orthogonal_map": "qr"}, "Unknown orthogonal_map"),
@@ -1012,3 +1011,15 @@ def test_loading_adapter_of_other_shape_raises(tmp_path) -> None:
     with pytest.raises(ValueError, match=match):
         PeftModel.from_pretrained(other, tmp_path)
 
+
+
+def test_defaults_work_like_peft_oft() -> None:
+    """``GSOFTConfig(target_modules=...)`` needs no block size, as PEFT's OFTConfig; a width the default does not
+    divide gets the same clear error as an explicit block size."""
+    config = gsoft.GSOFTConfig(target_modules=["lin0", "lin1"])
+    assert config.block_size == 8 and config.n_blocks is None
+    model = get_peft_model(tiny_mlp(), config)  # 16 -> 32 -> 16 features
+    assert {name for name in gsoft_layers(model)} == {"base_model.model.lin0", "base_model.model.lin1"}
+    assert gsoft.GSOFTConfig(n_blocks=4).block_size is None
+    with pytest.raises(ValueError, match=r"block_size=8 does not divide the dimension 20.*Block sizes that would"):
+        get_peft_model(MLP((20, 32, 16)), gsoft.GSOFTConfig(target_modules=["lin0"]))

@@ -12,14 +12,19 @@ from ..plan import BACKENDS
 from .peft_type import GSOFTPeftType
 
 
+#: ``block_size`` when neither it nor ``n_blocks`` is given.
+DEFAULT_BLOCK_SIZE = 8
+
+
 @dataclass
 class GSOFTConfig(PeftConfig):
     """Configuration of a GSOFT adapter (Gorbunov et al., NeurIPS 2024).
 
     Each targeted layer ``y = W x + b`` becomes ``y = s * (W (Q x)) + b`` (GSOFT) or
     ``y = s * (Q_out (W (Q_in x))) + b`` (Double GSOFT, ``double=True``), where ``Q`` are orthogonal
-    Group-and-Shuffle matrices and ``s`` a per-output magnitude vector. Give exactly one of ``block_size`` and
-    ``n_blocks``. Every field is documented in ``metadata["help"]`` and in the README's config reference.
+    Group-and-Shuffle matrices and ``s`` a per-output magnitude vector. Give at most one of ``block_size`` and
+    ``n_blocks``; with neither, ``block_size`` is :data:`DEFAULT_BLOCK_SIZE`, as PEFT's OFT has a default block size.
+    Every field is documented in ``metadata["help"]`` and in the README's config reference.
     """
 
     target_modules: Optional[Union[list[str], str]] = field(
@@ -38,14 +43,15 @@ class GSOFTConfig(PeftConfig):
         default=None,
         metadata={
             "help": "Size b of the orthogonal blocks; must divide every adapted dimension (in_features, and "
-            "out_features when double=True). Exactly one of block_size / n_blocks."
+            "out_features when double=True). At most one of block_size / n_blocks; with neither, block_size=8 "
+            "(the paper's GLUE setting; divides the widths of BERT/RoBERTa, GPT-2, Llama-style models and SD UNets)."
         },
     )
     n_blocks: Optional[int] = field(
         default=None,
         metadata={
             "help": "Number r of blocks per factor; block_size = dimension / n_blocks per layer. "
-            "Exactly one of block_size / n_blocks."
+            "At most one of block_size / n_blocks."
         },
     )
     n_factors: Union[int, Literal["auto"]] = field(
@@ -137,12 +143,14 @@ class GSOFTConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
-        if (self.block_size is None) == (self.n_blocks is None):
+        if self.block_size is not None and self.n_blocks is not None:
             raise ValueError(
-                "Give exactly one of `block_size` and `n_blocks` (got "
+                "Give at most one of `block_size` and `n_blocks` (got "
                 f"block_size={self.block_size}, n_blocks={self.n_blocks}): the other follows per layer from "
                 "dimension = block_size * n_blocks. Example: GSOFTConfig(block_size=32, ...)."
             )
+        if self.block_size is None and self.n_blocks is None:
+            self.block_size = DEFAULT_BLOCK_SIZE
         if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size < 2):
             raise ValueError(f"block_size must be an int >= 2, got {self.block_size!r}.")
         if self.n_blocks is not None and (not isinstance(self.n_blocks, int) or self.n_blocks < 1):

@@ -44,6 +44,10 @@ TARGET_MODULES_MAPPING: dict[str, Any] = {
 }
 
 
+#: The "not dense" notices already logged in this process.
+_REPORTED_SPARSE: set[str] = set()
+
+
 def _conv1d_cls() -> type | None:
     try:
         from transformers.pytorch_utils import Conv1D
@@ -159,7 +163,7 @@ class GSOFTModel(BaseTuner):
         return remapped
 
     def _post_injection_hook(self, model: nn.Module, config: GSOFTConfig, adapter_name: str) -> None:
-        """Report, once per adapter, the layer sizes whose GS matrices are not dense."""
+        """Report the layer sizes whose GS matrices are not dense, once per process for each set of sizes."""
         sparse: dict[str, int] = {}
         for module in model.modules():
             if isinstance(module, GSOFTLayer) and adapter_name in module.gsoft_settings:
@@ -167,8 +171,9 @@ class GSOFTModel(BaseTuner):
                     if not side["dense"]:
                         key = f"n={side['n']}, block_size={side['block_size']}, n_factors={side['n_factors']}"
                         sparse[key] = sparse.get(key, 0) + 1
-        if sparse:
-            listing = "; ".join(f"{k} ({v} matrices)" for k, v in sparse.items())
+        listing = "; ".join(f"{k} ({v} matrices)" for k, v in sparse.items())
+        if sparse and listing not in _REPORTED_SPARSE:
+            _REPORTED_SPARSE.add(listing)  # once per process: loading the same adapter again says nothing new
             logger.warning(
                 "GSOFT adapter '%s': some GS matrices are not dense (they rotate within groups of features only): %s. "
                 "This is allowed; n_factors='auto' or a larger block_size makes them dense.",
