@@ -218,17 +218,6 @@ def grouped(n_factors: int, n_blocks: int, block_size: int) -> bool:
     return n_factors == 2 and n_blocks % block_size == 0 and block_size <= GROUPED_MAX_BLOCK
 
 
-def block_diagonal(blocks: torch.Tensor) -> torch.Tensor | None:
-    """The GS matrix as one block-diagonal matrix ``(k, c, c)`` when it is one (``n_factors = 1``: its blocks; two
-    grouped factors: their groups), else ``None``. One block-diagonal multiply is the cheapest way to apply it."""
-    m, r, b, _ = blocks.shape
-    if m == 1:
-        return blocks[0]
-    if grouped(m, r, b):
-        return two_factor_groups(blocks)
-    return None
-
-
 def block_diag_rows(x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """``D x`` (``D^T x``) for every row of ``x`` ``(N, k c)``, ``D`` block-diagonal with blocks ``(k, c, c)``.
 
@@ -238,16 +227,6 @@ def block_diag_rows(x: torch.Tensor, blocks: torch.Tensor, transpose: bool = Fal
     k, c, _ = blocks.shape
     h = torch.bmm(x.reshape(rows, k, c).transpose(0, 1), blocks if transpose else blocks.transpose(1, 2))
     return h.transpose(0, 1).reshape(rows, n)
-
-
-def block_diag_cols(w: torch.Tensor, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """``D w`` (``D^T w``) for a matrix ``w`` ``(k c, M)``: every column rotated, one batched matmul, no copy.
-
-    This is how a rotation of a layer's input folds into its weight: ``(W Q)^T = Q^T W^T``.
-    """
-    n, cols = w.shape
-    k, c, _ = blocks.shape
-    return torch.bmm(blocks.transpose(1, 2) if transpose else blocks, w.reshape(k, c, cols)).view(n, cols)
 
 
 def block_diag_grad(grad: torch.Tensor, x: torch.Tensor, k: int, transpose: bool = False) -> torch.Tensor:

@@ -241,6 +241,42 @@ def test_inverse_transpose_blocks_invert_non_orthogonal_gs():
     torch.testing.assert_close(gs.gs_apply(y, gs.inverse_transpose_blocks(blocks), transpose=True), x)
 
 
+@pytest.mark.parametrize("k, c", [(1, 7), (3, 4), (12, 16)])
+def test_block_diagonal_products_match_dense(k, c):
+    """``block_diag_rows`` is ``D x`` (``D^T x``) for the block-diagonal ``D``; ``block_diag_grad`` and the row-split
+    ``block_diag_grad_split`` are the gradient of its blocks, as autograd finds it through the dense product."""
+    torch.manual_seed(0)
+    blocks = torch.randn(k, c, c, dtype=torch.float64)
+    dense = torch.block_diag(*blocks)
+    x = torch.randn(37, k * c, dtype=torch.float64)
+    grad = torch.randn(37, k * c, dtype=torch.float64)
+    for transpose in (False, True):
+        expected = x @ (dense if transpose else dense.T)
+        torch.testing.assert_close(gs.block_diag_rows(x, blocks, transpose), expected, atol=1e-12, rtol=1e-12)
+        leaf = blocks.clone().requires_grad_()
+        (dense_grad,) = torch.autograd.grad(gs.block_diag_rows(x, leaf, transpose), leaf, grad)
+        torch.testing.assert_close(gs.block_diag_grad(grad, x, k, transpose), dense_grad, atol=1e-12, rtol=1e-12)
+    batched = (grad.view(37, k, c).transpose(0, 1), x.view(37, k, c).transpose(0, 1))
+    torch.testing.assert_close(gs.block_diag_grad_split(*batched), gs.block_diag_grad(grad, x, k), atol=1e-12, rtol=0)
+
+
+def test_row_split_block_gradient_on_gpus(monkeypatch):
+    """The GPU path of ``block_diag_grad_split`` (rows in chunks, partial products summed) on the CPU, forced."""
+    assert gs._row_chunks(torch.device("cpu"), 12, 4096) == 1  # a CPU has no idle multiprocessors to fill
+    monkeypatch.setattr(gs, "_row_chunks", lambda device, k, rows: 4)
+    g, x = torch.randn(3, 64, 5, dtype=torch.float64), torch.randn(3, 64, 5, dtype=torch.float64)
+    torch.testing.assert_close(gs.block_diag_grad_split(g, x), torch.bmm(g.transpose(1, 2), x), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("m,r,b", [(1, 4, 3), (2, 6, 4), (3, 5, 3)])
+def test_materialize_batched_matches_dense(m, r, b):
+    torch.manual_seed(0)
+    blocks = torch.stack([random_blocks(m, r, b) for _ in range(3)])
+    torch.testing.assert_close(
+        gs.materialize_batched(blocks), torch.stack([dense_gs(bl) for bl in blocks]), atol=1e-12, rtol=1e-12
+    )
+
+
 def _imported_modules(path, package: str) -> set[str]:
     """Every module a source file of ``package`` imports, at the top or inside functions (relative imports
     resolved)."""

@@ -58,14 +58,6 @@ def rotate_rows(x: torch.Tensor, rot: torch.Tensor, side: Side, transpose: bool 
     return impl.block_multiply(x, rot.unsqueeze(0), Pass(0, transpose, 0, 0), 1, 1)
 
 
-def rotate_cols(w: torch.Tensor, rot: torch.Tensor, side: Side, transpose: bool = False) -> torch.Tensor:
-    """``Q w`` (``Q^T w``) for a weight-shaped ``w`` ``(n, M)``; always the torch path (weights are small)."""
-    rot = rot.to(w.dtype)
-    if side.plan == "factors":
-        return gs.gs_apply(w, rot, dim=0, transpose=transpose)
-    return gs.block_diag_cols(w, rot, transpose)
-
-
 def rows_grad(grad: torch.Tensor, x: torch.Tensor, rot: torch.Tensor, side: Side) -> torch.Tensor:
     """Gradient of the blockdiag rotation of ``y = Q x`` (rows), given ``grad = dL/dy`` (the torch path in the
     rows' dtype, the fused kernels in float32)."""
