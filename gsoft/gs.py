@@ -185,11 +185,13 @@ def perfect_shuffle(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.view(rows, k, n // k).transpose(1, 2).reshape(rows, n)
 
 
-def block_diag_apply(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """``y = B x`` for rows ``x`` of shape ``(N, r * b)`` and block-diagonal ``B`` given as ``(r, b, b)`` blocks."""
+def block_diag_apply(x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """``y = B x`` (``B^T x``) for rows ``x`` of shape ``(N, r * b)`` and block-diagonal ``B`` given as ``(r, b, b)``
+    blocks: one batched matmul over the blocks (rows viewed as ``(r, N, b)``), then one copy back to ``(N, r b)``."""
     rows, n = x.shape
     r, b, _ = blocks.shape
-    return torch.einsum("nkj,kij->nki", x.view(rows, r, b), blocks).reshape(rows, n)
+    h = torch.bmm(x.reshape(rows, r, b).transpose(0, 1), blocks if transpose else blocks.transpose(1, 2))
+    return h.transpose(0, 1).reshape(rows, n)
 
 
 #: Largest block size for which two-factor GS matrices are applied through their dense groups (see
@@ -218,31 +220,8 @@ def grouped(n_factors: int, n_blocks: int, block_size: int) -> bool:
     return n_factors == 2 and n_blocks % block_size == 0 and block_size <= GROUPED_MAX_BLOCK
 
 
-def block_diag_rows(x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """``D x`` (``D^T x``) for every row of ``x`` ``(N, k c)``, ``D`` block-diagonal with blocks ``(k, c, c)``.
-
-    One batched matmul over the blocks (rows viewed as ``(k, N, c)``), then one copy back to ``(N, k c)``.
-    """
-    rows, n = x.shape
-    k, c, _ = blocks.shape
-    h = torch.bmm(x.reshape(rows, k, c).transpose(0, 1), blocks if transpose else blocks.transpose(1, 2))
-    return h.transpose(0, 1).reshape(rows, n)
-
-
-def block_diag_grad(grad: torch.Tensor, x: torch.Tensor, k: int, transpose: bool = False) -> torch.Tensor:
-    """Gradient ``(k, c, c)`` of the blocks of ``y = D x`` (``D^T x``) over rows ``x``, ``grad = dL/dy`` ``(N, k c)``:
-    ``dD_h = sum_rows dy_h x_h^T`` (transposed for ``D^T``), one batched matmul."""
-    rows, n = x.shape
-    c = n // k
-    g = grad.reshape(rows, k, c).permute(1, 2, 0)
-    v = x.reshape(rows, k, c).transpose(0, 1)
-    if transpose:
-        return torch.bmm(v.transpose(1, 2), g.transpose(1, 2))
-    return torch.bmm(g, v)
-
-
 def block_diag_grad_split(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``sum_rows grad_h^T x_h`` for batches ``(k, N, c)`` of rows (the block gradient of :func:`block_diag_rows` in its
+    """``sum_rows grad_h^T x_h`` for batches ``(k, N, c)`` of rows (the block gradient of :func:`block_diag_apply` in its
     batched layout), ``(k, c, c)``.
 
     With few blocks and many rows one batched matmul has too little parallel work for a GPU (k output tiles, each
@@ -260,17 +239,21 @@ def block_diag_grad_split(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 _SM_COUNTS: dict[int, int] = {}
 
 
+def cuda_multiprocessors(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (cached: the property query is slow), for work split across the GPU."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
 def _row_chunks(device: torch.device, k: int, rows: int) -> int:
     """Row chunks for :func:`block_diag_grad_split`: 1 off CUDA and for a single block (one GEMM, which cuBLAS splits
     itself); on CUDA enough ``k x chunks`` products for about two waves of the GPU's multiprocessors, chunks of at
     least 256 rows, a divisor of ``rows``."""
     if device.type != "cuda" or k == 1:
         return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    sms = _SM_COUNTS.get(index)
-    if sms is None:
-        sms = _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    target = min(rows // 256, -(-2 * sms // k))
+    target = min(rows // 256, -(-2 * cuda_multiprocessors(device) // k))
     for chunks in range(max(target, 1), 0, -1):
         if rows % chunks == 0:
             return chunks
@@ -290,8 +273,7 @@ def gs_apply(x: torch.Tensor, blocks: torch.Tensor, dim: int = -1, transpose: bo
         raise ValueError(f"GS blocks must be square, got shape {tuple(blocks.shape)}.")
     h, restore = as_rows(x, r * b, dim, f" (n_blocks={r} x block_size={b})")
     if grouped(m, r, b):
-        groups = two_factor_groups(blocks)
-        h = block_diag_apply(h, groups.transpose(-1, -2) if transpose else groups)
+        h = block_diag_apply(h, two_factor_groups(blocks), transpose)
     elif not transpose:
         for i in range(m):
             if i > 0:

@@ -61,6 +61,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from .. import gs
 from .schedule import Pass
 
 #: Whether the kernels were decorated for Triton's CPU interpreter (``TRITON_INTERPRET=1`` when this module was
@@ -533,7 +534,6 @@ def launch_grad(
 # ----------------------------------------------------------------------------------------------------------------------
 # Config choice: heuristic, interpreter, or opt-in autotuning
 # ----------------------------------------------------------------------------------------------------------------------
-_SMS: dict[int, int] = {}
 #: Autotuned tiles per key (see the module docstring); filled only with ``GSOFT_TRITON_AUTOTUNE=1``.
 TUNED: dict[tuple, Tiles] = {}
 
@@ -547,10 +547,7 @@ def sm_count(device: torch.device) -> int:
     """Multiprocessors of a CUDA device (cached); ``DEFAULT_SMS`` elsewhere (the interpreter)."""
     if device.type != "cuda":
         return DEFAULT_SMS
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SMS:
-        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SMS[index]
+    return gs.cuda_multiprocessors(device)
 
 
 def _time(fn: Callable[[], object], device: torch.device) -> float:

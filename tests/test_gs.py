@@ -243,8 +243,8 @@ def test_inverse_transpose_blocks_invert_non_orthogonal_gs():
 
 @pytest.mark.parametrize("k, c", [(1, 7), (3, 4), (12, 16)])
 def test_block_diagonal_products_match_dense(k, c):
-    """``block_diag_rows`` is ``D x`` (``D^T x``) for the block-diagonal ``D``; ``block_diag_grad`` and the row-split
-    ``block_diag_grad_split`` are the gradient of its blocks, as autograd finds it through the dense product."""
+    """``block_diag_apply`` is ``D x`` (``D^T x``) for the block-diagonal ``D``; ``block_diag_grad_split`` (the op's
+    batched layout) is the gradient of its blocks, as autograd finds it through the dense product."""
     torch.manual_seed(0)
     blocks = torch.randn(k, c, c, dtype=torch.float64)
     dense = torch.block_diag(*blocks)
@@ -252,12 +252,11 @@ def test_block_diagonal_products_match_dense(k, c):
     grad = torch.randn(37, k * c, dtype=torch.float64)
     for transpose in (False, True):
         expected = x @ (dense if transpose else dense.T)
-        torch.testing.assert_close(gs.block_diag_rows(x, blocks, transpose), expected, atol=1e-12, rtol=1e-12)
-        leaf = blocks.clone().requires_grad_()
-        (dense_grad,) = torch.autograd.grad(gs.block_diag_rows(x, leaf, transpose), leaf, grad)
-        torch.testing.assert_close(gs.block_diag_grad(grad, x, k, transpose), dense_grad, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(gs.block_diag_apply(x, blocks, transpose), expected, atol=1e-12, rtol=1e-12)
+    leaf = blocks.clone().requires_grad_()
+    (dense_grad,) = torch.autograd.grad(x @ torch.block_diag(*leaf).T, leaf, grad)
     batched = (grad.view(37, k, c).transpose(0, 1), x.view(37, k, c).transpose(0, 1))
-    torch.testing.assert_close(gs.block_diag_grad_split(*batched), gs.block_diag_grad(grad, x, k), atol=1e-12, rtol=0)
+    torch.testing.assert_close(gs.block_diag_grad_split(*batched), dense_grad, atol=1e-12, rtol=1e-12)
 
 
 def test_row_split_block_gradient_on_gpus(monkeypatch):

@@ -13,9 +13,10 @@ the layer's few matrix products must not come with a hundred small ops. The op c
   memory where the next op keeps it anyway (attention, activations); saving the rotated input or ``z`` would.
 
 Like ``torch.sigmoid``, the op needs its output in the backward: an in-place op on ``y`` (``ReLU(inplace=True)``)
-makes the backward raise an error that says so. The rotations come from :mod:`gsoft.tuner.rotations` (built once per parameter update for all layers).
-Block-diagonal rotations (``"blockdiag"`` plan) run through :func:`gsoft.gs.block_diag_rows` or, with the Triton /
-CUDA backends, the fused kernels; general GS matrices (``"factors"``) through :func:`gsoft.plan.gs_apply`.
+makes the backward raise an error that says so. The rotations come from :mod:`gsoft.tuner.rotations` (built once per
+parameter update for all layers). Block-diagonal rotations (``"blockdiag"`` plan) run through batched matmuls
+(:func:`gsoft.gs.block_diag_apply`) or, with the Triton / CUDA backends, the fused kernels; general GS matrices
+(``"factors"``) through :func:`gsoft.plan.gs_apply`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import gs, plan
+
 
 class Side(NamedTuple):
     """What the op needs to know about one rotation besides its tensor."""
@@ -42,7 +44,7 @@ class LinearSpec(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Rotations of rows (activations) and columns (the weight), per plan and backend
+# Rotations of rows (activations), per plan and backend
 # ----------------------------------------------------------------------------------------------------------------------
 def rotate_rows(x: torch.Tensor, rot: torch.Tensor, side: Side, transpose: bool = False) -> torch.Tensor:
     """``Q x`` (``Q^T x``) for the rows of ``x`` ``(N, n)``, in ``x``'s dtype."""
@@ -51,19 +53,16 @@ def rotate_rows(x: torch.Tensor, rot: torch.Tensor, side: Side, transpose: bool 
             return gs.gs_apply(x, rot.to(x.dtype), transpose=transpose)
         return plan.gs_apply(x, rot, transpose=transpose, backend=side.backend)
     if side.backend == "torch":
-        return gs.block_diag_rows(x, rot.to(x.dtype), transpose)
+        return gs.block_diag_apply(x, rot.to(x.dtype), transpose)
     from ..kernels.schedule import Pass
 
     impl = _kernels(side.backend)
     return impl.block_multiply(x, rot.unsqueeze(0), Pass(0, transpose, 0, 0), 1, 1)
 
 
-def rows_grad(grad: torch.Tensor, x: torch.Tensor, rot: torch.Tensor, side: Side) -> torch.Tensor:
-    """Gradient of the blockdiag rotation of ``y = Q x`` (rows), given ``grad = dL/dy`` (the torch path in the
-    rows' dtype, the fused kernels in float32)."""
-    k = rot.shape[0]
-    if side.backend == "torch":
-        return gs.block_diag_grad(grad, x, k)
+def kernel_rows_grad(grad: torch.Tensor, x: torch.Tensor, rot: torch.Tensor, side: Side) -> torch.Tensor:
+    """Gradient (float32) of the blockdiag rotation of ``y = Q x`` (rows), given ``grad = dL/dy``, by a fused
+    kernel. The torch path computes it in the op's batched layout (:func:`gsoft.gs.block_diag_grad_split`)."""
     from ..kernels.schedule import Pass
 
     return _kernels(side.backend).block_grad(grad, x, rot.unsqueeze(0), Pass(0, False, 0, 0), 1, 1)
@@ -95,12 +94,10 @@ def _inverse_rows(z: torch.Tensor, rot: torch.Tensor, side: Side) -> torch.Tenso
     """``Q^{-1} z`` for the rows of ``z``: ``Q^T z``, or the true inverse for approximate maps."""
     if side.exact_inverse:
         return rotate_rows(z, rot, side, transpose=True)
-    compute = rot.float() if rot.dtype not in (torch.float32, torch.float64) else rot
+    inverse_t = gs.inverse_transpose_blocks(rot).to(z.dtype)
     if side.plan == "factors":
-        inv = gs.inverse_transpose_blocks(compute)
-        return gs.gs_apply(z, inv.to(z.dtype), transpose=True)
-    inv_t = torch.linalg.inv(compute).transpose(-1, -2)
-    return gs.block_diag_rows(z, inv_t.to(z.dtype), transpose=True)
+        return gs.gs_apply(z, inverse_t, transpose=True)
+    return gs.block_diag_apply(z, inverse_t, transpose=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -238,7 +235,7 @@ def _backward(ctx, grad, x2, weight, bias, scale, scale_c, rot_in, rot_out, y):
         grad_x, grad_in = _factors_vjp(x2, rot_in, v, side, need_x)
         grad_in = _cast(grad_in, in_dtype) if need_in else None
     elif side.backend != "torch":
-        grad_in = _cast(rows_grad(v, x2, rot_in, side), in_dtype) if need_in else None
+        grad_in = _cast(kernel_rows_grad(v, x2, rot_in, side), in_dtype) if need_in else None
         grad_x = rotate_rows(v, rot_in, side, transpose=True) if need_x else None
     else:  # blockdiag with torch: both products from one view of v
         k, c, _ = rot_in.shape
@@ -267,13 +264,13 @@ def _output_rotation_backward(gs_, z, scale, rot_out, side: Side, cdtype, rows: 
         if side.plan == "factors":
             w, grad_out = _factors_vjp(z_pre, rot_out, gs_, side, need_x=True)
         else:
-            grad_out = rows_grad(gs_, z_pre, rot_out, side) if need_out else None
+            grad_out = kernel_rows_grad(gs_, z_pre, rot_out, side) if need_out else None
             w = rotate_rows(gs_, rot_out, side, transpose=True)
         return w, (grad_out if need_out else None)
     # blockdiag with torch: rows as (k, N, c) batches; z' stays in that layout for the block gradient
     k, c, _ = rot_out.shape
     rot = _cast(rot_out, cdtype)
-    inverse_t = rot if side.exact_inverse else _inverse_transpose(rot)
+    inverse_t = rot if side.exact_inverse else gs.inverse_transpose_blocks(rot)
     g_k = gs_.view(rows, k, c).transpose(0, 1)
     grad_out = None
     if need_out:
@@ -290,12 +287,6 @@ def _bmm_rows(rows_k: torch.Tensor, blocks: torch.Tensor, shape: tuple[int, ...]
     out = torch.empty(shape, dtype=rows_k.dtype, device=rows_k.device)
     torch.bmm(rows_k, blocks, out=out.view(rows, k, c).transpose(0, 1))
     return out
-
-
-def _inverse_transpose(blocks: torch.Tensor) -> torch.Tensor:
-    """``(B^{-1})^T`` per block, computed in at least float32."""
-    compute = blocks if blocks.dtype in (torch.float32, torch.float64) else blocks.float()
-    return torch.linalg.inv(compute).transpose(-1, -2).to(blocks.dtype)
 
 
 def _activation_forward(x2, weight, bias, scale, rot_in, rot_out, spec: LinearSpec) -> torch.Tensor:
