@@ -17,16 +17,14 @@ validation images. ``--prompt_set object|live`` samples the DreamBooth paper's 2
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dreambooth_common import dreambooth_prompts, set_scheduler, write_manifest  # noqa: E402
+from common.dreambooth_data import dreambooth_prompts, set_scheduler, write_manifest
 
-import torch  # noqa: E402
+import torch
 
 
 @dataclass
@@ -102,7 +100,7 @@ def load_pipeline(args: InferArgs) -> Any:
     """The base StableDiffusionPipeline with the adapter loaded (and merged with --merge), on the device."""
     from diffusers import StableDiffusionPipeline
 
-    from gsoft.diffusion import load_adapter
+    from common.diffusion import load_adapter
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {None: torch.float16 if device.startswith("cuda") else torch.float32, "fp32": torch.float32,
@@ -120,8 +118,8 @@ def load_pipeline(args: InferArgs) -> Any:
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     """Generate, save PNGs + manifest + tensor + grid; returns the output directory."""
-    from gsoft.diffusion import generate_images, image_grid
-    from gsoft.training import parse_recipe_args
+    from common.diffusion import generate_images, image_grid
+    from common import parse_recipe_args
 
     args = resolve(parse_recipe_args(InferArgs, argv, description=__doc__.split("\n\n")[0]))
     pipe = load_pipeline(args)

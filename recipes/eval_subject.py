@@ -19,16 +19,14 @@ Models (``--clip_model``, ``--dino_model``) are hub ids or local directories; de
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dreambooth_common import load_images, open_rgb, read_manifest, strip_identifier  # noqa: E402
+from common.dreambooth_data import load_images, open_rgb, read_manifest, strip_identifier
 
-import torch  # noqa: E402
+import torch
 
 
 @dataclass
@@ -143,7 +141,7 @@ def markdown(scores: dict[str, Any]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    from gsoft.training import parse_recipe_args, write_results
+    from common import parse_recipe_args, write_results
 
     args = parse_recipe_args(EvalArgs, argv, description=__doc__.split("\n\n")[0])
     scores = evaluate(args)

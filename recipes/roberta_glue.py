@@ -8,7 +8,7 @@
         --grad_compression topk --compression_ratio 0.01 --compress updates         # compressed AdamW updates
 
 Modelled on transformers' ``run_glue_no_trainer.py``: accelerate for devices, mixed precision, gradient accumulation
-and data parallelism; PEFT's ``get_peft_model`` through ``gsoft.training.apply_method``. Every run writes
+and data parallelism; PEFT's ``get_peft_model`` through ``common.apply_method``. Every run writes
 ``<output_dir>/results.json`` (schema in the README), ``metrics.jsonl``, resumable checkpoints, and the adapter
 (``save_pretrained``, loadable with ``PeftModel.from_pretrained``).
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,14 +31,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the glue_* helpers, also when imported by file path
-
-import datasets  # noqa: E402
-import transformers  # noqa: E402
-from accelerate import Accelerator, DataLoaderConfiguration  # noqa: E402
-from accelerate.utils import ProjectConfiguration, gather_object, set_seed  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-from transformers import (  # noqa: E402
+import datasets
+import transformers
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from tqdm.auto import tqdm
+from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -48,7 +45,7 @@ from transformers import (  # noqa: E402
     get_scheduler,
 )
 
-from gsoft.training import (  # noqa: E402  (importing gsoft registers GSOFT with PEFT)
+from common import (  # (importing gsoft registers GSOFT with PEFT)
     METHODS,
     CommunicationArgs,
     MetricsLogger,
@@ -73,11 +70,11 @@ from gsoft.training import (  # noqa: E402  (importing gsoft registers GSOFT wit
     trainable_state_sha256,
     write_results,
 )
-from gsoft.tuner import TARGET_MODULES_MAPPING  # noqa: E402
+from gsoft.tuner import TARGET_MODULES_MAPPING
 
-import glue_smoke  # noqa: E402
-from glue_data import encode_labels, load_raw_datasets  # noqa: E402
-from glue_tasks import TaskSpec, compute_metrics, predictions_from_logits  # noqa: E402
+from common import glue_smoke
+from common.glue_data import encode_labels, load_raw_datasets
+from common.glue_tasks import TaskSpec, compute_metrics, predictions_from_logits
 
 logger = logging.getLogger("roberta_glue")
 
@@ -87,7 +84,7 @@ GSOFT_METHODS = ("gsoft", "double_gsoft")
 
 @dataclass
 class _GlueOptions:
-    """The recipe's own options; :class:`GlueArgs` adds the communication ones (``gsoft.training.CommunicationArgs``)."""
+    """The recipe's own options; :class:`GlueArgs` adds the communication ones (``common.CommunicationArgs``)."""
 
     # --- data ---
     task: str = field(

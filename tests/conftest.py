@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import os
 import random
 import socket
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Callable
 
 import pytest
@@ -23,20 +21,6 @@ import torch
 from torch import nn
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-
-
-def load_recipe(name: str) -> ModuleType:
-    """Import ``recipes/<name>.py`` (scripts, not a package) once; its directory goes on ``sys.path`` as when it runs
-    as a script, so a recipe's helper modules import by name."""
-    if name in sys.modules:
-        return sys.modules[name]
-    if str(RECIPES) not in sys.path:
-        sys.path.insert(0, str(RECIPES))
-    spec = importlib.util.spec_from_file_location(name, RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # Keep runs reproducible and quiet; the machine has 2 cores.

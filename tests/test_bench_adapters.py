@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from gsoft import gs
-from conftest import load_recipe
+import importlib
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "recipes" / "bench_adapters.py"
@@ -24,7 +24,7 @@ LAYER_SHAPES = [(32, 32)] * 4 + [(32, 64), (64, 32)]  # (in, out) per encoder la
 
 
 def _load_script():
-    return load_recipe("bench_adapters")
+    return importlib.import_module("bench.adapters")
 
 
 def _gsoft_expected(args: dict, layers: int) -> int:

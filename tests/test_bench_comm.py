@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_recipe
+import importlib
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "recipes" / "bench_comm.py"
 
 
 def _load():
-    return load_recipe("bench_comm")
+    return importlib.import_module("bench.comm")
 
 
 def test_quick_no_netns_writes_table_json_plot(tmp_path):

@@ -7,14 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import load_recipe
+import importlib
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "recipes" / "bench_kernels.py"
 
 
 def _load_script():
-    return load_recipe("bench_kernels")
+    return importlib.import_module("bench.kernels")
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,9 @@ import pytest
 import torch
 import yaml
 
-from conftest import RECIPES, load_recipe
+import importlib
+
+from conftest import RECIPES
 
 SPEC = {"hidden_size": 768, "num_hidden_layers": 2, "num_attention_heads": 12, "intermediate_size": 3072,
         "vocab_size": 1000}
@@ -63,7 +65,7 @@ def _model_and_opt(bench, base: torch.nn.Module, key: str) -> tuple[torch.nn.Mod
 
 @pytest.fixture(scope="module")
 def bench():
-    return load_recipe("bench_adapters")
+    return importlib.import_module("bench.adapters")
 
 
 @pytest.fixture(scope="module")

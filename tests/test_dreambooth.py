@@ -21,14 +21,13 @@ import pytest
 import torch
 
 from conftest import free_port
-from gsoft.diffusion import adapter_dirs, generate_images, load_adapter
+from common.diffusion import adapter_dirs, generate_images, load_adapter
+
+import dreambooth
+from common import dreambooth_data as dreambooth_common
+from common import dreambooth_tiny
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "recipes"))
-
-import dreambooth  # noqa: E402
-import dreambooth_common  # noqa: E402
-import dreambooth_tiny  # noqa: E402
 
 SMOKE = REPO_ROOT / "configs" / "dreambooth" / "smoke.yaml"
 FAST = ["--max_train_steps", "6", "--validation_steps", "0", "--checkpointing_steps", "0", "--num_validation_images", "1",
@@ -404,7 +403,7 @@ def test_eval_subject_tiny_models(assets: dict[str, Path], tmp_path: Path) -> No
     ])
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    from gsoft.training import RESULTS_SCHEMA
+    from common import RESULTS_SCHEMA
 
     (run_dir / "results.json").write_text(json.dumps({k: 0 for k in RESULTS_SCHEMA}))
     scores = eval_subject.main(["--images_dir", str(samples), "--instance_data_dir", str(instance), "--clip_model",
@@ -419,7 +418,7 @@ def test_eval_subject_tiny_models(assets: dict[str, Path], tmp_path: Path) -> No
 
 
 def test_bench_quick(tmp_path: Path) -> None:
-    import bench_dreambooth
+    from bench import dreambooth as bench_dreambooth
 
     result = bench_dreambooth.main(["--quick", "--output_dir", str(tmp_path)])
     rows = {r["method"]: r for r in result["rows"]}

@@ -19,8 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gsoft.training import METHODS, build_peft_config
-from conftest import free_port, load_recipe
+from common import METHODS, build_peft_config
+import importlib
+
+from conftest import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES = REPO_ROOT / "recipes"
@@ -28,13 +30,12 @@ SMOKE = REPO_ROOT / "configs" / "glue" / "smoke.yaml"
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 
-_load = load_recipe
 
 
-recipe = _load("roberta_glue")  # puts recipes/ on sys.path, so the helpers import by name
-import glue_data  # noqa: E402
-import glue_smoke  # noqa: E402
-import glue_tasks  # noqa: E402
+recipe = importlib.import_module("roberta_glue")
+from common import glue_data  # noqa: E402
+from common import glue_smoke  # noqa: E402
+from common import glue_tasks  # noqa: E402
 
 # A shrunken smoke task: 192 training examples, batch 16 (12 batches per epoch), a 10-step stand-in pretraining.
 TINY = [
@@ -463,7 +464,7 @@ def test_output_dir_holding_another_run_is_refused(tmp_path):
 # Benchmark
 # ----------------------------------------------------------------------------------------------------------------------
 def test_bench_glue_runs_every_method_and_writes_table_and_plot(tmp_path):
-    bench = _load("bench_glue")
+    bench = importlib.import_module("bench.glue")
     options = ("{smoke_data: {n_train: 64, n_validation: 32}, base_pretrain_steps: 2, max_steps: 2, "
                "per_device_train_batch_size: 16, eval_steps: 2, logging_steps: 1}")
     rows = bench.main(["--recipe_options", options, "--output_dir", str(tmp_path)])

@@ -1,4 +1,4 @@
-"""gsoft.training: the option parser, method switch, output-dir protection, results and checkpoints shared by the
+"""common: the option parser, method switch, output-dir protection, results and checkpoints shared by the
 recipes."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from conftest import tiny_roberta
 from safetensors import safe_open
 
 from gsoft import GSOFTConfig
-from gsoft.training import (
+from common import (
     METHODS,
     MetricsLogger,
     StepTimer,
@@ -54,7 +54,7 @@ class Options:
 
 
 def _parse(argv, tmp_path=None, yaml_text=None):
-    from gsoft.training import parse_recipe_args
+    from common import parse_recipe_args
 
     if yaml_text is not None:
         path = tmp_path / "cfg.yaml"
@@ -327,7 +327,7 @@ def test_boft_factor_fallback_is_reported(caplog):
     """PEFT silently drops BOFT to one butterfly factor without its CUDA extension (every CPU machine)."""
     import logging
 
-    with caplog.at_level(logging.WARNING, logger="gsoft.training.methods"):
+    with caplog.at_level(logging.WARNING, logger="common.methods"):
         model = apply_method(tiny_roberta(), "boft", ["query", "value"], task_type="SEQ_CLS",
                              options={"boft_block_size": 4, "boft_n_butterfly_factor": 2})
     factors = {p.shape[0] for n, p in model.named_parameters() if "boft_R" in n}

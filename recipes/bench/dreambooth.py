@@ -36,13 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "recipes"))
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
+import torch
+import yaml
 
-from bench_adapters import (  # noqa: E402  (the adapter benchmark's measurement helpers, shared)
+from .adapters import (  # (the adapter benchmark's measurement helpers, shared)
     _loadavg,
     _restore_fbd,
     boft_fbd,
@@ -54,7 +53,7 @@ from bench_adapters import (  # noqa: E402  (the adapter benchmark's measurement
     timed,
     versions,
 )
-from dreambooth import latent_loss  # noqa: E402
+from dreambooth import latent_loss
 
 MiB = 2**20
 
@@ -100,7 +99,7 @@ class BenchArgs:
 
 def parse(argv: Optional[Sequence[str]]) -> BenchArgs:
     """YAML defaults < device overrides < quick overrides < command line."""
-    from gsoft.training import parse_recipe_args
+    from common import parse_recipe_args
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv:
@@ -149,10 +148,10 @@ def method_options(args: BenchArgs) -> dict[str, dict[str, Any]]:
 
 
 def build_models(args: BenchArgs, config: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, torch.nn.Module]]:
-    """The frozen base UNet and one adapted deep copy per method (``gsoft.training.apply_method``)."""
+    """The frozen base UNet and one adapted deep copy per method (``common.apply_method``)."""
     from diffusers import UNet2DConditionModel
 
-    from gsoft.training import apply_method
+    from common import apply_method
 
     torch.manual_seed(args.seed)
     base = UNet2DConditionModel(**config).to(args.device).requires_grad_(False)
@@ -181,7 +180,7 @@ def run(args: BenchArgs) -> dict[str, Any]:
     import diffusers
     from diffusers import DDPMScheduler
 
-    from gsoft.training import count_parameters
+    from common import count_parameters
 
     if args.threads and torch.device(args.device).type == "cpu":
         torch.set_num_threads(args.threads)

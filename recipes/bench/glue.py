@@ -23,13 +23,12 @@ from typing import Any, Optional
 import torch
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
-from gsoft.training import METHODS, parse_recipe_args, reset_peak_memory  # noqa: E402
+from common import METHODS, parse_recipe_args, reset_peak_memory
 
-import roberta_glue  # noqa: E402
-from bench_adapters import boft_fbd  # noqa: E402  (PEFT BOFT's CUDA-only kernel, or a pure-PyTorch stand-in)
+import roberta_glue
+from .adapters import boft_fbd  # (PEFT BOFT's CUDA-only kernel, or a pure-PyTorch stand-in)
 
 
 @dataclass

@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(REPO_ROOT))
 
 PathLike = Union[str, Path]
 

@@ -47,17 +47,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "bench" / "kernels.yaml"
-for path in (REPO_ROOT, REPO_ROOT / "recipes"):  # a checkout without `pip install -e .`; bench_adapters' helpers
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
+import torch
+import yaml
 
-import bench_adapters  # noqa: E402
-from bench_adapters import boft_fbd, device_label, summary, sync, versions  # noqa: E402
+from bench import adapters as bench_adapters
+from .adapters import boft_fbd, device_label, summary, sync, versions
 
 LIST_KEYS = ("hidden", "tokens", "dtypes", "modes", "methods")
 CLI_KEYS = (*LIST_KEYS, "warmup", "reps", "device", "threads", "plot", "seed", "output_dir")

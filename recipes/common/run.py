@@ -244,7 +244,7 @@ def write_results(output_dir: Union[str, Path], results: dict[str, Any]) -> Path
     """Write ``results.json`` (flat, sorted keys) after checking the common keys of :data:`RESULTS_SCHEMA`."""
     missing = [key for key in RESULTS_SCHEMA if key not in results]
     if missing:
-        raise ValueError(f"results are missing the common keys {missing} (see gsoft.training.RESULTS_SCHEMA).")
+        raise ValueError(f"results are missing the common keys {missing} (see common.RESULTS_SCHEMA).")
     path = Path(output_dir) / RESULTS
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write_json(path, results)

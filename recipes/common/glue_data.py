@@ -10,8 +10,8 @@ from typing import Any, Optional
 
 from datasets import ClassLabel, DatasetDict, Value, load_dataset
 
-import glue_smoke
-from glue_tasks import TaskSpec, custom_task, get_task
+from . import glue_smoke
+from .glue_tasks import TaskSpec, custom_task, get_task
 
 _FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
 

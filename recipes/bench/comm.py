@@ -39,11 +39,10 @@ from typing import Any, Optional
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPE = REPO_ROOT / "recipes" / "roberta_glue.py"
-sys.path.insert(0, str(REPO_ROOT))
 
-from gsoft.training import parse_recipe_args  # noqa: E402
+from common import parse_recipe_args
 
 # Set to 1 to take the "no root / no ip netns" path without dropping privileges (the test does; so can a user who
 # wants to see the message).
@@ -347,8 +346,7 @@ def load_config(args: BenchCommArgs) -> dict[str, Any]:
 
 def _check_recipe_flags(settings: dict[str, dict[str, Any]]) -> None:
     """Fail early, naming the flag, when the recipe does not know a setting's option (e.g. an older checkout)."""
-    sys.path.insert(0, str(RECIPE.parent))
-    import roberta_glue  # noqa: E402
+    import roberta_glue
 
     known = set(roberta_glue.GlueArgs.__dataclass_fields__)
     for name, options in settings.items():

@@ -8,9 +8,9 @@ The recipe saves its adapters in PEFT format next to each other, in the pipeline
 so loading is ``PeftModel.from_pretrained(pipe.unet, output_dir / "unet")`` (and the same for the text encoder), or
 in one call, optionally merged into the weights for zero-overhead inference::
 
-    import gsoft.diffusion
+    import common.diffusion
     pipe = StableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
-    gsoft.diffusion.load_adapter(pipe, "outputs/dreambooth-dog", merge=True)
+    common.diffusion.load_adapter(pipe, "outputs/dreambooth-dog", merge=True)
 
 Works for every method the recipe trains (GSOFT, Double GSOFT and PEFT's LoRA / OFT / BOFT): PEFT reads the method
 from ``adapter_config.json``.

@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 from peft import BOFTConfig, LoraConfig, OFTConfig, PeftConfig, get_peft_model
 from torch import nn
 
-from ..tuner import GSOFTConfig
+from gsoft.tuner import GSOFTConfig
 
 logger = logging.getLogger(__name__)
 
