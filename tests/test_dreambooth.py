@@ -415,13 +415,3 @@ def test_eval_subject_tiny_models(assets: dict[str, Path], tmp_path: Path) -> No
     assert saved["clip_t"] == pytest.approx(scores["clip_t"])
     merged = json.loads((run_dir / "results.json").read_text())
     assert merged["eval_clip_i"] == pytest.approx(1.0, abs=1e-5) and "eval_dino" in merged
-
-
-def test_bench_quick(tmp_path: Path) -> None:
-    from bench import dreambooth as bench_dreambooth
-
-    result = bench_dreambooth.main(["--quick", "--output_dir", str(tmp_path)])
-    rows = {r["method"]: r for r in result["rows"]}
-    assert set(rows) == {"gsoft", "double_gsoft", "lora", "oft", "boft"}
-    assert all(r["step_ms"] > 0 and r["trainable_params"] > 0 for r in rows.values())
-    assert (tmp_path / "results.json").is_file() and "| method |" in (tmp_path / "tables.md").read_text()

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common import METHODS, build_peft_config
+from common import build_peft_config
 import importlib
 
 from conftest import free_port
@@ -458,24 +458,3 @@ def test_output_dir_holding_another_run_is_refused(tmp_path):
     again = _run(tmp_path, "out", "--max_steps", "2", "--base_pretrain_steps", "0", "--learning_rate", "1e-3",
                  "--overwrite_output_dir")
     assert again["train_steps"] == 2
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Benchmark
-# ----------------------------------------------------------------------------------------------------------------------
-def test_bench_glue_runs_every_method_and_writes_table_and_plot(tmp_path):
-    bench = importlib.import_module("bench.glue")
-    options = ("{smoke_data: {n_train: 64, n_validation: 32}, base_pretrain_steps: 2, max_steps: 2, "
-               "per_device_train_batch_size: 16, eval_steps: 2, logging_steps: 1}")
-    rows = bench.main(["--recipe_options", options, "--output_dir", str(tmp_path)])
-    assert [r["method"] for r in rows] == list(METHODS)
-    params = {r["method"]: r["trainable_params"] for r in rows}
-    assert params["full"] > params["double_gsoft"] > params["gsoft"] > 0
-    table = (tmp_path / "bench_glue.md").read_text()
-    for label in ("GSOFT b=8 m=2", "Double GSOFT b=8 m=2", "LoRA r=8", "OFT b=16", "BOFT b=8 m=2", "full fine-tuning"):
-        assert f"| {label} |" in table
-    assert "stand-in" in table  # the BOFT-on-CPU note
-    assert (tmp_path / "bench_glue.png").stat().st_size > 0
-    assert len(json.loads((tmp_path / "bench_glue.json").read_text())) == len(METHODS)
-    assert (tmp_path / "full" / "model" / "config.json").is_file()  # full fine-tuning saves the whole model
-    assert (tmp_path / "boft" / "adapter" / "adapter_config.json").is_file()
