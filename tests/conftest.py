@@ -12,7 +12,6 @@ import functools
 import os
 import random
 import socket
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
