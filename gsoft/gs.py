@@ -20,12 +20,12 @@ Conventions (see README, "The math"):
 from __future__ import annotations
 
 import functools
-from typing import Literal, Union
+from typing import Literal, Optional, Union, get_args
 
 import torch
 
 OrthogonalMap = Literal["cayley", "cayley_neumann", "exp"]
-ORTHOGONAL_MAPS: tuple[str, ...] = ("cayley", "cayley_neumann", "exp")
+ORTHOGONAL_MAPS: tuple[str, ...] = get_args(OrthogonalMap)
 NFactors = Union[int, Literal["auto"]]
 
 
@@ -37,38 +37,52 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_sizes(block_size: Optional[int], n_blocks: Optional[int]) -> None:
+    """The rules of ``block_size`` / ``n_blocks`` that hold for every dimension: exactly one of them, an int >= 2 or
+    an int >= 1. :func:`resolve_blocks` adds the dimension's own rule (divisibility)."""
+    if block_size is not None and n_blocks is not None:
+        raise ValueError(
+            f"Give only one of `block_size` and `n_blocks` (got block_size={block_size}, n_blocks={n_blocks}): the "
+            "other follows per dimension from dimension = block_size * n_blocks."
+        )
+    if block_size is None and n_blocks is None:
+        raise ValueError("Give one of `block_size` and `n_blocks` (got neither); dimension = block_size * n_blocks.")
+    if block_size is not None and (not _is_int(block_size) or block_size < 2):
+        raise ValueError(f"block_size must be an int >= 2, got {block_size!r}.")
+    if n_blocks is not None and (not _is_int(n_blocks) or n_blocks < 1):
+        raise ValueError(f"n_blocks must be an int >= 1, got {n_blocks!r}.")
+
+
 def resolve_blocks(n: int, block_size: int | None = None, n_blocks: int | None = None, where: str = "") -> tuple[int, int]:
     """Turn exactly one of ``block_size`` / ``n_blocks`` into ``(block_size, n_blocks)`` for a dimension ``n``.
 
     Raises a ``ValueError`` that lists the sizes that would fit instead of silently adjusting them (PEFT's OFT rounds
-    the block size to a neighbour with a warning; we prefer an explicit choice).
+    the block size to a neighbour with a warning; GSOFT asks for an explicit choice).
     """
+    check_sizes(block_size, n_blocks)
     where = f" for {where}" if where else ""
-    if (block_size is None) == (n_blocks is None):
-        raise ValueError(
-            f"Give exactly one of `block_size` and `n_blocks`{where} (got block_size={block_size}, n_blocks={n_blocks});"
-            " n = block_size * n_blocks."
-        )
     valid = [d for d in divisors(n) if d >= 2]
     if block_size is not None:
-        if block_size < 2 or n % block_size != 0:
+        if n % block_size != 0:
             raise ValueError(
                 f"block_size={block_size} does not divide the dimension {n}{where}. Block sizes that would: {valid}."
             )
         return block_size, n // block_size
-    valid_nb = [n // d for d in valid]
-    if n_blocks < 1 or n % n_blocks != 0 or n // n_blocks < 2:
+    if n % n_blocks != 0 or n // n_blocks < 2:
         raise ValueError(
             f"n_blocks={n_blocks} does not divide the dimension {n}{where} into blocks of size >= 2. "
-            f"Numbers of blocks that would: {sorted(valid_nb)}."
+            f"Numbers of blocks that would: {sorted(n // d for d in valid)}."
         )
     return n // n_blocks, n_blocks
 
 
 def auto_n_factors(n_blocks: int, block_size: int) -> int:
     """Fewest GS factors giving a dense matrix: ``1 + ceil(log_b r)`` (computed in integers, no float rounding)."""
-    if block_size < 2:
-        raise ValueError(f"block_size must be >= 2, got {block_size}.")
+    check_sizes(block_size, None)
     k, reach = 0, 1
     while reach < n_blocks:
         reach *= block_size
@@ -76,14 +90,19 @@ def auto_n_factors(n_blocks: int, block_size: int) -> int:
     return 1 + k
 
 
+def check_n_factors(n_factors: NFactors) -> None:
+    """``n_factors`` is an int >= 1 or ``"auto"``."""
+    if n_factors != "auto" and (not _is_int(n_factors) or n_factors < 1):
+        raise ValueError(f"n_factors must be an int >= 1 or 'auto', got {n_factors!r}.")
+
+
 def resolve_n_factors(n_factors: NFactors, n_blocks: int, block_size: int, where: str = "") -> int:
     """Validate ``n_factors`` (an int >= 1 or ``"auto"``) for one dimension and return it as an int."""
-    where = f" for {where}" if where else ""
+    check_n_factors(n_factors)
     if n_factors == "auto":
         return auto_n_factors(n_blocks, block_size)
-    if isinstance(n_factors, bool) or not isinstance(n_factors, int) or n_factors < 1:
-        raise ValueError(f"n_factors must be an int >= 1 or 'auto', got {n_factors!r}.")
     if n_factors > 1 and n_blocks == 1:
+        where = f" for {where}" if where else ""
         raise ValueError(
             f"n_factors={n_factors} needs at least 2 blocks, but block_size={block_size} covers the whole dimension"
             f"{where}: one factor is already a dense rotation. Use n_factors=1 or 'auto', or a smaller block_size."
@@ -123,6 +142,15 @@ def skew_params(skew: torch.Tensor) -> torch.Tensor:
     return skew[..., rows, cols]
 
 
+def check_orthogonal_map(orthogonal_map: str, neumann_terms: int = 5) -> None:
+    """``orthogonal_map`` is one of :data:`ORTHOGONAL_MAPS`; ``neumann_terms`` (used by ``cayley_neumann``) an int
+    >= 1."""
+    if orthogonal_map not in ORTHOGONAL_MAPS:
+        raise ValueError(f"Unknown orthogonal_map {orthogonal_map!r}; choose one of {ORTHOGONAL_MAPS}.")
+    if not _is_int(neumann_terms) or neumann_terms < 1:
+        raise ValueError(f"neumann_terms must be an int >= 1, got {neumann_terms!r}.")
+
+
 def orthogonal_from_skew(
     skew: torch.Tensor, orthogonal_map: OrthogonalMap = "cayley", neumann_terms: int = 5
 ) -> torch.Tensor:
@@ -134,21 +162,18 @@ def orthogonal_from_skew(
       which is the fine-tuning regime (K starts at zero), and not orthogonal for large K.
     * ``exp`` (exact): ``torch.matrix_exp(K)``.
     """
+    check_orthogonal_map(orthogonal_map, neumann_terms)
     eye = torch.eye(skew.shape[-1], dtype=skew.dtype, device=skew.device)
     if orthogonal_map == "cayley":
         return torch.linalg.solve(eye - skew, eye + skew)
     if orthogonal_map == "cayley_neumann":
-        if neumann_terms < 1:
-            raise ValueError(f"neumann_terms must be >= 1, got {neumann_terms}.")
         series = eye.expand_as(skew)
         power = eye.expand_as(skew)
         for _ in range(1, neumann_terms):
             power = power @ skew
             series = series + power
         return (eye + skew) @ series
-    if orthogonal_map == "exp":
-        return torch.linalg.matrix_exp(skew)
-    raise ValueError(f"Unknown orthogonal_map {orthogonal_map!r}; choose one of {ORTHOGONAL_MAPS}.")
+    return torch.linalg.matrix_exp(skew)
 
 
 def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
@@ -215,9 +240,12 @@ def two_factor_groups(blocks: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ihpl,hlij->hpilj", second, first).reshape(groups, b * b, b * b)
 
 
-def grouped(n_factors: int, n_blocks: int, block_size: int) -> bool:
-    """Whether a GS matrix is applied through its dense two-factor groups (:func:`two_factor_groups`)."""
-    return n_factors == 2 and n_blocks % block_size == 0 and block_size <= GROUPED_MAX_BLOCK
+def grouped(n_factors: int, n_blocks: int, block_size: int, max_block: Optional[int] = None) -> bool:
+    """Whether a GS matrix is applied through its dense two-factor groups (:func:`two_factor_groups`): two factors,
+    ``b | r``, and ``b`` at most ``max_block`` (default :data:`GROUPED_MAX_BLOCK`, the CPU reference's limit; the
+    device plans of :mod:`gsoft.plan` and the fused kernels pass their own)."""
+    limit = GROUPED_MAX_BLOCK if max_block is None else max_block
+    return n_factors == 2 and n_blocks % block_size == 0 and block_size <= limit
 
 
 def block_diag_grad_split(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

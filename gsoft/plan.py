@@ -9,25 +9,36 @@ Backends:
 * ``"auto"``: the rule of :data:`AUTO_RULE`.
 
 :func:`matrix_form` is the other per-device rule: how a GS matrix is built and applied (block-diagonal groups, one
-dense block, or one pass per factor).
+dense block, or one pass per factor); :func:`in_form` and :func:`diagonal_blocks` give a matrix's layout in its form.
 
 An explicit fused backend that cannot run raises a ``RuntimeError`` that says why; nothing falls back silently.
-This module imports :mod:`gsoft.gs` (the math) and, lazily, :mod:`gsoft.kernels`; neither imports it back.
+This module imports :mod:`gsoft.gs` (the math), :mod:`gsoft.kernels.availability` (which imports neither Triton nor
+the extension) and, lazily, :mod:`gsoft.kernels.ops`; none of them imports it back.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 from . import gs
+from .kernels.availability import FusedBackend, unavailable_reason
 
 logger = logging.getLogger(__name__)
 
-Backend = Literal["auto", "torch", "triton", "cuda"]
-BACKENDS: tuple[str, ...] = ("auto", "torch", "triton", "cuda")
+Backend = Literal["auto", "torch", FusedBackend]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+
+
+def check_backend(backend: str) -> None:
+    """``backend`` is one of :data:`BACKENDS`."""
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"Unknown GS backend {backend!r}; choose one of {BACKENDS} ('auto' follows gsoft.plan.AUTO_RULE)."
+        )
+
 
 #: What ``"auto"`` picks, per device type. GSOFT layers fold the input rotation into the frozen weight in the
 #: forward and multiply activations only in the backward (two block-diagonal products per layer), so the backend only
@@ -44,10 +55,10 @@ GROUPED_MAX_BLOCK: dict[str, int] = {"cpu": gs.GROUPED_MAX_BLOCK, "cuda": 16}
 #: On a GPU one GEMM of ``n`` multiply-adds per feature beats the factored form's ``2m`` passes of small block
 #: multiplies with shuffles in between (each a kernel over the whole activation); on a CPU the arithmetic counts.
 DENSE_MAX: dict[str, int] = {"cpu": 0, "cuda": 2048}
-FORMS: tuple[str, ...] = ("blocks", "groups", "dense", "factors")
+Form = Literal["blocks", "groups", "dense", "factors"]
 
 
-def matrix_form(n_factors: int, n_blocks: int, block_size: int, device_type: str) -> str:
+def matrix_form(n_factors: int, n_blocks: int, block_size: int, device_type: str) -> Form:
     """How a GS matrix with these sizes is built and applied on a device type:
 
     * ``"blocks"``: one factor, its ``(r, b, b)`` blocks (one block-diagonal multiply);
@@ -55,16 +66,44 @@ def matrix_form(n_factors: int, n_blocks: int, block_size: int, device_type: str
     * ``"dense"``: the whole matrix as one ``(1, n, n)`` block (one GEMM);
     * ``"factors"``: the blocks ``(m, r, b, b)``, one pass per factor.
 
-    The first three are block-diagonal (plan "blockdiag" of the layers); see :data:`GROUPED_MAX_BLOCK` and
+    The first three are block-diagonal (:func:`block_diagonal`); see :data:`GROUPED_MAX_BLOCK` and
     :data:`DENSE_MAX` for the device rules.
     """
     if n_factors == 1:
         return "blocks"
-    if n_factors == 2 and n_blocks % block_size == 0 and block_size <= GROUPED_MAX_BLOCK.get(device_type, 8):
+    if gs.grouped(n_factors, n_blocks, block_size, GROUPED_MAX_BLOCK.get(device_type, gs.GROUPED_MAX_BLOCK)):
         return "groups"
     if n_blocks * block_size <= DENSE_MAX.get(device_type, 0):
         return "dense"
     return "factors"
+
+
+def block_diagonal(form: Form) -> bool:
+    """Whether a matrix of this form is one block-diagonal multiply (all forms but ``"factors"``)."""
+    return form != "factors"
+
+
+def diagonal_blocks(form: Form, n_blocks: int, block_size: int) -> int:
+    """Number ``k`` of diagonal blocks of a block-diagonal form: ``r`` ("blocks"), ``r / b`` ("groups"), 1 ("dense")."""
+    if form == "blocks":
+        return n_blocks
+    if form == "groups":
+        return n_blocks // block_size
+    if form == "dense":
+        return 1
+    raise ValueError(f"A GS matrix of form {form!r} is not block-diagonal.")
+
+
+def in_form(blocks: torch.Tensor, form: Form) -> torch.Tensor:
+    """One matrix's blocks ``(m, r, b, b)`` in the layout of ``form``: the diagonal blocks ``(k, c, c)`` of the
+    block-diagonal forms, or the blocks themselves for "factors"."""
+    if form == "blocks":
+        return blocks[0]
+    if form == "groups":
+        return gs.two_factor_groups(blocks)
+    if form == "dense":
+        return gs.materialize(blocks).unsqueeze(0)
+    return blocks
 
 
 _AUTO_CHOICES_LOGGED: set[tuple[str, str]] = set()
@@ -74,21 +113,15 @@ def resolve_backend(backend: str, x: torch.Tensor, blocks: torch.Tensor | None =
     """The backend (``"torch"``, ``"triton"`` or ``"cuda"``) that multiplies ``x`` (by ``blocks``) here."""
     if backend == "torch":
         return "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"Unknown GS backend {backend!r}; choose one of {BACKENDS}.")
+    check_backend(backend)
     if backend == "auto":
         choice = AUTO_RULE.get(x.device.type, "torch")
-        if choice != "torch":
-            from .kernels.availability import unavailable_reason
-
-            if unavailable_reason(choice, x, blocks):
-                choice = "torch"
+        if choice != "torch" and unavailable_reason(choice, x, blocks):
+            choice = "torch"
         if (choice, x.device.type) not in _AUTO_CHOICES_LOGGED:
             _AUTO_CHOICES_LOGGED.add((choice, x.device.type))
             logger.info("GS backend 'auto' uses %r for tensors on %r.", choice, x.device.type)
         return choice
-    from .kernels.availability import unavailable_reason
-
     reason = unavailable_reason(backend, x, blocks)
     if reason:
         raise RuntimeError(f"GS backend {backend!r} cannot run: {reason}. Use backend='torch' or 'auto'.")

@@ -8,8 +8,9 @@
 * ``schedule``: the plans and passes of a GS matrix (pure shape rules); ``availability``: why a backend cannot run.
 
 Imports between these modules go one way (``ops`` -> ``triton_gs`` / ``cuda_ext`` -> ``availability`` ->
-``schedule``). :func:`gsoft.gs_apply` is the only entry point: ``gs_apply(x, blocks, backend="auto" | "torch" |
-"triton" | "cuda")``. Nothing is imported, compiled or tuned at import time. This file must stay free of imports: from a
-checkout's root the directory is also reachable as a top-level ``kernels`` module, which transformers imports while
-probing for the unrelated Hub ``kernels`` package.
+``schedule`` -> :mod:`gsoft.gs`). Callers: :func:`gsoft.gs_apply` (``backend="triton"`` or ``"cuda"``) runs whole GS
+matrices through ``ops``; the GSOFT layers' fused op (:mod:`gsoft.tuner.fused`) runs single block-diagonal passes
+through :func:`ops.backend_module`. Nothing is compiled or tuned at import time. This file must stay free of imports:
+from a checkout's root the directory is also reachable as a top-level ``kernels`` module, which transformers imports
+while probing for the unrelated Hub ``kernels`` package.
 """

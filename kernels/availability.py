@@ -1,16 +1,21 @@
-"""Why a fused backend cannot run on given tensors (None when it can). Imports neither Triton nor the extension, and
-from ``gsoft.kernels`` only the shape rules of :mod:`.schedule` (``cuda_ext`` imports this module)."""
+"""The fused backends, and why one cannot run on given tensors (None when it can). Imports neither Triton nor the
+extension, and from ``gsoft.kernels`` only the shape rules of :mod:`.schedule` (``cuda_ext`` and ``ops`` import this
+module; :mod:`gsoft.plan` too, at import time)."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
 import sys
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 import torch
 
 from .schedule import cuda_unsupported_reason
+
+#: The fused backends: the Triton kernels (``triton_gs``) and the CUDA extension (``cuda_ext``).
+FusedBackend = Literal["triton", "cuda"]
+FUSED_BACKENDS: tuple[str, ...] = get_args(FusedBackend)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -60,7 +65,7 @@ def triton_unavailable_reason(x: torch.Tensor) -> Optional[str]:
 
 def cuda_unavailable_reason(x: torch.Tensor, blocks: Optional[torch.Tensor] = None) -> Optional[str]:
     if x.device.type != "cuda":
-        return f"tensors are on {x.device.type!r}: the CUDA extension needs CUDA tensors (no GPU here?)"
+        return f"tensors are on {x.device.type!r}: the CUDA extension needs CUDA tensors"
     if torch.version.cuda is None:
         return "this PyTorch build has no CUDA support"
     from torch.utils.cpp_extension import CUDA_HOME
@@ -74,10 +79,15 @@ def cuda_unavailable_reason(x: torch.Tensor, blocks: Optional[torch.Tensor] = No
     return _dtype_reason(x)
 
 
+def check_fused_backend(backend: str) -> None:
+    """``backend`` is one of :data:`FUSED_BACKENDS`."""
+    if backend not in FUSED_BACKENDS:
+        raise ValueError(f"Unknown fused GS backend {backend!r}; choose one of {FUSED_BACKENDS}.")
+
+
 def unavailable_reason(backend: str, x: torch.Tensor, blocks: Optional[torch.Tensor] = None) -> Optional[str]:
-    """Why ``backend`` ("triton" or "cuda") cannot multiply ``x`` by ``blocks`` here, or None if it can."""
+    """Why ``backend`` (one of :data:`FUSED_BACKENDS`) cannot multiply ``x`` by ``blocks`` here, or None if it can."""
+    check_fused_backend(backend)
     if backend == "triton":
         return triton_unavailable_reason(x)
-    if backend == "cuda":
-        return cuda_unavailable_reason(x, blocks)
-    raise ValueError(f"Unknown fused backend {backend!r}.")
+    return cuda_unavailable_reason(x, blocks)

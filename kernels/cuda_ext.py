@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .. import gs
+from .availability import cuda_unavailable_reason
 from .schedule import Pass
 
 SOURCE = Path(__file__).with_name("gs_grouped.cu")
@@ -21,8 +23,6 @@ SOURCE = Path(__file__).with_name("gs_grouped.cu")
 @functools.lru_cache(maxsize=None)
 def extension():
     """Compile (once per machine) and load the extension; a clear error if that is impossible here."""
-    from .availability import cuda_unavailable_reason
-
     probe = torch.empty(0, device="cuda") if torch.cuda.is_available() else torch.empty(0)
     reason = cuda_unavailable_reason(probe)
     if reason:
@@ -54,7 +54,7 @@ def block_grad(grad, x, blocks, step: Pass, shuffle_blocks: int, shuffle_size: i
     """Same contract as :func:`gsoft.kernels.triton_gs.block_grad`: partial sums over row chunks, added here."""
     _check_pass(step)
     n_rows = x.shape[0]
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    sms = gs.cuda_multiprocessors(x.device)
     splits = max(1, min(4 * sms // max(1, blocks.shape[1]), (n_rows + 255) // 256))
     partial = extension().weight_grad(
         _unit_columns(grad.to(x.dtype)), _unit_columns(x), blocks.shape[1], step.transpose_blocks, splits

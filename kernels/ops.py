@@ -23,16 +23,8 @@ from __future__ import annotations
 import torch
 
 from .. import gs
-from .schedule import (  # noqa: F401  (the plan rules are re-exported: ops.grouped_plan, ops.FUSED_MAX_BLOCK, ...)
-    CUDA_MAX_GROUP,
-    FUSED_MAX_BLOCK,
-    Pass,
-    cuda_unsupported_reason,
-    grouped_plan,
-    pass_schedule,
-)
-
-FUSED_BACKENDS = ("triton", "cuda")
+from .availability import check_fused_backend
+from .schedule import Pass, grouped_plan, pass_schedule
 
 
 def gs_multiply(x: torch.Tensor, blocks: torch.Tensor, transpose: bool, backend: str) -> torch.Tensor:
@@ -47,16 +39,18 @@ def gs_multiply(x: torch.Tensor, blocks: torch.Tensor, transpose: bool, backend:
 # ----------------------------------------------------------------------------------------------------------------------
 # Backend implementations of one pass and its block gradient
 # ----------------------------------------------------------------------------------------------------------------------
-def _impl(backend: str):
+def backend_module(backend: str):
+    """The module of a fused backend: ``triton_gs`` or ``cuda_ext``, both with ``block_multiply(x, blocks, step,
+    shuffle_blocks, shuffle_size)`` and ``block_grad(grad, x, blocks, step, shuffle_blocks, shuffle_size)``. Imported
+    on first use (Triton, the extension's build)."""
+    check_fused_backend(backend)
     if backend == "triton":
         from . import triton_gs
 
         return triton_gs
-    if backend == "cuda":
-        from . import cuda_ext
+    from . import cuda_ext
 
-        return cuda_ext
-    raise ValueError(f"Unknown fused GS backend {backend!r}; choose one of {FUSED_BACKENDS}.")
+    return cuda_ext
 
 
 def _schedule(blocks: torch.Tensor, transpose: bool) -> list[Pass]:
@@ -76,7 +70,7 @@ def _gs_multiply_op(
     """All passes of ``Q x``: ``blocks`` is ``(m, nb, bs, bs)``; the shuffles are those of ``shuffle_blocks`` blocks
     of size ``shuffle_size`` (unused for one pass)."""
     _check(x, blocks)
-    impl = _impl(backend)
+    impl = backend_module(backend)
     blocks = blocks.contiguous()
     h = x
     for step in _schedule(blocks, transpose):  # at least one pass: the result never aliases x
@@ -104,7 +98,7 @@ def _gs_multiply_backward_op(
     """``(dx, dblocks)`` of :func:`_gs_multiply_op`. Recomputes the intermediate activations of the multi-pass plan
     (one extra pass each) instead of having saved them. Unneeded outputs are returned empty."""
     _check(x, blocks)
-    impl = _impl(backend)
+    impl = backend_module(backend)
     blocks = blocks.contiguous()
     grad = grad.to(x.dtype)
     schedule = _schedule(blocks, transpose)

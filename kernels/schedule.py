@@ -1,5 +1,6 @@
 """Plans and passes of a fused GS multiply: pure shape rules, shared by the op layer, the CUDA backend and the
-availability checks. Imports nothing from ``gsoft.kernels`` (nor torch, nor Triton), so any of them can import it.
+availability checks. Imports nothing from ``gsoft.kernels`` (nor Triton), only :mod:`gsoft.gs`'s grouping rule, so any
+of them can import it.
 
 A pass computes ``y = S_b^out_pow · W · S_r^in_pow · x`` for every row (see :mod:`gsoft.kernels.triton_gs`):
 a block-diagonal multiply whose perfect shuffles are folded into the read and write indices,
@@ -8,10 +9,11 @@ a block-diagonal multiply whose perfect shuffles are folded into the read and wr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
-if TYPE_CHECKING:
-    import torch
+import torch
+
+from .. import gs
 
 #: Largest block size of the one-pass plan for two factors. Each activation costs ``2 b^2`` flops there against
 #: ``4 b`` for two passes: up to b = 16 the single pass stays memory-bound on a current GPU (fp16 tensor cores), so
@@ -22,13 +24,13 @@ FUSED_MAX_BLOCK = 16
 CUDA_MAX_GROUP = 64
 
 
-def grouped_plan(blocks: "torch.Tensor") -> bool:
+def grouped_plan(blocks: torch.Tensor) -> bool:
     """Whether ``blocks`` (``(m, r, b, b)``) run as one pass over the dense two-factor groups."""
     m, r, b, _ = blocks.shape
-    return m == 2 and r % b == 0 and b <= FUSED_MAX_BLOCK
+    return gs.grouped(m, r, b, FUSED_MAX_BLOCK)
 
 
-def cuda_unsupported_reason(blocks: "torch.Tensor") -> Optional[str]:
+def cuda_unsupported_reason(blocks: torch.Tensor) -> Optional[str]:
     """Why the CUDA extension cannot run these blocks (it only has the one-pass kernel), or None."""
     m, r, b, _ = blocks.shape
     size = b * b if grouped_plan(blocks) else b
@@ -65,5 +67,3 @@ def pass_schedule(n_factors: int, transpose: bool) -> list[Pass]:
     if not transpose:
         return [Pass(i, False, 1 if i > 0 else 0, m - 1 if i == m - 1 else 0) for i in range(m)]
     return [Pass(m - 1 - t, True, m - 1 if t == 0 else 0, 1 if t < m - 1 else 0) for t in range(m)]
-
-

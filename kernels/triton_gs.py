@@ -43,7 +43,8 @@ shape only compiles. Environment:
 * ``GSOFT_TRITON_AUTOTUNE=1`` (read at every call): instead time every config of ``MULTIPLY_TILES`` /
   ``GRAD_TILES`` plus the heuristic's pick the first time a key (kernel, block size, number of blocks, shuffles,
   dtype, power-of-two bucket of the row count, device) is seen, and keep the fastest in memory for that key. The
-  first call of each key then takes seconds; ``recipes/bench_kernels.py --sweep`` prints the same comparison.
+  first call of each key then takes seconds; ``python recipes/benchmark.py kernels --sweep`` prints
+  the same comparison.
 * ``TRITON_INTERPRET=1`` (read when this module is first imported): Triton's CPU interpreter, for tests; every launch
   uses 32-wide tiles (``INTERPRETER_TILES``), which still exercise packing, the K loop and several output tiles.
 

@@ -320,7 +320,7 @@ def test_batched_build_matches_each_rotation_alone(monkeypatch, dense_max: int) 
             rotation = side["default"]
             form = rotation.form("cpu")
             forms.add(form)
-            alone = rotations.in_form(rotation.blocks(), form)
+            alone = plan.in_form(rotation.blocks(), form)
             torch.testing.assert_close(rotation.rotation(), alone, atol=1e-12, rtol=1e-12)
     assert forms == ({"groups", "dense"} if dense_max else {"groups", "factors"})
 

@@ -200,10 +200,16 @@ def test_resolve_blocks_and_errors():
         gs.resolve_blocks(768, block_size=5)
     with pytest.raises(ValueError, match="n_blocks=7 does not divide"):
         gs.resolve_blocks(768, n_blocks=7)
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ValueError, match=r"Give one of `block_size` and `n_blocks` \(got neither\)"):
         gs.resolve_blocks(768)
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ValueError, match=r"only one of `block_size` and `n_blocks` \(got block_size=8, n_blocks=96\)"):
         gs.resolve_blocks(768, 8, 96)
+    with pytest.raises(ValueError, match="block_size must be an int >= 2, got 1"):
+        gs.resolve_blocks(768, block_size=1)
+    with pytest.raises(ValueError, match=r"block_size must be an int >= 2, got 8\.0"):
+        gs.resolve_blocks(768, block_size=8.0)
+    with pytest.raises(ValueError, match="n_blocks must be an int >= 1, got 0"):
+        gs.resolve_blocks(768, n_blocks=0)
 
 
 def test_resolve_n_factors_errors():

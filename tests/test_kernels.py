@@ -85,15 +85,17 @@ def _shape_id(shape) -> str:
 # Plan and schedule
 # ----------------------------------------------------------------------------------------------------------------------
 def test_plans_cover_the_cases() -> None:
-    assert ops.grouped_plan(_blocks(24, 2, 2)) and ops.grouped_plan(_blocks(1536, 16, 2))
-    assert not ops.grouped_plan(_blocks(24, 3, 2)) and not ops.grouped_plan(_blocks(1536, 32, 2))
-    assert not ops.grouped_plan(_blocks(24, 4, 3)) and not ops.grouped_plan(_blocks(40, 5, 1))
+    assert schedule.grouped_plan(_blocks(24, 2, 2)) and schedule.grouped_plan(_blocks(1536, 16, 2))
+    assert not schedule.grouped_plan(_blocks(24, 3, 2)) and not schedule.grouped_plan(_blocks(1536, 32, 2))
+    assert not schedule.grouped_plan(_blocks(24, 4, 3)) and not schedule.grouped_plan(_blocks(40, 5, 1))
     # Q = S_b^(m-1) B_m S_r ... S_r B_1 and its transpose
     assert schedule.pass_schedule(3, False) == [(0, False, 0, 0), (1, False, 1, 0), (2, False, 1, 2)]
     assert schedule.pass_schedule(3, True) == [(2, True, 2, 1), (1, True, 0, 1), (0, True, 0, 0)]
     assert schedule.pass_schedule(1, True) == [(0, True, 0, 0)]
     assert [p.adjoint() for p in schedule.pass_schedule(2, False)] == [(0, True, 0, 0), (1, True, 1, 1)]
-    assert ops.grouped_plan is schedule.grouped_plan and ops.FUSED_MAX_BLOCK == schedule.FUSED_MAX_BLOCK
+    assert ops.backend_module("triton") is triton_gs
+    with pytest.raises(ValueError, match=r"Unknown fused GS backend 'tpu'; choose one of \('triton', 'cuda'\)"):
+        ops.backend_module("tpu")
 
 
 def _module_imports(path: Path) -> set[str]:
@@ -551,9 +553,9 @@ def test_explicit_backends_that_cannot_run_say_why(monkeypatch) -> None:
 def test_unsupported_dtype_and_cuda_shapes_are_named() -> None:
     x = torch.zeros(2, 24, dtype=torch.int32)
     assert "not supported" in availability.triton_unavailable_reason(x)
-    assert ops.cuda_unsupported_reason(_blocks(24, 2, 2)) is None
-    assert ops.cuda_unsupported_reason(_blocks(40, 5, 1)) is None
-    reason = ops.cuda_unsupported_reason(_blocks(24, 4, 3))
+    assert schedule.cuda_unsupported_reason(_blocks(24, 2, 2)) is None
+    assert schedule.cuda_unsupported_reason(_blocks(40, 5, 1)) is None
+    reason = schedule.cuda_unsupported_reason(_blocks(24, 4, 3))
     assert "n_factors=3" in reason and "backend='triton'" in reason
 
 
@@ -634,8 +636,8 @@ def test_cuda_extension_kernels_compile(tmp_path) -> None:
 def test_gpu_backends_match_torch(backend: str, shape) -> None:
     n, b, m = shape
     blocks = _blocks(n, b, m).cuda()
-    if backend == "cuda" and ops.cuda_unsupported_reason(blocks):
-        pytest.skip(ops.cuda_unsupported_reason(blocks))
+    if backend == "cuda" and schedule.cuda_unsupported_reason(blocks):
+        pytest.skip(schedule.cuda_unsupported_reason(blocks))
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
         x = _x(300, n).cuda().to(dtype).requires_grad_()
         w = blocks.clone().requires_grad_()

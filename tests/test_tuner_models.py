@@ -984,7 +984,7 @@ def test_grouped_conv_raises() -> None:
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"block_size": 4, "n_blocks": 4}, "at most one of `block_size` and `n_blocks`"),
+        ({"block_size": 4, "n_blocks": 4}, "only one of `block_size` and `n_blocks`"),
         ({"block_size": 1}, "block_size must be an int >= 2"),
         ({"block_size": 4, "n_factors": 0}, "n_factors must be an int >= 1"),
         ({"block_size": 4, "orthogonal_map": "qr"}, "Unknown orthogonal_map"),

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Union, get_args
 
 from peft.config import PeftConfig
 
-from ..gs import ORTHOGONAL_MAPS
-from ..plan import BACKENDS
+from .. import gs, plan
+from ..gs import NFactors, OrthogonalMap
+from ..plan import Backend
 from .peft_type import GSOFTPeftType
-
 
 #: ``block_size`` when neither it nor ``n_blocks`` is given.
 DEFAULT_BLOCK_SIZE = 8
+
+#: Which biases train (PEFT's ``bias`` option).
+Bias = Literal["none", "all", "gsoft_only"]
+BIASES: tuple[str, ...] = get_args(Bias)
 
 
 @dataclass
@@ -24,7 +28,9 @@ class GSOFTConfig(PeftConfig):
     ``y = s * (Q_out (W (Q_in x))) + b`` (Double GSOFT, ``double=True``), where ``Q`` are orthogonal
     Group-and-Shuffle matrices and ``s`` a per-output magnitude vector. Give at most one of ``block_size`` and
     ``n_blocks``; with neither, ``block_size`` is :data:`DEFAULT_BLOCK_SIZE`, as PEFT's OFT has a default block size.
-    Every field is documented in ``metadata["help"]`` and in the README's config reference.
+    Every field is documented in ``metadata["help"]`` and in the README's config reference. The fields are checked
+    here, with the rules of their owners (:mod:`gsoft.gs` for sizes and maps, :mod:`gsoft.plan` for backends); the
+    per-layer rules (a block size dividing the layer's width) are checked when the layers are built.
     """
 
     target_modules: Optional[Union[list[str], str]] = field(
@@ -54,7 +60,7 @@ class GSOFTConfig(PeftConfig):
             "At most one of block_size / n_blocks."
         },
     )
-    n_factors: Union[int, Literal["auto"]] = field(
+    n_factors: NFactors = field(
         default=2,
         metadata={
             "help": "Block-diagonal factors per GS matrix: 1 = OFT's block-diagonal rotation, 2 = the paper's GS "
@@ -73,7 +79,7 @@ class GSOFTConfig(PeftConfig):
             "which keeps the singular values of W exactly."
         },
     )
-    orthogonal_map: Literal["cayley", "cayley_neumann", "exp"] = field(
+    orthogonal_map: OrthogonalMap = field(
         default="cayley",
         metadata={
             "help": "Skew-symmetric -> orthogonal map per block: 'cayley' (exact, batched solve), 'cayley_neumann' "
@@ -84,7 +90,7 @@ class GSOFTConfig(PeftConfig):
         default=5,
         metadata={"help": "Number of Neumann-series terms for orthogonal_map='cayley_neumann' (ignored otherwise)."},
     )
-    backend: Literal["auto", "torch", "triton", "cuda"] = field(
+    backend: Backend = field(
         default="auto",
         metadata={
             "help": "Who multiplies activations by the rotations in the backward (and in the forward for batches "
@@ -103,7 +109,7 @@ class GSOFTConfig(PeftConfig):
             "set automatically for Conv1D layers."
         },
     )
-    bias: Literal["none", "all", "gsoft_only"] = field(
+    bias: Bias = field(
         default="none",
         metadata={
             "help": "Which biases train: 'none', 'all' (every bias of the model) or 'gsoft_only' (biases of adapted "
@@ -143,34 +149,13 @@ class GSOFTConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
-        if self.block_size is not None and self.n_blocks is not None:
-            raise ValueError(
-                "Give at most one of `block_size` and `n_blocks` (got "
-                f"block_size={self.block_size}, n_blocks={self.n_blocks}): the other follows per layer from "
-                "dimension = block_size * n_blocks. Example: GSOFTConfig(block_size=32, ...)."
-            )
         if self.block_size is None and self.n_blocks is None:
             self.block_size = DEFAULT_BLOCK_SIZE
-        if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size < 2):
-            raise ValueError(f"block_size must be an int >= 2, got {self.block_size!r}.")
-        if self.n_blocks is not None and (not isinstance(self.n_blocks, int) or self.n_blocks < 1):
-            raise ValueError(f"n_blocks must be an int >= 1, got {self.n_blocks!r}.")
-        if self.n_factors != "auto" and (
-            isinstance(self.n_factors, bool) or not isinstance(self.n_factors, int) or self.n_factors < 1
-        ):
-            raise ValueError(f"n_factors must be an int >= 1 or 'auto', got {self.n_factors!r}.")
-        if self.orthogonal_map not in ORTHOGONAL_MAPS:
-            raise ValueError(
-                f"Unknown orthogonal_map {self.orthogonal_map!r}; choose one of {ORTHOGONAL_MAPS}."
-            )
-        if self.backend not in BACKENDS:
-            raise ValueError(
-                f"Unknown backend {self.backend!r}; choose one of {BACKENDS} ('auto' picks Triton on a GPU, torch "
-                "otherwise)."
-            )
-        if not isinstance(self.neumann_terms, int) or self.neumann_terms < 1:
-            raise ValueError(f"neumann_terms must be an int >= 1, got {self.neumann_terms!r}.")
-        if self.bias not in ("none", "all", "gsoft_only"):
-            raise ValueError(f"bias must be 'none', 'all' or 'gsoft_only', got {self.bias!r}.")
+        gs.check_sizes(self.block_size, self.n_blocks)
+        gs.check_n_factors(self.n_factors)
+        gs.check_orthogonal_map(self.orthogonal_map, self.neumann_terms)
+        plan.check_backend(self.backend)
+        if self.bias not in BIASES:
+            raise ValueError(f"bias must be one of {BIASES}, got {self.bias!r}.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("`layers_pattern` only works together with `layers_to_transform`; set both.")

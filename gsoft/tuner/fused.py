@@ -14,9 +14,9 @@ the layer's few matrix products must not come with a hundred small ops. The op c
 
 Like ``torch.sigmoid``, the op needs its output in the backward: an in-place op on ``y`` (``ReLU(inplace=True)``)
 makes the backward raise an error that says so. The rotations come from :mod:`gsoft.tuner.rotations` (built once per
-parameter update for all layers). Block-diagonal rotations (``"blockdiag"`` plan) run through batched matmuls
-(:func:`gsoft.gs.block_diag_apply`) or, with the Triton / CUDA backends, the fused kernels; general GS matrices
-(``"factors"``) through :func:`gsoft.plan.gs_apply`.
+parameter update for all layers). Block-diagonal rotations (:func:`gsoft.plan.block_diagonal`) run through batched
+matmuls (:func:`gsoft.gs.block_diag_apply`) or, with the Triton / CUDA backends, the fused kernels; general GS
+matrices (form ``"factors"``) through :func:`gsoft.plan.gs_apply`.
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import gs, plan
+from ..kernels.schedule import Pass
 
 
 class Side(NamedTuple):
     """What the op needs to know about one rotation besides its tensor."""
 
-    plan: str  # "blockdiag" | "factors"
+    block_diagonal: bool  # one block-diagonal multiply (gsoft.plan.block_diagonal), else one pass per factor
     backend: str  # "torch" | "triton" | "cuda", resolved for this layer, device and dtype
     exact_inverse: bool  # Q^{-1} = Q^T (Cayley, exp); False for the approximate Cayley-Neumann map
 
@@ -48,34 +49,26 @@ class LinearSpec(NamedTuple):
 # ----------------------------------------------------------------------------------------------------------------------
 def rotate_rows(x: torch.Tensor, rot: torch.Tensor, side: Side, transpose: bool = False) -> torch.Tensor:
     """``Q x`` (``Q^T x``) for the rows of ``x`` ``(N, n)``, in ``x``'s dtype."""
-    if side.plan == "factors":
+    if not side.block_diagonal:
         if side.backend == "torch":
             return gs.gs_apply(x, rot.to(x.dtype), transpose=transpose)
         return plan.gs_apply(x, rot, transpose=transpose, backend=side.backend)
     if side.backend == "torch":
         return gs.block_diag_apply(x, rot.to(x.dtype), transpose)
-    from ..kernels.schedule import Pass
-
-    impl = _kernels(side.backend)
-    return impl.block_multiply(x, rot.unsqueeze(0), Pass(0, transpose, 0, 0), 1, 1)
+    return _kernels(side.backend).block_multiply(x, rot.unsqueeze(0), Pass(0, transpose, 0, 0), 1, 1)
 
 
 def kernel_rows_grad(grad: torch.Tensor, x: torch.Tensor, rot: torch.Tensor, side: Side) -> torch.Tensor:
-    """Gradient (float32) of the blockdiag rotation of ``y = Q x`` (rows), given ``grad = dL/dy``, by a fused
+    """Gradient (float32) of the block-diagonal rotation of ``y = Q x`` (rows), given ``grad = dL/dy``, by a fused
     kernel. The torch path computes it in the op's batched layout (:func:`gsoft.gs.block_diag_grad_split`)."""
-    from ..kernels.schedule import Pass
-
     return _kernels(side.backend).block_grad(grad, x, rot.unsqueeze(0), Pass(0, False, 0, 0), 1, 1)
 
 
 def _kernels(backend: str):
-    if backend == "triton":
-        from ..kernels import triton_gs
+    """The fused backend's module, imported on first use (:func:`gsoft.kernels.ops.backend_module`)."""
+    from ..kernels.ops import backend_module
 
-        return triton_gs
-    from ..kernels import cuda_ext
-
-    return cuda_ext
+    return backend_module(backend)
 
 
 def _factors_vjp(x: torch.Tensor, rot: torch.Tensor, grad: torch.Tensor, side: Side, need_x: bool, transpose=False):
@@ -95,7 +88,7 @@ def _inverse_rows(z: torch.Tensor, rot: torch.Tensor, side: Side) -> torch.Tenso
     if side.exact_inverse:
         return rotate_rows(z, rot, side, transpose=True)
     inverse_t = gs.inverse_transpose_blocks(rot).to(z.dtype)
-    if side.plan == "factors":
+    if not side.block_diagonal:
         return gs.gs_apply(z, inverse_t, transpose=True)
     return gs.block_diag_apply(z, inverse_t, transpose=True)
 
@@ -127,22 +120,22 @@ def adapted_weight_t(
 ) -> torch.Tensor:
     """``W_eff^T = Q_in^T W^T Q_out^T diag(s)``, shape ``(in, out)``, in the weight's dtype (no grad).
 
-    ``weight_cols`` is ``W^T`` as the input rotation's plan wants it: ``(k, c, out)`` for "blockdiag" (one batched
-    matmul, no copy), ``(in, out)`` for "factors". With an output rotation, ``Q_out W`` comes first (for "blockdiag"
+    ``weight_cols`` is ``W^T`` as the input rotation's form wants it: ``(k, c, out)`` when block-diagonal (one batched
+    matmul, no copy), ``(in, out)`` for "factors". With an output rotation, ``Q_out W`` comes first (block-diagonal:
     one batched matmul over ``W``'s rows, again without a copy). Rotations and scale are cast to the weight's dtype.
     """
     dtype = weight.dtype
     if rot_out is not None:
         w = weight.t() if spec.fan_in_fan_out else weight  # (out, in)
         rot = _cast(rot_out, dtype)
-        if spec.out_side.plan == "blockdiag":
+        if spec.out_side.block_diagonal:
             w = torch.bmm(rot, w.view(rot.shape[0], rot.shape[1], -1)).view(w.shape)
         else:
             w = gs.gs_apply(w, rot, dim=0)
         weight_cols = w.t()
-        if spec.in_side.plan == "blockdiag":
+        if spec.in_side.block_diagonal:
             weight_cols = weight_cols.view(rot_in.shape[0], rot_in.shape[1], -1)
-    if spec.in_side.plan == "blockdiag":
+    if spec.in_side.block_diagonal:
         a = torch.bmm(_cast(rot_in, dtype).transpose(1, 2), weight_cols).view(-1, weight_cols.shape[-1])
     else:
         a = gs.gs_apply(weight_cols, _cast(rot_in, dtype), dim=0, transpose=True)
@@ -231,13 +224,13 @@ def _backward(ctx, grad, x2, weight, bias, scale, scale_c, rot_in, rot_out, y):
             grad_out = _cast(grad_out, out_dtype)
     v = torch.mm(w, weight.t() if spec.fan_in_fan_out else weight)  # dL/d(Q_in x)
     side = spec.in_side
-    if side.plan == "factors":
+    if not side.block_diagonal:
         grad_x, grad_in = _factors_vjp(x2, rot_in, v, side, need_x)
         grad_in = _cast(grad_in, in_dtype) if need_in else None
     elif side.backend != "torch":
         grad_in = _cast(kernel_rows_grad(v, x2, rot_in, side), in_dtype) if need_in else None
         grad_x = rotate_rows(v, rot_in, side, transpose=True) if need_x else None
-    else:  # blockdiag with torch: both products from one view of v
+    else:  # block-diagonal with torch: both products from one view of v
         k, c, _ = rot_in.shape
         vk = v.view(rows, k, c).transpose(0, 1)  # (k, N, c)
         if need_in:
@@ -259,15 +252,15 @@ def _output_rotation_backward(gs_, z, scale, rot_out, side: Side, cdtype, rows: 
     z2 = _cast(z.reshape(rows, z.shape[-1]), cdtype)
     if scale is not None:
         z2 = z2 / _cast(scale, cdtype)
-    if side.plan == "factors" or side.backend != "torch":
+    if not side.block_diagonal or side.backend != "torch":
         z_pre = _inverse_rows(z2, rot_out, side)
-        if side.plan == "factors":
+        if not side.block_diagonal:
             w, grad_out = _factors_vjp(z_pre, rot_out, gs_, side, need_x=True)
         else:
             grad_out = kernel_rows_grad(gs_, z_pre, rot_out, side) if need_out else None
             w = rotate_rows(gs_, rot_out, side, transpose=True)
         return w, (grad_out if need_out else None)
-    # blockdiag with torch: rows as (k, N, c) batches; z' stays in that layout for the block gradient
+    # block-diagonal with torch: rows as (k, N, c) batches; z' stays in that layout for the block gradient
     k, c, _ = rot_out.shape
     rot = _cast(rot_out, cdtype)
     inverse_t = rot if side.exact_inverse else gs.inverse_transpose_blocks(rot)

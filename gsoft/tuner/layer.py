@@ -47,7 +47,7 @@ class GSOrthogonal(nn.Module):
         self._sides: dict[tuple, fused.Side] = {}
         rotations.register(self)
 
-    def form(self, device_type: str) -> str:
+    def form(self, device_type: str) -> plan.Form:
         """How the matrix is built and applied on this device type (:func:`gsoft.plan.matrix_form`)."""
         return plan.matrix_form(self.n_factors, self.n_blocks, self.block_size, device_type)
 
@@ -59,7 +59,7 @@ class GSOrthogonal(nn.Module):
         """The matrix in its form's layout: block-diagonal blocks ``(k, c, c)`` ("blocks", "groups", "dense"),
         or the factors' blocks ``(m, r, b, b)`` ("factors")."""
         if torch.compiler.is_compiling():  # traced per layer; the compiler fuses the build
-            return rotations.in_form(self.blocks(), self.form(self.skew.device.type))
+            return plan.in_form(self.blocks(), self.form(self.skew.device.type))
         return rotations.rotation(self)
 
     def side(self, x: torch.Tensor) -> fused.Side:
@@ -69,15 +69,9 @@ class GSOrthogonal(nn.Module):
         if side is None:
             probe = torch.empty(0, device=x.device, dtype=x.dtype)
             backend = plan.resolve_backend(self.backend, probe, self._probe_blocks())
-            form = self.form(x.device.type)
-            layout = "factors" if form == "factors" else "blockdiag"
-            side = self._sides[key] = fused.Side(layout, backend, self.orthogonal_map != "cayley_neumann")
+            block_diagonal = plan.block_diagonal(self.form(x.device.type))
+            side = self._sides[key] = fused.Side(block_diagonal, backend, self.orthogonal_map != "cayley_neumann")
         return side
-
-    def diagonal_blocks(self, device_type: str) -> int:
-        """Number ``k`` of diagonal blocks of the block-diagonal forms (1 for "dense")."""
-        form = self.form(device_type)
-        return {"blocks": self.n_blocks, "groups": self.n_blocks // self.block_size, "dense": 1}[form]
 
     def _probe_blocks(self) -> torch.Tensor:
         """An empty tensor of the blocks' shape for backend checks that look at the shape only."""
@@ -142,8 +136,7 @@ class GSOFTLayer(BaseTunerLayer):
         for side, n in sides.items():
             b, r = gs.resolve_blocks(n, config.block_size, config.n_blocks, where=f"{side}_features={n} of {where}")
             m = gs.resolve_n_factors(config.n_factors, r, b, where=f"{side}_features={n} of {where}")
-            backend = getattr(config, "backend", "auto")
-            module = GSOrthogonal(n, b, m, config.orthogonal_map, config.neumann_terms, backend)
+            module = GSOrthogonal(n, b, m, config.orthogonal_map, config.neumann_terms, config.backend)
             getattr(self, f"gsoft_{side}")[adapter_name] = module
             settings[side] = {"n": n, "block_size": b, "n_factors": m, "dense": gs.is_dense(n, b, m)}
         if config.scaling:
@@ -285,8 +278,9 @@ class GSOFTLayer(BaseTunerLayer):
         cached = self._cols_cache
         if cached is None or cached[0] != key:
             wt = weight if getattr(self, "fan_in_fan_out", False) else weight.t()
-            if rotation.form(weight.device.type) != "factors":
-                k = rotation.diagonal_blocks(weight.device.type)
+            form = rotation.form(weight.device.type)
+            if plan.block_diagonal(form):
+                k = plan.diagonal_blocks(form, rotation.n_blocks, rotation.block_size)
                 wt = wt.view(k, wt.shape[0] // k, wt.shape[1])
             cached = self._cols_cache = (key, wt)
         return cached[1]

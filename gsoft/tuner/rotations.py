@@ -27,16 +27,27 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional, Protocol
 
 import torch
 from torch.autograd.function import once_differentiable
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .. import gs
+from .. import gs, plan
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .layer import GSOrthogonal
+
+class Member(Protocol):
+    """What this module reads of a rotation: :class:`gsoft.tuner.layer.GSOrthogonal` is one."""
+
+    skew: torch.Tensor  # (n_factors, n_blocks, b (b - 1) / 2) free skew entries
+    n_blocks: int
+    block_size: int
+    n_factors: int
+    orthogonal_map: str
+    neumann_terms: int
+
+    def form(self, device_type: str) -> plan.Form: ...
+
 
 _generation = 0
 
@@ -63,7 +74,7 @@ class _Cache:
 
 #: Every rotation that was ever built, with its cache; entries go away with their modules (deep copies included:
 #: the cache lives here, not on the module).
-_CACHES: "weakref.WeakKeyDictionary[GSOrthogonal, _Cache]" = weakref.WeakKeyDictionary()
+_CACHES: "weakref.WeakKeyDictionary[Member, _Cache]" = weakref.WeakKeyDictionary()
 #: The cache of each skew parameter by ``id``, with a weak reference that tells a live entry from a reused id
 #: (tensors cannot be keys of a WeakKeyDictionary: their ``==`` is elementwise).
 _BY_PARAM: dict[int, tuple["weakref.ref[torch.Tensor]", _Cache]] = {}
@@ -93,7 +104,7 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
 _STEP_HOOK = register_optimizer_step_post_hook(_after_optimizer_step)
 
 
-def _state_key(module: "GSOrthogonal", cache: _Cache) -> tuple:
+def _state_key(module: Member, cache: _Cache) -> tuple:
     skew = module.skew
     return (
         _generation,
@@ -105,12 +116,12 @@ def _state_key(module: "GSOrthogonal", cache: _Cache) -> tuple:
     )
 
 
-def _group_key(module: "GSOrthogonal") -> tuple:
+def _group_key(module: Member) -> tuple:
     skew = module.skew
     return (skew.device, skew.dtype, module.block_size, module.n_factors, module.orthogonal_map, module.neumann_terms)
 
 
-def register(module: "GSOrthogonal") -> _Cache:
+def register(module: Member) -> _Cache:
     """Let ``module`` be built together with the others of its group from its first step on."""
     cache = _CACHES.get(module)
     if cache is None:
@@ -119,7 +130,7 @@ def register(module: "GSOrthogonal") -> _Cache:
     return cache
 
 
-def rotation(module: "GSOrthogonal") -> torch.Tensor:
+def rotation(module: Member) -> torch.Tensor:
     """``module``'s orthogonal matrix in its plan's layout, from the cache (rebuilt with its group when stale).
 
     Under grad mode, for a trainable skew, the result is an output of the shared build node; otherwise plain values.
@@ -140,7 +151,7 @@ def rotation(module: "GSOrthogonal") -> torch.Tensor:
     return cache.graph if need_graph else cache.values
 
 
-def _rebuild(requester: "GSOrthogonal", cache: _Cache, need_graph: bool) -> None:
+def _rebuild(requester: Member, cache: _Cache, need_graph: bool) -> None:
     """Rebuild every stale rotation of ``requester``'s group in one batched computation (graph ones in one node)."""
     cache.group = group = _group_key(requester)
     graph_members, value_members = [], []
@@ -198,10 +209,10 @@ class _Layout:
 
     Every member has ``n_factors`` factors of ``n_blocks`` blocks; their skew entries ``(m, r, p)`` are concatenated
     along the block axis into ``(m, R, p)`` (``R = sum r``) and mapped to orthogonal blocks ``(m, R, b, b)`` in one
-    batched call. Then each member takes its form (:func:`in_form`): "groups" become dense groups ``(r / b, b^2, b^2)``
-    (:func:`gsoft.gs.two_factor_groups`; for a group of only "groups" members batched with one gather that puts both
-    factors' blocks group-major, with a hand-written backward), "blocks" its ``(r, b, b)`` blocks, "dense" one
-    ``(1, n, n)`` matrix (batched per shape), "factors" the blocks ``(m, r, b, b)``.
+    batched call. Then each member takes its form (:func:`gsoft.plan.in_form`): "groups" become dense groups
+    ``(r / b, b^2, b^2)`` (:func:`gsoft.gs.two_factor_groups`; for a group of only "groups" members batched with one
+    gather that puts both factors' blocks group-major, with a hand-written backward), "blocks" its ``(r, b, b)``
+    blocks, "dense" one ``(1, n, n)`` matrix (batched per shape), "factors" the blocks ``(m, r, b, b)``.
     """
 
     def __init__(self, block_size: int, n_factors: int, orthogonal_map: str, neumann_terms: int,
@@ -323,7 +334,7 @@ class _Layout:
             if form == "dense":
                 dense.setdefault(self.n_blocks[i], []).append(i)
             else:
-                out[i] = in_form(part, form)
+                out[i] = plan.in_form(part, form)
         for members in dense.values():  # one batched materialisation per shape
             matrices = gs.materialize_batched(torch.stack([parts[i] for i in members]))
             for j, i in enumerate(members):
@@ -356,7 +367,7 @@ class _Layout:
 _LAYOUTS: dict[tuple, _Layout] = {}
 
 
-def _layout(members: list["GSOrthogonal"]) -> _Layout:
+def _layout(members: list[Member]) -> _Layout:
     first = members[0]
     device = first.skew.device
     n_blocks = tuple(m.n_blocks for m in members)
@@ -371,13 +382,3 @@ def _layout(members: list["GSOrthogonal"]) -> _Layout:
         )
     return layout
 
-
-def in_form(blocks: torch.Tensor, form: str) -> torch.Tensor:
-    """One rotation's blocks ``(m, r, b, b)`` in the layout of ``form`` (see the module docstring)."""
-    if form == "blocks":
-        return blocks[0]
-    if form == "groups":
-        return gs.two_factor_groups(blocks)
-    if form == "dense":
-        return gs.materialize(blocks).unsqueeze(0)
-    return blocks
