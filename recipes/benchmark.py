@@ -1,25 +1,30 @@
 #!/usr/bin/env python
-"""Run one of the benchmarks in ``recipes/bench/`` side by side with PEFT's methods.
+"""Run one of the benchmarks of ``recipes/bench/``: the methods side by side, tables printed, ratios, a plot.
 
-    python recipes/benchmark.py adapters --config configs/bench/adapters.yaml
-    python recipes/benchmark.py kernels  --quick
-    python recipes/benchmark.py glue     --config configs/bench/glue.yaml
-    python recipes/benchmark.py dreambooth --quick
-    python recipes/benchmark.py comm     --quick
+    python recipes/benchmark.py NAME [--config configs/bench/NAME.yaml] [--key value ...] [--quick] [--output_dir DIR]
 
-``python recipes/benchmark.py NAME --help`` lists a benchmark's options; docs/benchmarks.md has the results.
+    adapters    speed, memory and cost proxies of GSOFT / Double GSOFT vs LoRA, OFT, BOFT on RoBERTa-sized encoders
+    kernels     the GS multiply per backend vs a dense GEMM and PEFT's OFT / BOFT multiplies (--sweep: Triton tiles)
+    glue        every method of recipes/roberta_glue.py on one GLUE task, one table
+    dreambooth  a DreamBooth UNet train step per method (time, peak memory)
+    comm        2 data-parallel workers on an emulated slow link, compressed gradients vs fp32 all-reduce
+
+Options come from ``configs/bench/NAME.yaml`` (or ``--config``), then ``--key value`` flags; ``--quick`` applies the
+config's ``quick_overrides`` (a smoke run). ``python recipes/benchmark.py NAME --help`` lists a benchmark's options.
+Each writes ``NAME.md`` (the tables), ``NAME.json`` (every number) and ``NAME.png`` into ``--output_dir``.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 BENCHMARKS = ("adapters", "kernels", "glue", "dreambooth", "comm")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> object:
+def main(argv: Optional[Sequence[str]] = None) -> Any:
+    """Run benchmark ``argv[0]`` with the other arguments; returns its report."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)

@@ -1,30 +1,25 @@
-"""Smoke test of recipes/bench_adapters.py: a tiny model in --quick mode, in-process (a few seconds): every table,
-column and results.json field exists, including the cost proxies (ops per step, memory proxy) and autocast."""
+"""Smoke test of the adapter benchmark (``python recipes/benchmark.py adapters``): a tiny model in --quick mode,
+in-process (a few seconds): every table, column and adapters.json field exists, including the cost proxies (ops per
+step, memory proxy) and autocast."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from bench import adapters
 from gsoft import gs
-import importlib
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "recipes" / "bench_adapters.py"
 CONFIG = REPO_ROOT / "configs" / "bench" / "adapters.yaml"
 
 # hidden 32, 2 layers: every adapted layer is 32 -> 32 (query, key, value, attention.output.dense),
 # 32 -> 64 (intermediate.dense) or 64 -> 32 (output.dense)
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 100}
 LAYER_SHAPES = [(32, 32)] * 4 + [(32, 64), (64, 32)]  # (in, out) per encoder layer
-
-
-def _load_script():
-    return importlib.import_module("bench.adapters")
 
 
 def _gsoft_expected(args: dict, layers: int) -> int:
@@ -41,24 +36,26 @@ def _gsoft_expected(args: dict, layers: int) -> int:
 def bench_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     config = yaml.safe_load(CONFIG.read_text())
-    config["models"] = {"tiny": TINY}
-    config["run_models"] = ["tiny"]
+    config["model_configs"] = {"tiny": TINY}
+    config["models"] = ["tiny"]
     (tmp / "adapters.yaml").write_text(yaml.safe_dump(config))
     out_dir = tmp / "out"
-    bench = _load_script()
+    from peft.tuners.boft import layer as boft_layer
+
+    peft_fbd = boft_layer.get_fbd_cuda  # PEFT's own loader: the run installs a stand-in and must put this back
     argv = [
         "--config", str(tmp / "adapters.yaml"), "--quick", "--models", "tiny", "--layers", "2",
         "--batch_size", "2", "--seq_len", "16", "--rounds", "2", "--steps_per_round", "1", "--warmup", "1",
         "--infer_rounds", "1", "--devices", "cpu", "--output_dir", str(out_dir),
     ]
-    report = bench.main(argv)
-    return config, out_dir, report
+    report = adapters.main(argv)
+    return config, out_dir, report, peft_fbd
 
 
 def test_outputs_exist_and_list_every_method(bench_run):
-    config, out_dir, report = bench_run
-    enabled = [m for m in config["methods"] if m.get("enabled", True)]
-    data = json.loads((out_dir / "results.json").read_text())
+    config, out_dir, report, _ = bench_run
+    enabled = [m for m in config["method_specs"] if m.get("enabled", True)]
+    data = json.loads((out_dir / "adapters.json").read_text())
     result = data["devices"]["cpu"]["models"]["tiny"]
     assert result["layers_built"] == 2 and result["seq_len"] == 16
     rows = {row["key"]: row for row in result["rows"]}
@@ -73,16 +70,16 @@ def test_outputs_exist_and_list_every_method(bench_run):
     assert rows["boft"]["boft_butterfly_factors_used"] == [2]  # the pure-torch fbd stand-in keeps m=2 on a CPU
     assert rows["gsoft"]["relative"]["step_vs_oft"] > 0 and rows["lora"]["relative"]["step_vs_lora"] == 1.0
 
-    table = (out_dir / "tables.md").read_text()
+    table = (out_dir / "adapters.md").read_text()
     for method in enabled:
         assert method["name"] in table
     assert "Targets for `gsoft`" in table
-    assert (out_dir / "bench_adapters_cpu.png").stat().st_size > 0
+    assert (out_dir / "adapters.png").stat().st_size > 0
 
 
 def test_cost_proxies_in_results_and_tables(bench_run):
-    config, out_dir, _ = bench_run
-    result = json.loads((out_dir / "results.json").read_text())["devices"]["cpu"]["models"]["tiny"]
+    config, out_dir, _, _ = bench_run
+    result = json.loads((out_dir / "adapters.json").read_text())["devices"]["cpu"]["models"]["tiny"]
     assert result["autocast"] == "none" and result["costs_device"] == "cpu"
     assert result["adapted_layers"] == 2 * len(LAYER_SHAPES)
     rows = {row["key"]: row for row in result["rows"]}
@@ -99,7 +96,7 @@ def test_cost_proxies_in_results_and_tables(bench_run):
     assert rows["lora"]["trainable_state_bytes"] == 3 * 4 * rows["lora"]["params"]["trainable"]
 
     checked = {(t["method"], t["metric"]): t for t in result["targets"]}
-    for method in config["methods"]:
+    for method in config["method_specs"]:
         for metric, limit in (method.get("targets") or {}).items():
             if method["key"] in rows:
                 assert checked[method["key"], metric]["limit"] == limit
@@ -107,7 +104,7 @@ def test_cost_proxies_in_results_and_tables(bench_run):
     for t in checked.values():
         assert t["ok"] is (t["value"] <= t["limit"])
 
-    table = (out_dir / "tables.md").read_text()
+    table = (out_dir / "adapters.md").read_text()
     assert "### tiny — cpu" in table and "— fp32" in table
     for column in ("ops/step", "adapter ops/step", "per adapted layer", "ops ×lora", "saved MiB", "mem proxy ×lora"):
         assert f" {column} |" in table, column
@@ -117,29 +114,28 @@ def test_cost_proxies_in_results_and_tables(bench_run):
 
 
 def test_autocast_bf16_is_recorded(tmp_path):
-    """A bf16 run: every forward under autocast, the precision in results.json and the table title."""
-    bench = _load_script()
+    """A bf16 run: every forward under autocast, the precision in adapters.json and the table title."""
     config = yaml.safe_load(CONFIG.read_text())
-    config["models"] = {"tiny": TINY}
+    config["model_configs"] = {"tiny": TINY}
     (tmp_path / "adapters.yaml").write_text(yaml.safe_dump(config))
     argv = [
         "--config", str(tmp_path / "adapters.yaml"), "--quick", "--models", "tiny", "--methods", "base,gsoft,lora",
         "--autocast", "bf16", "--rounds", "1", "--infer_rounds", "1", "--memory", "false", "--plot", "false",
         "--devices", "cpu", "--output_dir", str(tmp_path / "out"),
     ]
-    report = bench.main(argv)
+    report = adapters.main(argv)
     result = report["devices"]["cpu"]["models"]["tiny"]
-    assert report["settings"]["autocast"] == "bf16" and result["autocast"] == "bf16"
+    assert report["options"]["autocast"] == "bf16" and result["autocast"] == "bf16"
     assert all(row["error"] is None for row in result["rows"]), [row["error"] for row in result["rows"]]
-    assert "— autocast bf16" in (tmp_path / "out" / "tables.md").read_text()
+    assert "— autocast bf16" in (tmp_path / "out" / "adapters.md").read_text()
     with pytest.raises(ValueError, match="Unknown autocast 'int8'.*bf16"):
-        bench.autocast_dtype("int8")
+        adapters.autocast_dtype("int8")
 
 
 def test_gsoft_params_match_gs_param_count(bench_run):
-    config, _, report = bench_run
+    config, _, report, _ = bench_run
     rows = {row["key"]: row for row in report["devices"]["cpu"]["models"]["tiny"]["rows"]}
-    methods = {m["key"]: m for m in config["methods"]}
+    methods = {m["key"]: m for m in config["method_specs"]}
     for key in ("gsoft", "double_gsoft"):
         expected = _gsoft_expected(methods[key]["args"], layers=2)
         assert rows[key]["params"]["adapter"] == expected, key
@@ -151,5 +147,5 @@ def test_gsoft_params_match_gs_param_count(bench_run):
 def test_boft_fbd_patch_is_undone(bench_run):
     from peft.tuners.boft import layer as boft_layer
 
-    bench = sys.modules["bench_adapters"]
-    assert boft_layer.get_fbd_cuda is bench._ORIGINAL_GET_FBD_CUDA
+    *_, peft_fbd = bench_run
+    assert boft_layer.get_fbd_cuda is peft_fbd and peft_fbd.__module__ == "peft.tuners.boft.layer"

@@ -1,4 +1,4 @@
-"""recipes/bench_comm.py: the --quick pipeline over loopback (two real 2-process jobs of the GLUE recipe, ~1 minute on
+"""The communication benchmark (``python recipes/benchmark.py comm``): the --quick pipeline over loopback (two real 2-process jobs of the GLUE recipe, ~1 minute on
 2 cores), the "no root / no ip netns" exit, and the pure helpers that turn logs into numbers."""
 
 from __future__ import annotations
@@ -11,26 +11,22 @@ from pathlib import Path
 
 import pytest
 
-import importlib
+from bench import comm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "recipes" / "bench_comm.py"
-
-
-def _load():
-    return importlib.import_module("bench.comm")
+SCRIPT = REPO_ROOT / "recipes" / "benchmark.py"
 
 
 def test_quick_no_netns_writes_table_json_plot(tmp_path):
     out = tmp_path / "bench"
-    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--no_netns", "--output_dir", str(out)],
+    done = subprocess.run([sys.executable, str(SCRIPT), "comm", "--quick", "--no_netns", "--output_dir", str(out)],
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=600,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for name in ("table.md", "results.json", "bench_comm.png"):
+    for name in ("comm.md", "comm.json", "comm.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    assert (out / "bench_comm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    summary = json.loads((out / "results.json").read_text())
+    assert (out / "comm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "comm.json").read_text())
     rows = summary["settings"]
     ref, topk = rows["fp32 all-reduce"], rows["Top-K 1% + EF21"]
     assert ref["compression"]["method"] == "none" and topk["compression"]["method"] == "topk"
@@ -38,7 +34,7 @@ def test_quick_no_netns_writes_table_json_plot(tmp_path):
     # fp32 all-reduce over 2 workers sends 4 bytes per trainable parameter per step
     assert ref["counted_bytes_per_step"] == 4 * ref["trainable_params"]
     assert ref["wire_bytes_per_step"]["unthrottled"] is None  # loopback: not measured, not made up
-    table = (out / "table.md").read_text()
+    table = (out / "comm.md").read_text()
     assert "| Top-K 1% + EF21 |" in table and table in done.stdout
     assert summary["targets"]["topk_1pct_bytes_reduction"]["reduction"] == pytest.approx(
         ref["counted_bytes_per_step"] / topk["counted_bytes_per_step"])
@@ -46,7 +42,7 @@ def test_quick_no_netns_writes_table_json_plot(tmp_path):
 
 def test_without_root_says_why_and_writes_nothing(tmp_path):
     out = tmp_path / "bench"
-    done = subprocess.run([sys.executable, str(SCRIPT), "--output_dir", str(out)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, str(SCRIPT), "comm", "--output_dir", str(out)], capture_output=True, text=True,
                           cwd=REPO_ROOT, timeout=300, env=dict(os.environ, GSOFT_BENCH_COMM_SIMULATE_NO_NETNS="1"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "cannot run here" in done.stdout and "--no_netns" in done.stdout and "Nothing was written" in done.stdout
@@ -54,10 +50,9 @@ def test_without_root_says_why_and_writes_nothing(tmp_path):
 
 
 def test_not_root_reason(monkeypatch):
-    bench = _load()
-    monkeypatch.delenv(bench.SIMULATE_NO_NETNS_ENV, raising=False)
-    monkeypatch.setattr(bench.os, "geteuid", lambda: 1000)
-    assert "needs root" in bench.netns_unavailable_reason() and "uid 1000" in bench.netns_unavailable_reason()
+    monkeypatch.delenv(comm.SIMULATE_NO_NETNS_ENV, raising=False)
+    monkeypatch.setattr(comm.os, "geteuid", lambda: 1000)
+    assert "needs root" in comm.netns_unavailable_reason() and "uid 1000" in comm.netns_unavailable_reason()
 
 
 class _Sampler:
@@ -68,7 +63,6 @@ class _Sampler:
 
 
 def test_steady_state_skips_warmup_and_evaluation_windows():
-    bench = _load()
     # logs every 4 steps; steps take 1 s, except the window holding the evaluation at step 8 (+5 s)
     records = []
     t = 0.0
@@ -78,7 +72,7 @@ def test_steady_state_skips_warmup_and_evaluation_windows():
         if step == 8:
             records.append({"step": step, "time": t + 5.0, "eval_accuracy": 0.7})
     job = {"records": records, "sampler": _Sampler()}
-    ss = bench.steady_state(job, warmup_steps=8)
+    ss = comm.steady_state(job, warmup_steps=8)
     # windows 8-12 (evaluation) and 4-8 (warm-up) are skipped: 12-16, 16-20 remain
     assert ss["window_steps"] == 8 and ss["step_s"] == pytest.approx(1.0)
     assert ss["counted_bytes_per_step"] == pytest.approx(100.0)
@@ -86,9 +80,8 @@ def test_steady_state_skips_warmup_and_evaluation_windows():
 
 
 def test_metric_at_is_the_last_evaluation_reached():
-    bench = _load()
     curve = [(20, 0.6), (40, 0.8), (60, 0.9)]
-    assert bench.metric_at(curve, 10) is None
-    assert bench.metric_at(curve, 40) == 0.8
-    assert bench.metric_at(curve, 59.5) == 0.8
-    assert bench.metric_at(curve, 1000) == 0.9
+    assert comm.metric_at(curve, 10) is None
+    assert comm.metric_at(curve, 40) == 0.8
+    assert comm.metric_at(curve, 59.5) == 0.8
+    assert comm.metric_at(curve, 1000) == 0.9

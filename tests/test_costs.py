@@ -1,6 +1,6 @@
 """Cost regression test of GSOFT against LoRA on a RoBERTa-base-width encoder: exact counts and bytes, no timings.
 
-Two GPU-free proxies, measured with the functions of ``recipes/bench_adapters.py`` (see its docstring):
+Two GPU-free proxies, measured with ``bench.measure`` and the adapter benchmark's ``bench.adapters`` (see its docstring):
 
 * adapter ops per train step: aten ops of one steady-state step (zero_grad, forward, backward, foreach AdamW step)
   minus the frozen ``base`` model's. On a GPU each op is at least one kernel launch, so this is the host overhead that
@@ -30,8 +30,7 @@ import pytest
 import torch
 import yaml
 
-import importlib
-
+from bench import adapters, measure
 from conftest import RECIPES
 
 SPEC = {"hidden_size": 768, "num_hidden_layers": 2, "num_attention_heads": 12, "intermediate_size": 3072,
@@ -52,41 +51,33 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 
 
-def _settings(batch: tuple[int, int]) -> dict[str, Any]:
-    return {"layers": None, "batch_size": batch[0], "seq_len": batch[1], "seed": 0, "dropout": 0.1,
-            "head": "classifier", "target_modules": TARGETS}
+def _batch(shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    return adapters.make_batch(SPEC, shape[0], shape[1], seed=0, device=torch.device("cpu"))
 
 
-def _model_and_opt(bench, base: torch.nn.Module, key: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    model = bench.build_method_model(base, METHODS[key], _settings(TRAIN_BATCH)).train()
+def _model_and_opt(base: torch.nn.Module, key: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = adapters.build_method_model(base, METHODS[key], TARGETS, head="classifier").train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
     return model, opt
 
 
 @pytest.fixture(scope="module")
-def bench():
-    return importlib.import_module("bench.adapters")
+def base() -> torch.nn.Module:
+    return adapters.build_base_model(SPEC, layers=None, seq_len=TRAIN_BATCH[1], dropout=0.1, seed=0)
 
 
 @pytest.fixture(scope="module")
-def base(bench) -> torch.nn.Module:
-    return bench.build_base_model(SPEC, _settings(TRAIN_BATCH))
-
-
-@pytest.fixture(scope="module")
-def costs(bench, base) -> dict[str, dict[str, Any]]:
+def costs(base) -> dict[str, dict[str, Any]]:
     """Per method: ops/step, adapter ops/step (and per adapted layer), saved bytes, trainable state, memory proxy."""
-    cpu = torch.device("cpu")
-    batch = bench.make_batch(SPEC, _settings(TRAIN_BATCH), cpu)
-    warm = bench.make_batch(SPEC, _settings(WARM_BATCH), cpu)
-    layers = bench.adapted_layer_count(base, _settings(TRAIN_BATCH))
+    batch, warm = _batch(TRAIN_BATCH), _batch(WARM_BATCH)
+    layers = adapters.adapted_layer_count(base, TARGETS)
     out: dict[str, dict[str, Any]] = {}
     for key in METHODS:
-        model, opt = _model_and_opt(bench, base, key)
-        saved = bench.saved_tensor_bytes(model, batch)
-        state = bench.trainable_state_bytes(model)
-        out[key] = {"ops": bench.count_step_ops(model, opt, batch, warm_batch=warm), "saved": saved, "state": state,
-                    "proxy": saved + state}
+        model, opt = _model_and_opt(base, key)
+        saved = measure.saved_tensor_bytes(model, lambda: adapters.loss(model, batch))
+        state = measure.trainable_state_bytes(model)
+        out[key] = {"ops": adapters.count_step_ops(model, opt, batch, warm_batch=warm), "saved": saved,
+                    "state": state, "proxy": saved + state}
         del model, opt
         gc.collect()
     for key, row in out.items():
@@ -128,18 +119,17 @@ def test_memory_proxy_vs_lora(costs, key: str, limit: float) -> None:
 
 
 @pytest.mark.parametrize("key", ["lora", "gsoft"])
-def test_op_count_is_exact(bench, base, key: str) -> None:
+def test_op_count_is_exact(base, key: str) -> None:
     """The premise of the op test: counting the same step twice gives the same number."""
-    model, opt = _model_and_opt(bench, base, key)
-    batch = bench.make_batch(SPEC, _settings(WARM_BATCH), torch.device("cpu"))
-    counts = [bench.count_step_ops(model, opt, batch) for _ in range(2)]
+    model, opt = _model_and_opt(base, key)
+    batch = _batch(WARM_BATCH)
+    counts = [adapters.count_step_ops(model, opt, batch) for _ in range(2)]
     assert counts[0] == counts[1], f"{METHODS[key]['name']} ops/step at {WARM_BATCH}, counted twice: {counts}"
 
 
-def test_lora_op_count_is_shape_free(bench, base) -> None:
+def test_lora_op_count_is_shape_free(base) -> None:
     """LoRA, the reference, dispatches the same ops for every batch shape (GSOFT may not: see the module docstring)."""
-    model, opt = _model_and_opt(bench, base, "lora")
-    cpu = torch.device("cpu")
-    counts = [bench.count_step_ops(model, opt, bench.make_batch(SPEC, _settings(shape), cpu), untimed_steps=1)
+    model, opt = _model_and_opt(base, "lora")
+    counts = [adapters.count_step_ops(model, opt, _batch(shape), untimed_steps=1)
               for shape in ((2, 16), WARM_BATCH, (8, 128))]
     assert len(set(counts)) == 1, f"LoRA ops/step at (2, 16), {WARM_BATCH}, (8, 128): {counts}"

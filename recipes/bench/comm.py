@@ -1,13 +1,13 @@
-#!/usr/bin/env python
 """Communication benchmark: 2 data-parallel workers on an emulated slow link, compressed gradients vs fp32 all-reduce.
 
-    sudo python recipes/bench_comm.py                       # every setting and rate (configs/bench/comm.yaml), ~30 min
-    python recipes/bench_comm.py --quick --no_netns         # smoke run over loopback: no root, no throttling (CI)
+    sudo python recipes/benchmark.py comm                    # every setting and rate (configs/bench/comm.yaml), ~30 min
+    python recipes/benchmark.py comm --quick --no_netns      # smoke run over loopback: no root, no throttling (CI)
 
 Each worker is a process of ``recipes/roberta_glue.py`` (one 2-process gloo job, as ``accelerate launch`` would make)
 in its own network namespace; the two namespaces are joined by a veth pair whose two ends are shaped with
 ``tc qdisc ... tbf`` (egress of both ends, i.e. each direction) to 10, 50, 200, 1000 Mbit/s or left unthrottled.
-Network namespaces, veth and tc need root: without it the script says so and exits with status 0, writing nothing.
+Network namespaces, veth and tc need root: without it the benchmark says so and exits with status 0, writing nothing.
+Unlike the other benchmarks the compared settings do not share one process: each run is a multi-process job.
 
 Why this layout: the metric does not depend on the link, the time does. So every setting trains once, unthrottled,
 for ``full_steps`` with an evaluation every ``eval_steps`` (metric at equal steps = its final metric; its curve gives
@@ -17,13 +17,13 @@ every ``logging_steps``): the first ``timing_warmup_steps`` (DDP's first iterati
 and windows containing an evaluation are left out, and the interface counters (``/proc/<worker pid>/net/dev``,
 sampled every 50 ms, which shows the worker's namespace) are interpolated at the window ends.
 
-Writes ``<output_dir>/table.md`` (also printed), ``results.json`` (every number) and ``bench_comm.png``.
+Writes ``comm.md`` (also printed), ``comm.json`` (every number) and ``comm.png`` into ``output_dir``, plus
+``measurements.json`` (the raw numbers, for ``--render_only``), the runs (``runs/``) and the base model (``base/``).
 """
 
 from __future__ import annotations
 
 import bisect
-import copy
 import json
 import os
 import platform
@@ -33,17 +33,19 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-RECIPE = REPO_ROOT / "recipes" / "roberta_glue.py"
+import roberta_glue
 
-from common import parse_recipe_args
+from . import measure
+from .glue import unknown_recipe_options
+from .options import REPO_ROOT, BenchOptions, option_flags, parse_options
 
+RECIPE = Path(roberta_glue.__file__).resolve()
 # Set to 1 to take the "no root / no ip netns" path without dropping privileges (the test does; so can a user who
 # wants to see the message).
 SIMULATE_NO_NETNS_ENV = "GSOFT_BENCH_COMM_SIMULATE_NO_NETNS"
@@ -51,31 +53,50 @@ ADDRS = ("10.77.0.1", "10.77.0.2")
 
 
 @dataclass
-class BenchCommArgs:
-    """Options of the communication benchmark (YAML keys and ``--key value`` flags)."""
+class CommOptions(BenchOptions):
+    """Options of the communication benchmark (defaults: configs/bench/comm.yaml)."""
 
-    config: str = field(
-        default=str(REPO_ROOT / "configs" / "bench" / "comm.yaml"),
-        metadata={"help": "The benchmark's settings (rates, link emulation, steps, recipe options, compared settings)."},
-    )
     output_dir: str = field(
         default="outputs/bench_comm",
-        metadata={"help": "Runs go to <output_dir>/runs/...; table.md, results.json and bench_comm.png here."},
+        metadata={"help": "Runs go to <output_dir>/runs/...; comm.md, comm.json and comm.png here."},
     )
-    quick: bool = field(default=False, metadata={"help": "Apply the config's quick: section (tiny model, 2 settings)."})
     no_netns: bool = field(
         default=False,
         metadata={"help": "Run both workers over loopback, unthrottled (no root needed): the pipeline without the "
                           "link emulation (CI)."},
     )
+    setting_specs: dict = field(
+        default_factory=dict,
+        metadata={"help": "Compared settings: name -> recipe flags. The first one is the reference (fp32 all-reduce)."},
+    )
     settings: list[str] = field(
         default_factory=list,
-        metadata={"help": "Only these settings (names of the config's settings:); empty = all. The first listed "
-                          "setting of the config (fp32 all-reduce) is always included as the reference."},
+        metadata={"help": "Only these settings (names of setting_specs); empty = all. The first setting of "
+                          "setting_specs (the reference) is always included."},
     )
-    rates_mbit: list[str] = field(
-        default_factory=list,
-        metadata={"help": "Override the config's rates, e.g. [10, 50, unthrottled]."},
+    rates_mbit: list[Any] = field(
+        default_factory=lambda: [10, 50, 200, 1000, None],
+        metadata={"help": "Link rates in Mbit/s; null (or unthrottled) = the veth pair without a qdisc."},
+    )
+    tbf_burst_ms: float = field(default=1.0, metadata={"help": "tbf bucket: max(tbf_min_burst_bytes, rate x this)."})
+    tbf_min_burst_bytes: int = field(default=4096, metadata={"help": "Smallest tbf bucket (bytes)."})
+    tbf_latency_ms: float = field(default=50.0, metadata={"help": "How long a packet may wait in the tbf queue."})
+    full_steps: int = field(default=300, metadata={"help": "Steps of each setting's full (unthrottled) run."})
+    eval_steps: int = field(default=20, metadata={"help": "Evaluation every N steps of the full run (the curve)."})
+    timing_steps: int = field(default=32, metadata={"help": "Steps of a timing run at each throttled rate."})
+    timing_warmup_steps: int = field(
+        default=12, metadata={"help": "Steps left out of the timing windows (DDP's first, PowerSGD's warm-up)."}
+    )
+    logging_steps: int = field(default=4, metadata={"help": "The recipe logs a wall-clock time every N steps."})
+    job_timeout_s: float = field(default=900.0, metadata={"help": "Limit of one 2-process job (seconds)."})
+    recipe: dict = field(
+        default_factory=dict,
+        metadata={"help": "Options of recipes/roberta_glue.py shared by every run.", "merge": True},
+    )
+    base: dict = field(
+        default_factory=dict,
+        metadata={"help": "How the base model is built once (model_config, base_pretrain_* recipe options).",
+                  "merge": True},
     )
     render_only: bool = field(
         default=False,
@@ -85,6 +106,37 @@ class BenchCommArgs:
         default=True,
         metadata={"help": "Pin worker r to CPU r (when the machine has at least 2)."},
     )
+
+    def __post_init__(self) -> None:
+        self.rates_mbit = [_rate(r) for r in self.rates_mbit]
+        names = list(self.setting_specs)
+        unknown = [s for s in self.settings if s not in names]
+        if unknown:
+            raise ValueError(f"--settings {unknown} are not in setting_specs: {names}.")
+        for where, options in [("recipe", self.recipe), ("base", self.base),
+                               *((f"setting {name!r}", flags) for name, flags in self.setting_specs.items())]:
+            missing = unknown_recipe_options(options)
+            if missing:
+                raise ValueError(f"{where} needs recipe options {missing} that recipes/roberta_glue.py does not have.")
+
+    def selected_settings(self) -> dict[str, dict[str, Any]]:
+        """The settings to run (name -> recipe flags): the reference first, then the chosen ones (or all)."""
+        names = list(self.setting_specs)
+        keep = names if not self.settings else [names[0]] + [s for s in self.settings if s != names[0]]
+        return {name: self.setting_specs[name] for name in keep}
+
+    def rates(self) -> list[Optional[float]]:
+        """The link rates of this run: unthrottled only over loopback (--no_netns)."""
+        return [None] if self.no_netns else list(self.rates_mbit)
+
+
+def _rate(value: Any) -> Optional[float]:
+    if value is None or str(value).strip().lower() in ("none", "null", "unthrottled"):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"--rates_mbit: {value!r} is neither a number (Mbit/s) nor unthrottled/null.") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -219,23 +271,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _flag_args(options: dict[str, Any]) -> list[str]:
-    argv: list[str] = []
-    for key, value in options.items():
-        argv += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]  # JSON is YAML
-    return argv
-
-
 def run_job(link: Optional[Link], recipe_config: Path, out: Path, options: dict[str, Any], timeout_s: float,
             pin_cpus: bool) -> dict[str, Any]:
     """Run the recipe as a 2-process gloo job (each process in its namespace, or both on loopback without ``link``)
-    writing to ``out/recipe`` (worker logs: ``out/rank*.log``); returns results.json, the metrics.jsonl records, the counter samples and the interface totals of the job."""
+    writing to ``out/recipe`` (worker logs: ``out/rank*.log``); returns results.json, the metrics.jsonl records,
+    the counter samples and the interface totals of the job."""
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     port = 29500 if link is not None else _free_port()  # the namespaces are private: any port is free there
     argv = [sys.executable, str(RECIPE), "--config", str(recipe_config), "--output_dir", str(out / "recipe"),
-            *_flag_args(options)]
+            *option_flags(options)]
     cpus = sorted(os.sched_getaffinity(0))
     procs, logs = [], []
     before = link.tx_bytes() if link is not None else None
@@ -262,7 +308,7 @@ def run_job(link: Optional[Link], recipe_config: Path, out: Path, options: dict[
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
-        raise RuntimeError(f"job {out} ran past {timeout_s:.0f} s (job_timeout_s in the config); logs in {out}")
+        raise RuntimeError(f"job {out} ran past {timeout_s:.0f} s (--job_timeout_s); logs in {out}")
     finally:
         if sampler is not None:
             sampler.stop_event.set()
@@ -313,49 +359,6 @@ def steady_state(job: dict[str, Any], warmup_steps: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------------
 # The benchmark
 # ----------------------------------------------------------------------------------------------------------------------
-def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    for key, value in update.items():
-        if key == "settings":  # replaced, not merged
-            base[key] = copy.deepcopy(value)
-        elif isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_update(base[key], value)
-        else:
-            base[key] = copy.deepcopy(value)
-    return base
-
-
-def load_config(args: BenchCommArgs) -> dict[str, Any]:
-    config = yaml.safe_load(Path(args.config).read_text())
-    quick = config.pop("quick", {})
-    if args.quick:
-        _deep_update(config, quick)
-    if args.rates_mbit:
-        config["rates_mbit"] = [None if str(r).lower() in ("none", "null", "unthrottled") else float(r)
-                                for r in args.rates_mbit]
-    names = list(config["settings"])
-    if args.settings:
-        unknown = [s for s in args.settings if s not in names]
-        if unknown:
-            raise SystemExit(f"bench_comm: error: --settings {unknown} not in the config's settings: {names}")
-        keep = [names[0]] + [s for s in args.settings if s != names[0]]
-        config["settings"] = {s: config["settings"][s] for s in keep}
-    if args.no_netns:
-        config["rates_mbit"] = [None]
-    return config
-
-
-def _check_recipe_flags(settings: dict[str, dict[str, Any]]) -> None:
-    """Fail early, naming the flag, when the recipe does not know a setting's option (e.g. an older checkout)."""
-    import roberta_glue
-
-    known = set(roberta_glue.GlueArgs.__dataclass_fields__)
-    for name, options in settings.items():
-        missing = sorted(set(options) - known)
-        if missing:
-            raise SystemExit(f"bench_comm: error: setting {name!r} needs recipe options {missing} that "
-                             f"recipes/roberta_glue.py does not have.")
-
-
 def _error_line(message: str) -> str:
     """The most telling line of a failed job's message (the last error line of the worker logs)."""
     lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
@@ -369,57 +372,48 @@ def metric_at(curve: list[tuple[int, float]], step: float) -> Optional[float]:
     return reached[-1] if reached else None
 
 
-def _fmt_bytes(b: Optional[float]) -> str:
-    if b is None:
-        return "n/a"
-    for unit, scale in (("MB", 1e6), ("KB", 1e3)):
-        if b >= scale:
-            return f"{b / scale:.3g} {unit}"
-    return f"{b:.0f} B"
-
-
 def _rate_label(rate: Optional[float]) -> str:
     return "unthrottled" if rate is None else f"{rate:g} Mbit/s"
 
 
-def benchmark(args: BenchCommArgs) -> Optional[dict[str, Any]]:
-    if args.render_only:
-        out = Path(args.output_dir)
+def benchmark(options: CommOptions) -> Optional[dict[str, Any]]:
+    """Every setting's full run, then its timing runs at every throttled rate; None when the link emulation cannot
+    run here (nothing is written then)."""
+    out = Path(options.output_dir).resolve()
+    if options.render_only:
         m = json.loads((out / "measurements.json").read_text())
         link = Link(*m["tbf"]) if m["tbf"] else None
-        return finish(args, out, m["config"], m["rows"], m["rates"], link, (m["load_before"], m["load_after"]), m["total_s"])
-    if not args.no_netns:
+        return finish(options, out, m["run"], m["rows"], m["rates"], link, (m["load_before"], m["load_after"]),
+                      m["total_s"])
+    if not options.no_netns:
         reason = netns_unavailable_reason()
         if reason is not None:
-            print(f"bench_comm: the link emulation cannot run here: {reason}. Run it as root on a machine with "
-                  f"iproute2 (ip, tc), or pass --no_netns for the same pipeline over loopback without throttling. "
-                  f"Nothing was written.", flush=True)
+            print(f"comm: the link emulation cannot run here: {reason}. Run it as root on a machine with iproute2 "
+                  f"(ip, tc), or pass --no_netns for the same pipeline over loopback without throttling. Nothing "
+                  f"was written.", flush=True)
             return None
-    config = load_config(args)
-    settings: dict[str, dict[str, Any]] = config["settings"]
-    _check_recipe_flags(settings)
-    out = Path(args.output_dir)
+    settings = options.selected_settings()
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    load_before = os.getloadavg()
+    load_before = measure.load_average()
 
     # Base model, once: a 1-step single-process run of the recipe builds and pre-trains it.
     base_dir = out / "base"
-    base_opts = {**config["recipe"], **config["base"], "max_steps": 1, "max_eval_samples": 10,
+    base_opts = {**options.recipe, **options.base, "max_steps": 1, "max_eval_samples": 10,
                  "output_dir": str(base_dir), "overwrite_output_dir": True}
     recipe_config = out / "recipe_config.yaml"
     recipe_config.write_text(yaml.safe_dump(base_opts, sort_keys=False))
-    print(f"[bench_comm] building the base model into {base_dir / 'base_model'} ...", flush=True)
+    print(f"[comm] building the base model into {base_dir / 'base_model'} ...", flush=True)
     subprocess.run([sys.executable, str(RECIPE), "--config", str(recipe_config)], check=True, cwd=str(REPO_ROOT),
                    env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL)
-    run_opts = {**config["recipe"], "model_name_or_path": str((base_dir / "base_model").resolve()),
-                "logging_steps": config["logging_steps"], "overwrite_output_dir": True}
+    run_opts = {**options.recipe, "model_name_or_path": str(base_dir / "base_model"),
+                "logging_steps": options.logging_steps, "overwrite_output_dir": True}
     recipe_config.write_text(yaml.safe_dump(run_opts, sort_keys=False))
 
-    rates: list[Optional[float]] = config["rates_mbit"]
+    rates = options.rates()
     throttled = [r for r in rates if r is not None]
-    link_cm = None if args.no_netns else Link(config["tbf_burst_ms"], config["tbf_min_burst_bytes"],
-                                              config["tbf_latency_ms"])
+    link_cm = None if options.no_netns else Link(options.tbf_burst_ms, options.tbf_min_burst_bytes,
+                                                 options.tbf_latency_ms)
     rows: dict[str, dict[str, Any]] = {name: {"options": opts, "step_s": {}, "wire_bytes_per_step": {}}
                                        for name, opts in settings.items()}
     link = link_cm.__enter__() if link_cm is not None else None
@@ -430,17 +424,17 @@ def benchmark(args: BenchCommArgs) -> Optional[dict[str, Any]]:
         for i, (name, opts) in enumerate(settings.items()):
             try:
                 job = run_job(link, recipe_config, out / "runs" / f"{i:02d}_full",
-                              {**opts, "max_steps": config["full_steps"], "eval_steps": config["eval_steps"]},
-                              config["job_timeout_s"], args.pin_cpus)
+                              {**opts, "max_steps": options.full_steps, "eval_steps": options.eval_steps},
+                              options.job_timeout_s, options.pin_cpus)
             except RuntimeError as exc:
                 if i == 0:
                     raise  # no reference, no benchmark
                 # one broken setting is a result too (reported as failed), not a reason to lose the others
                 rows[name]["error"] = _error_line(str(exc))
-                print(f"[bench_comm] {name}: FAILED: {rows[name]['error']}", flush=True)
+                print(f"[comm] {name}: FAILED: {rows[name]['error']}", flush=True)
                 continue
             res = job["results"]
-            ss = steady_state(job, config["timing_warmup_steps"])
+            ss = steady_state(job, options.timing_warmup_steps)
             row = rows[name]
             main = res["main_metric"]
             row.update(main_metric=main, metric=res["eval"][main], trainable_params=res["trainable_params"],
@@ -454,9 +448,10 @@ def benchmark(args: BenchCommArgs) -> Optional[dict[str, Any]]:
                        full_run_wire_total_bytes=job["wire_total_bytes"])
             row["step_s"]["unthrottled"] = ss["step_s"]
             row["wire_bytes_per_step"]["unthrottled"] = ss["wire_bytes_per_step"]
-            print(f"[bench_comm] {name}: {main} {row['metric']:.4f} after {res['train_steps']} steps, "
-                  f"{ss['step_s'] * 1e3:.1f} ms/step unthrottled, counted {_fmt_bytes(row['counted_bytes_per_step'])}"
-                  f"/step, wire {_fmt_bytes(ss['wire_bytes_per_step'])}/step ({res['trainable_params']:,} trainable)",
+            print(f"[comm] {i + 1}/{len(settings)} {name}: {main} {row['metric']:.4f} after {res['train_steps']} "
+                  f"steps, {ss['step_s'] * 1e3:.1f} ms/step unthrottled, counted "
+                  f"{measure.fmt_bytes(row['counted_bytes_per_step'])}/step, wire "
+                  f"{measure.fmt_bytes(ss['wire_bytes_per_step'])}/step ({res['trainable_params']:,} trainable)",
                   flush=True)
         # 2. timing runs at every throttled rate
         for rate in throttled:
@@ -466,72 +461,71 @@ def benchmark(args: BenchCommArgs) -> Optional[dict[str, Any]]:
                     continue
                 try:
                     job = run_job(link, recipe_config, out / "runs" / f"{i:02d}_{rate:g}mbit",
-                                  {**opts, "max_steps": config["timing_steps"], "eval_steps": 1000000,
-                                   "max_eval_samples": 50}, config["job_timeout_s"], args.pin_cpus)
+                                  {**opts, "max_steps": options.timing_steps, "eval_steps": 1000000,
+                                   "max_eval_samples": 50}, options.job_timeout_s, options.pin_cpus)
                 except RuntimeError as exc:
                     if i == 0:
                         raise
                     rows[name]["error"] = f"at {_rate_label(rate)}: {_error_line(str(exc))}"
-                    print(f"[bench_comm] {name}: FAILED: {rows[name]['error']}", flush=True)
+                    print(f"[comm] {name}: FAILED: {rows[name]['error']}", flush=True)
                     continue
-                ss = steady_state(job, config["timing_warmup_steps"])
+                ss = steady_state(job, options.timing_warmup_steps)
                 rows[name]["step_s"][_rate_label(rate)] = ss["step_s"]
                 rows[name]["wire_bytes_per_step"][_rate_label(rate)] = ss["wire_bytes_per_step"]
                 rows[name].setdefault("counted_bytes_per_step_timing", {})[_rate_label(rate)] = \
                     ss["counted_bytes_per_step"]
-                print(f"[bench_comm] {_rate_label(rate)} {name}: {ss['step_s'] * 1e3:.1f} ms/step, wire "
-                      f"{_fmt_bytes(ss['wire_bytes_per_step'])}/step (job {job['job_wall_s']:.0f} s)", flush=True)
+                print(f"[comm] {_rate_label(rate)} {i + 1}/{len(settings)} {name}: {ss['step_s'] * 1e3:.1f} ms/step, "
+                      f"wire {measure.fmt_bytes(ss['wire_bytes_per_step'])}/step (job {job['job_wall_s']:.0f} s)",
+                      flush=True)
     finally:
         if link_cm is not None:
             link_cm.close()
 
     # the measurements first, so that a failure below loses nothing (--render_only re-renders from this file)
-    (out / "measurements.json").write_text(json.dumps({"config": config, "rows": rows, "rates": rates,
-                                                       "tbf": [config["tbf_burst_ms"], config["tbf_min_burst_bytes"],
-                                                               config["tbf_latency_ms"]] if link_cm else None,
-                                                       "load_before": load_before, "load_after": os.getloadavg(),
+    run = asdict(options)
+    tbf = [options.tbf_burst_ms, options.tbf_min_burst_bytes, options.tbf_latency_ms] if link_cm else None
+    load_after = measure.load_average()
+    (out / "measurements.json").write_text(json.dumps({"run": run, "rows": rows, "rates": rates, "tbf": tbf,
+                                                       "load_before": load_before, "load_after": load_after,
                                                        "total_s": time.time() - t_start}, default=str))
-    return finish(args, out, config, rows, rates, link_cm, (load_before, os.getloadavg()), time.time() - t_start)
+    return finish(options, out, run, rows, rates, link_cm, (load_before, load_after), time.time() - t_start)
 
 
-def finish(args: BenchCommArgs, out: Path, config: dict[str, Any], rows: dict[str, dict[str, Any]],
-           rates: list[Optional[float]], link_cm: Optional[Link], loads: tuple[Any, Any],
+def finish(options: CommOptions, out: Path, run: dict[str, Any], rows: dict[str, dict[str, Any]],
+           rates: list[Optional[float]], link: Optional[Link], loads: tuple[Any, Any],
            total_s: float) -> dict[str, Any]:
-    """Derive, render and write the table, JSON and plot from the measurements."""
-    summary = summarize(config, rows, rates, link_cm)
+    """Derive, render and write the table, JSON and plot from the measurements (``run``: the options they were
+    taken with)."""
+    summary = summarize(run, rows, rates, link)
     summary["environment"] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or platform.platform()}",
-        "load_average_before": [round(x, 2) for x in loads[0]],
-        "load_average_after": [round(x, 2) for x in loads[1]],
-        "pinned": "worker r on CPU r" if args.pin_cpus and len(os.sched_getaffinity(0)) >= 2 else "not pinned",
-        "link": "loopback (no_netns)" if args.no_netns else "veth between two network namespaces, tbf on both ends",
+        "load_average_before": loads[0],
+        "load_average_after": loads[1],
+        "pinned": "worker r on CPU r" if run["pin_cpus"] and len(os.sched_getaffinity(0)) >= 2 else "not pinned",
+        "link": "loopback (no_netns)" if run["no_netns"] else "veth between two network namespaces, tbf on both ends",
         "total_s": round(total_s, 1),
-        "command": " ".join(["python", "recipes/bench_comm.py", *sys.argv[1:]]),
     }
     table = render_table(summary)
-    summary["table_md"] = table
-    (out / "table.md").write_text(table)
-    (out / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    plot(summary, out / "bench_comm.png")
     print(table, flush=True)
-    print(f"[bench_comm] done in {summary['environment']['total_s']:.0f} s; wrote {out / 'table.md'}, "
-          f"{out / 'results.json'}, {out / 'bench_comm.png'}", flush=True)
-    return summary
+    report = {**measure.report_header("comm", options), **summary}
+    measure.write_outputs(out, "comm", table, report, plot(summary) if options.plot else None)
+    print(f"[comm] done in {summary['environment']['total_s']:.0f} s", flush=True)
+    return report
 
 
-def summarize(config: dict[str, Any], rows: dict[str, dict[str, Any]], rates: list[Optional[float]],
+def summarize(run: dict[str, Any], rows: dict[str, dict[str, Any]], rates: list[Optional[float]],
               link: Optional[Link]) -> dict[str, Any]:
     """Derived numbers: bytes ratio, speed-up vs the reference, metric at equal wall-clock, targets."""
     failed = {name: row for name, row in rows.items() if "error" in row}
     rows = {name: row for name, row in rows.items() if "error" not in row}
     names = list(rows)
     ref = rows[names[0]]
-    n = config["full_steps"]
+    n = run["full_steps"]
     labels = [_rate_label(r) for r in rates]
     for name, row in rows.items():
-        cb, rb = row.get("counted_bytes_per_step"), ref.get("counted_bytes_per_step")
-        row["bytes_reduction_vs_ref"] = rb / cb if cb and rb else None
-        row["speedup_vs_ref"] = {lab: ref["step_s"][lab] / row["step_s"][lab] for lab in labels}
+        row["bytes_reduction_vs_ref"] = measure.ratio(ref.get("counted_bytes_per_step"),
+                                                      row.get("counted_bytes_per_step"))
+        row["speedup_vs_ref"] = {lab: measure.ratio(ref["step_s"][lab], row["step_s"][lab]) for lab in labels}
         row["delta_metric_points_vs_ref"] = 100 * (row["metric"] - ref["metric"])
     # Equal wall-clock budget at rate R: the time the fastest setting needs for full_steps at R. Every setting then
     # trained steps = budget / its step time (<= full_steps); its metric is that of its last evaluation by then.
@@ -563,8 +557,8 @@ def summarize(config: dict[str, Any], rows: dict[str, dict[str, Any]], rates: li
         red = rows[topk[0]]["bytes_reduction_vs_ref"]
         targets["topk_1pct_bytes_reduction"] = {"setting": topk[0], "reduction": red,
                                                 "met": red is not None and red >= 30}
-    return {"full_steps": n, "eval_steps": config["eval_steps"], "timing_steps": config["timing_steps"],
-            "timing_warmup_steps": config["timing_warmup_steps"], "rates": labels,
+    return {"full_steps": n, "eval_steps": run["eval_steps"], "timing_steps": run["timing_steps"],
+            "timing_warmup_steps": run["timing_warmup_steps"], "rates": labels,
             "tbf": {_rate_label(r): link.tbf_params(r) for r in rates if r is not None} if link else {},
             "equal_time_budget_s": budgets, "settings": rows, "failed": failed, "targets": targets}
 
@@ -585,8 +579,8 @@ def render_table(summary: dict[str, Any]) -> str:
     wire_key = "50 Mbit/s" if "50 Mbit/s" in labels else labels[0]
     for name, row in rows.items():
         red = row["bytes_reduction_vs_ref"]
-        lines.append(f"| {name} | {_fmt_bytes(row['counted_bytes_per_step'])} | "
-                     f"{'n/a' if red is None else f'{red:.1f}x'} | {_fmt_bytes(row['wire_bytes_per_step'][wire_key])} | "
+        lines.append(f"| {name} | {measure.fmt_bytes(row['counted_bytes_per_step'])} | "
+                     f"{'n/a' if red is None else f'{red:.1f}x'} | {measure.fmt_bytes(row['wire_bytes_per_step'][wire_key])} | "
                      f"{row['metric']:.4f} | {row['delta_metric_points_vs_ref']:+.1f} |")
     lines += ["", f"Wire bytes measured at {wire_key}. Step time in ms (mean over steady-state steps "
               f"{summary['timing_warmup_steps']}-{summary['timing_steps']} of a timing run; unthrottled: the full "
@@ -625,14 +619,13 @@ def render_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(summary: dict[str, Any]) -> Any:
+    """Step time against the link rate, and the metric against the wall-clock at 50 Mbit/s (or the first rate)."""
+    import matplotlib.ticker
 
     rows, labels = summary["settings"], summary["rates"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, axes = measure.subplots(1, 2, 13, 5)
+    ax1, ax2 = axes[0]
     xs = [float(lab.split()[0]) if lab != "unthrottled" else None for lab in labels]
     top = max([x for x in xs if x is not None], default=1000.0)
     x_unthr = top * 10
@@ -659,15 +652,10 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     ax2.set_ylabel(next(iter(rows.values()))["main_metric"])
     ax2.set_title(f"metric vs wall-clock at {lab}")
     ax2.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def main(argv: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
-    args = parse_recipe_args(BenchCommArgs, argv, description=__doc__)
-    return benchmark(args)
-
-
-if __name__ == "__main__":
-    main()
+def main(argv: Optional[Sequence[str]] = None) -> Optional[dict[str, Any]]:
+    """Run the benchmark; returns the report that is also written to ``<output_dir>/comm.json`` (None, after saying
+    why, where the link emulation cannot run)."""
+    return benchmark(parse_options(CommOptions, "comm", argv, __doc__))

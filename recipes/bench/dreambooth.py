@@ -1,67 +1,54 @@
-#!/usr/bin/env python
 """Train-step time and peak memory of GSOFT, Double GSOFT, LoRA, OFT and BOFT on a Stable Diffusion UNet.
 
 Usage::
 
-    python recipes/bench_dreambooth.py                       # configs/bench/dreambooth.yaml; reduced UNet on a CPU
-    python recipes/bench_dreambooth.py --unet sd15 --reduced false --batch_size 4 --resolution 512   # full size (GPU)
-    python recipes/bench_dreambooth.py --quick               # seconds: a tiny UNet (tests)
+    python recipes/benchmark.py dreambooth                  # configs/bench/dreambooth.yaml; reduced UNet on a CPU
+    python recipes/benchmark.py dreambooth --unet sd15 --reduced false --batch_size 4 --resolution 512  # GPU
+    python recipes/benchmark.py dreambooth --quick          # seconds: a tiny UNet (tests)
 
 The UNet is built from the SD 1.5 or SD 2.1 ``UNet2DConditionModel`` config with random weights (nothing is
 downloaded; timing does not depend on the weights). Each method adapts the attention projections ``to_q, to_k, to_v,
-to_out.0`` with the paper's settings, read from ``method_options`` of ``configs/dreambooth/sd21.yaml`` (GSOFT r=32
-blocks, Double GSOFT r=64, LoRA rank 4, BOFT r=32 m=4, OFT 32 blocks). One step is exactly the recipe's: noise and
-timesteps drawn, noised latents through the UNet with text embeddings, epsilon MSE loss (``dreambooth.latent_loss``),
-backward, AdamW step; the VAE and text encoder are left out (frozen, identical for every method).
+to_out.0`` with the paper's settings, read from ``method_options`` of ``method_config`` (GSOFT r=32 blocks, Double
+GSOFT r=64, LoRA rank 4, BOFT r=32 m=4, OFT 32 blocks). One step is exactly the recipe's: noise and timesteps drawn,
+noised latents through the UNet with text embeddings, epsilon MSE loss (``dreambooth.latent_loss``), backward, AdamW
+step; the VAE and text encoder are left out (frozen, identical for every method). The methods run side by side in
+one process.
 
-Measurements: median step wall time over interleaved rounds (every method in turn, so machine noise hits all alike),
-after ``warmup`` untimed steps; peak train memory above the frozen UNet weights = adapter state + AdamW state + peak
-tensor memory of one step (CUDA ``max_memory_allocated``; on a CPU the profiler's allocation events, as
-``bench_adapters.py``). BOFT's CUDA extension cannot build on a CPU, where PEFT silently drops to 1 butterfly factor;
-by default (``boft_fbd: torch``) a pure-PyTorch stand-in keeps the configured factors.
+Measurements: median step wall time over interleaved rounds (every method in turn, so that machine noise hits all
+alike), after ``warmup`` untimed steps; peak train memory above the frozen UNet weights = adapter state + AdamW state
++ peak tensor memory of one step (``measure.peak_step_bytes``). Ratio columns divide by the ``reference`` methods;
+``targets`` are reported as held or MISSED. BOFT's CUDA extension cannot build on a CPU, where PEFT silently drops to
+1 butterfly factor; by default (``boft_fbd: torch``) a pure-PyTorch stand-in keeps the configured factors.
 
-On a CPU the default (``reduced: null`` = reduced on CPU) keeps the real layer widths (320 / 640 channels, the real
-cross-attention width) but only the first two UNet blocks with one layer each, batch 1 and 128-px images: the table says
-so. Outputs: ``results.json``, ``tables.md`` and ``bench_dreambooth_<device>.png`` in ``output_dir``.
+On a CPU the default (``reduced: null`` = reduced on a CPU) keeps the real layer widths (320 / 640 channels, the real
+cross-attention width) but only the first two UNet blocks with one layer each, batch 1 and 128-px images: the table
+says so. Outputs in ``output_dir``: ``dreambooth.md``, ``dreambooth.json`` and ``dreambooth.png``.
 """
 
 from __future__ import annotations
 
 import copy
 import gc
-import json
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 import torch
 import yaml
 
-from .adapters import (  # (the adapter benchmark's measurement helpers, shared)
-    _loadavg,
-    _restore_fbd,
-    boft_fbd,
-    device_label,
-    optimizer_state_bytes,
-    peak_step_bytes,
-    summary,
-    tensor_bytes,
-    timed,
-    versions,
-)
+from common import METHODS, apply_method, count_parameters
 from dreambooth import latent_loss
 
-MiB = 2**20
+from . import measure
+from .options import BenchOptions, parse_options, repo_path
 
 
 @dataclass
-class BenchArgs:
-    """Options of recipes/bench_dreambooth.py (defaults in configs/bench/dreambooth.yaml)."""
+class DreamboothOptions(BenchOptions):
+    """Options of the DreamBooth UNet benchmark (defaults: configs/bench/dreambooth.yaml)."""
 
+    output_dir: str = field(default="outputs/bench_dreambooth", metadata={"help": "Where dreambooth.md/.json/.png go."})
     unet: str = field(default="sd21", metadata={"help": "Key of unet_configs: sd15 or sd21."})
     unet_configs: dict = field(default_factory=dict, metadata={"help": "UNet2DConditionModel configs by name."})
     reduced: Optional[bool] = field(
@@ -69,10 +56,13 @@ class BenchArgs:
     )
     reduce: dict = field(default_factory=dict, metadata={"help": "UNet config overrides of the reduced UNet."})
     method_config: str = field(
-        default="configs/dreambooth/sd21.yaml", metadata={"help": "Recipe YAML whose method_options are used."}
+        default="configs/dreambooth/sd21.yaml",
+        metadata={"help": "Recipe YAML whose method_options are used (relative: to the working directory or the "
+                          "repository)."},
     )
     methods: list[str] = field(
-        default_factory=lambda: ["gsoft", "double_gsoft", "lora", "oft", "boft"], metadata={"help": "Methods to run."}
+        default_factory=lambda: ["gsoft", "double_gsoft", "lora", "oft", "boft"],
+        metadata={"help": f"Methods to run, in order (from {', '.join(METHODS)})."},
     )
     target_modules: list[str] = field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], metadata={"help": "UNet layers adapted."}
@@ -88,82 +78,60 @@ class BenchArgs:
     boft_fbd: str = field(
         default="torch", metadata={"help": "torch: pure-PyTorch BOFT block-diagonal op; peft: PEFT's (CPU: m = 1)."}
     )
+    reference: dict = field(default_factory=lambda: {"boft": "boft", "lora": "lora"},
+                            metadata={"help": "Ratio columns: {label: method}."})
+    targets: dict = field(
+        default_factory=lambda: {"method": "gsoft", "step_vs_boft": 0.5, "mem_vs_boft": 1.0, "step_vs_lora": 1.2},
+        metadata={"help": "{method: name, <metric>: limit}: value <= limit, reported."},
+    )
     threads: Optional[int] = field(default=None, metadata={"help": "torch threads on a CPU (null: torch's default)."})
-    device: Optional[str] = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)."})
-    device_overrides: dict = field(default_factory=dict, metadata={"help": "Per device type option overrides."})
-    quick: bool = field(default=False, metadata={"help": "Apply quick_overrides: a tiny run for tests."})
-    quick_overrides: dict = field(default_factory=dict, metadata={"help": "Options of --quick."})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu or cuda."})
+    device_overrides: dict = field(default_factory=dict, metadata={"help": "Options per device type (cpu, cuda)."})
     seed: int = field(default=0, metadata={"help": "Seed of weights and inputs."})
-    output_dir: str = field(default="outputs/bench_dreambooth", metadata={"help": "Where tables and plots go."})
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}.")
+        if self.unet not in self.unet_configs:
+            raise ValueError(f"--unet: unknown {self.unet!r}; unet_configs has {sorted(self.unet_configs)}.")
+        if self.boft_fbd not in measure.BOFT_FBD_MODES:
+            raise ValueError(f"--boft_fbd must be one of {', '.join(measure.BOFT_FBD_MODES)}, got {self.boft_fbd!r}.")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device: unknown {self.device!r}; use auto, cpu or cuda.")
+        self.method_config = str(repo_path(self.method_config))
 
 
-def parse(argv: Optional[Sequence[str]]) -> BenchArgs:
-    """YAML defaults < device overrides < quick overrides < command line."""
-    from common import parse_recipe_args
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" not in argv:
-        argv = ["--config", str(REPO_ROOT / "configs" / "bench" / "dreambooth.yaml"), *argv]
-    args = parse_recipe_args(BenchArgs, argv, description=__doc__.split("\n\n")[0])
-    given = _cli_keys(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    layers = [args.device_overrides.get(torch.device(device).type, {})]
-    if args.quick:
-        layers.append(args.quick_overrides)
-    for overrides in layers:
-        for key, value in (overrides or {}).items():
-            if key not in given:
-                setattr(args, key, value)
-    args.device = device
-    return args
-
-
-def _cli_keys(argv: list[str]) -> set[str]:
-    """Options set on the command line (they win over device and quick overrides)."""
-    keys, skip = set(), False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--config":
-            skip = True
-        elif a.startswith("--"):
-            keys.add(a[2:].split("=")[0].split(".")[0].replace("-", "_"))
-    return keys
-
-
-def unet_config(args: BenchArgs) -> tuple[dict[str, Any], bool]:
-    if args.unet not in args.unet_configs:
-        raise ValueError(f"Unknown --unet {args.unet!r}; choose one of {sorted(args.unet_configs)}.")
-    config = dict(args.unet_configs[args.unet])
-    reduced = args.reduced if args.reduced is not None else torch.device(args.device).type == "cpu"
+def unet_config(options: DreamboothOptions, device: torch.device) -> tuple[dict[str, Any], bool]:
+    """The UNet config to build and whether it is the reduced one."""
+    config = dict(options.unet_configs[options.unet])
+    reduced = options.reduced if options.reduced is not None else device.type == "cpu"
     if reduced:
-        config.update(args.reduce)
+        config.update(options.reduce)
     return config, reduced
 
 
-def method_options(args: BenchArgs) -> dict[str, dict[str, Any]]:
-    path = Path(args.method_config)
-    path = path if path.is_absolute() or path.is_file() else REPO_ROOT / path
-    return yaml.safe_load(path.read_text()).get("method_options", {})
+def method_options(options: DreamboothOptions) -> dict[str, dict[str, Any]]:
+    """The recipe config's ``method_options`` (the paper's settings per method)."""
+    return yaml.safe_load(Path(options.method_config).read_text()).get("method_options", {})
 
 
-def build_models(args: BenchArgs, config: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, torch.nn.Module]]:
+def build_models(options: DreamboothOptions, config: dict[str, Any],
+                 device: torch.device) -> tuple[torch.nn.Module, dict[str, torch.nn.Module]]:
     """The frozen base UNet and one adapted deep copy per method (``common.apply_method``)."""
     from diffusers import UNet2DConditionModel
 
-    from common import apply_method
-
-    torch.manual_seed(args.seed)
-    base = UNet2DConditionModel(**config).to(args.device).requires_grad_(False)
-    if args.gradient_checkpointing:
+    torch.manual_seed(options.seed)
+    base = UNet2DConditionModel(**config).to(device).requires_grad_(False)
+    if options.gradient_checkpointing:
         base.enable_gradient_checkpointing()
-    options = method_options(args)
+    method_opts = method_options(options)
     models = {}
-    for method in args.methods:
-        with warnings.catch_warnings(), boft_fbd(args.boft_fbd if method == "boft" else "torch"):
+    for method in options.methods:
+        with warnings.catch_warnings(), measure.boft_fbd(options.boft_fbd):
             warnings.simplefilter("ignore")
-            models[method] = apply_method(copy.deepcopy(base), method, list(args.target_modules),
-                                          options=dict(options.get(method) or {})).train()
+            models[method] = apply_method(copy.deepcopy(base), method, list(options.target_modules),
+                                          options=dict(method_opts.get(method) or {})).train()
     return base, models
 
 
@@ -176,155 +144,127 @@ def describe(method: str, options: dict[str, Any], model: torch.nn.Module) -> st
     return f"{method} ({opts})"
 
 
-def run(args: BenchArgs) -> dict[str, Any]:
-    import diffusers
+def run(options: DreamboothOptions, device: torch.device) -> dict[str, Any]:
+    """Every method's train step on one UNet, side by side."""
     from diffusers import DDPMScheduler
 
-    from common import count_parameters
-
-    if args.threads and torch.device(args.device).type == "cpu":
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    config, reduced = unet_config(args)
-    base, models = build_models(args, config)
-    options = method_options(args)
+    config, reduced = unet_config(options, device)
+    base, models = build_models(options, config, device)
+    method_opts = method_options(options)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    side = args.resolution // 8
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    latents = torch.randn(args.batch_size, config.get("in_channels", 4), side, side, generator=g, device=device)
-    embeds = torch.randn(args.batch_size, args.text_len, config["cross_attention_dim"], generator=g, device=device)
-    base_bytes = tensor_bytes(list(base.parameters()) + list(base.buffers()))
+    side = options.resolution // 8
+    g = torch.Generator(device=device).manual_seed(options.seed)
+    latents = torch.randn(options.batch_size, config.get("in_channels", 4), side, side, generator=g, device=device)
+    embeds = torch.randn(options.batch_size, options.text_len, config["cross_attention_dim"], generator=g,
+                         device=device)
+    base_bytes = measure.model_bytes(base)
     opts = {m: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5, weight_decay=0.01)
             for m, model in models.items()}
 
-    def step(method: str) -> None:
-        opts[method].zero_grad(set_to_none=True)
-        loss, _ = latent_loss(latents, args.batch_size, unet=models[method], noise_scheduler=scheduler,
+    def step(method: str, zero_grad: bool = True) -> None:
+        if zero_grad:
+            opts[method].zero_grad(set_to_none=True)
+        loss, _ = latent_loss(latents, options.batch_size, unet=models[method], noise_scheduler=scheduler,
                               prompt_embeds=embeds, generator=torch.Generator(device=device).manual_seed(1))
         loss.backward()
         opts[method].step()
 
-    load_start = _loadavg()
+    load_start = measure.load_average()
+    n = len(models)
+    bar = measure.progress(n * (options.warmup + options.rounds * options.steps_per_round + int(options.memory)),
+                           f"{options.unet}/{device.type}")
     for method in models:
-        for _ in range(args.warmup):
+        for _ in range(options.warmup):
+            bar.set_postfix_str(f"warmup {method}")
             step(method)
-    times: dict[str, list[float]] = {m: [] for m in models}
-    for _ in range(args.rounds):
-        for method in models:
-            times[method] += [timed(lambda m=method: step(m), device) for _ in range(args.steps_per_round)]
+            bar.update()
+    times = measure.interleaved_times({m: (lambda m=m: step(m)) for m in models}, device,
+                                      dict.fromkeys(models, options.rounds),
+                                      dict.fromkeys(models, options.steps_per_round), bar)
     rows = []
     for method, model in models.items():
-        trainable, _ = count_parameters(model)
-        adapter_bytes = tensor_bytes(list(model.parameters()) + list(model.buffers())) - base_bytes
-        peak = peak_step_bytes(lambda m=method: step(m), device) if args.memory else None
-        rows.append({
-            "method": method,
-            "name": describe(method, options.get(method) or {}, model),
-            "trainable_params": trainable,
-            "step_ms": 1000 * summary(times[method])["median"],
-            "step_s": summary(times[method]),
-            "peak_train_mib": None if peak is None else (peak + adapter_bytes + optimizer_state_bytes(opts[method])) / MiB,
-        })
-        gc.collect()
-    ref = {r["method"]: r for r in rows}
-    for row in rows:
-        for other in ("boft", "lora"):
-            if other in ref:
-                row[f"step_vs_{other}"] = row["step_ms"] / ref[other]["step_ms"]
-                if row["peak_train_mib"] and ref[other]["peak_train_mib"]:
-                    row[f"mem_vs_{other}"] = row["peak_train_mib"] / ref[other]["peak_train_mib"]
-    blocks = config["block_out_channels"]
+        row = {"method": method, "name": describe(method, method_opts.get(method) or {}, model),
+               "trainable_params": count_parameters(model)[0], "step_s": measure.summary(times[method]),
+               "step_samples_s": times[method]}
+        if options.memory:
+            bar.set_postfix_str(f"memory {method}")
+            opts[method].zero_grad(set_to_none=True)
+            gc.collect()
+            row["peak_step_bytes"] = measure.peak_step_bytes(lambda m=method: step(m, zero_grad=False), device)
+            row["peak_train_mem_bytes"] = (measure.model_bytes(model) - base_bytes + row["peak_step_bytes"]
+                                           + measure.optimizer_state_bytes(opts[method]))
+            bar.update()
+        rows.append(row)
+    bar.close()
+    measure.add_ratios(rows, options.reference, {"step": "step_s", "mem": "peak_train_mem_bytes"}, key="method")
     return {
-        "device": device_label(device),
-        "unet": args.unet,
+        "device": measure.device_label(device),
+        "unet": options.unet,
         "reduced": reduced,
         "unet_config": config,
         "unet_params": sum(p.numel() for p in base.parameters()),
-        "blocks": list(blocks),
-        "batch_size": args.batch_size,
-        "resolution": args.resolution,
-        "text_len": args.text_len,
-        "rounds": args.rounds,
-        "steps_per_round": args.steps_per_round,
-        "loadavg": [load_start, _loadavg()],
+        "blocks": list(config["block_out_channels"]),
+        "batch_size": options.batch_size,
+        "resolution": options.resolution,
+        "text_len": options.text_len,
+        "rounds": options.rounds,
+        "steps_per_round": options.steps_per_round,
+        "loadavg": [load_start, measure.load_average()],
         "rows": rows,
-        "versions": {**versions(), "diffusers": diffusers.__version__},
+        "targets": measure.check_targets(rows, _target_specs(options), key="method"),
     }
 
 
-def markdown(result: dict[str, Any]) -> str:
+def _target_specs(options: DreamboothOptions) -> dict[str, dict[str, float]]:
+    targets = dict(options.targets)
+    method = targets.pop("method", None)
+    return {method: targets} if method else {}
+
+
+def markdown(result: dict[str, Any], options: DreamboothOptions) -> str:
     size = "reduced" if result["reduced"] else "full-size"
-    head = (
+    text = (
         f"#### {result['unet']} UNet ({size}: blocks {result['blocks']}, {result['unet_params'] / 1e6:.0f}M params) "
         f"— {result['device']}\n\nbatch {result['batch_size']} x {result['resolution']} px "
-        f"(latents {result['resolution'] // 8}), {result['text_len']} text tokens; to_q/k/v/out.0 adapted; median of "
-        f"{result['rounds'] * result['steps_per_round']} interleaved steps; load average {result['loadavg'][0]} -> "
-        f"{result['loadavg'][1]}. Memory: adapter + AdamW state + peak step tensors, frozen UNet weights excluded.\n"
+        f"(latents {result['resolution'] // 8}), {result['text_len']} text tokens; {', '.join(options.target_modules)} "
+        f"adapted; median of {result['rounds'] * result['steps_per_round']} interleaved steps; load average "
+        f"{result['loadavg'][0]} -> {result['loadavg'][1]}. Memory: adapter + AdamW state + peak step tensors, frozen "
+        f"UNet weights excluded.\n\n"
     )
-    lines = [head, "| method | params | step ms | ×BOFT | ×LoRA | peak train MiB | mem ×BOFT | mem ×LoRA |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-
-    def f(x: Optional[float], fmt: str) -> str:
-        return "–" if x is None else format(x, fmt)
-
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['name']} | {r['trainable_params']:,} | {r['step_ms']:.0f} | {f(r.get('step_vs_boft'), '.2f')}x | "
-            f"{f(r.get('step_vs_lora'), '.2f')}x | {f(r['peak_train_mib'], '.0f')} | {f(r.get('mem_vs_boft'), '.2f')}x | "
-            f"{f(r.get('mem_vs_lora'), '.2f')}x |"
-        )
-    g = next((r for r in result["rows"] if r["method"] == "gsoft"), None)
-    if g and "step_vs_boft" in g and "step_vs_lora" in g:
-        ok = lambda v, lim: "ok" if v is not None and v <= lim else "MISSED"  # noqa: E731
-        lines.append(
-            f"\nTargets for gsoft: step ≤ 0.5x BOFT: {g['step_vs_boft']:.2f}x ({ok(g['step_vs_boft'], 0.5)}); "
-            f"memory ≤ BOFT: {f(g.get('mem_vs_boft'), '.2f')}x ({ok(g.get('mem_vs_boft'), 1.0)}); "
-            f"step ≤ 1.2x LoRA: {g['step_vs_lora']:.2f}x ({ok(g['step_vs_lora'], 1.2)})"
-        )
-    return "\n".join(lines) + "\n"
+    refs = list(options.reference)
+    header = ["method", "params", "step ms", *[f"step ×{k}" for k in refs], "peak train MiB",
+              *[f"mem ×{k}" for k in refs]]
+    cells = [[r["name"], f"{r['trainable_params']:,}", measure.fmt_ms(r["step_s"]["median"]),
+              *[measure.fmt_ratio(r["relative"][f"step_vs_{k}"]) for k in refs],
+              measure.fmt_mib(r.get("peak_train_mem_bytes")),
+              *[measure.fmt_ratio(r["relative"][f"mem_vs_{k}"]) for k in refs]] for r in result["rows"]]
+    return text + measure.markdown_table(header, cells) + measure.targets_text(result["targets"])
 
 
-def save_plot(result: dict[str, Any], path: Path) -> Optional[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+def plot(result: dict[str, Any]) -> Any:
     rows = result["rows"]
     names = [r["method"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.2))
-    a.bar(names, [r["step_ms"] for r in rows], color="tab:blue")
-    a.set_ylabel("train step, ms (median)")
-    b.bar(names, [r["peak_train_mib"] or 0 for r in rows], color="tab:orange")
-    b.set_ylabel("peak train memory, MiB")
+    fig, axes = measure.subplots(1, 2, 11, 0.4 * len(rows) + 2)
+    measure.bar_panel(axes[0][0], names, [1000 * r["step_s"]["median"] for r in rows], "train step, ms (median)",
+                      "step time")
+    measure.bar_panel(axes[0][1], names, [(r.get("peak_train_mem_bytes") or 0) / measure.MiB for r in rows],
+                      "peak train memory above frozen weights, MiB", "peak memory", color="tab:orange")
     size = "reduced" if result["reduced"] else "full-size"
     fig.suptitle(f"DreamBooth step on {result['unet']} UNet ({size}) — {result['device']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Run the benchmark; returns the report that is also written to ``<output_dir>/dreambooth.json``."""
     import gsoft  # noqa: F401  (registers GSOFT with PEFT)
 
-    args = parse(argv)
-    try:
-        result = run(args)
-    finally:
-        _restore_fbd()  # leave PEFT's BOFT as we found it (main() may run inside a test session)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    table = markdown(result)
-    print(table)
-    (out / "tables.md").write_text(table)
-    (out / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    tag = "cuda" if torch.device(args.device).type == "cuda" else "cpu"
-    save_plot(result, out / f"bench_dreambooth_{tag}.png")
-    return result
-
-
-if __name__ == "__main__":
-    main()
+    options = parse_options(DreamboothOptions, "dreambooth", argv, __doc__,
+                            device_of=lambda o: measure.resolve_device(o.device).type)
+    device = measure.resolve_device(options.device)
+    with measure.boft_fbd(options.boft_fbd), measure.cpu_threads(device, options.threads):
+        result = run(options, device)
+    table = markdown(result, options)
+    print("\n" + table)
+    report = {**measure.report_header("dreambooth", options, "diffusers"), **result}
+    measure.write_outputs(options.output_dir, "dreambooth", table, report, plot(result) if options.plot else None)
+    return report

@@ -1,18 +1,17 @@
-#!/usr/bin/env python
 """Speed of the GS multiply ``y = Q x`` per backend, against a dense GEMM and PEFT's OFT / BOFT multiplies.
 
 Usage::
 
-    python recipes/bench_kernels.py                  # defaults from configs/bench/kernels.yaml (GPU: the full grid)
-    python recipes/bench_kernels.py --quick          # smoke test, a few seconds on a CPU
-    python recipes/bench_kernels.py --hidden 4096 --tokens 16384 --dtypes bf16 --methods torch,triton
-    python recipes/bench_kernels.py --sweep          # GPU: time every Triton tile config at a few shapes (< 1 min)
+    python recipes/benchmark.py kernels                 # configs/bench/kernels.yaml (GPU: the full grid)
+    python recipes/benchmark.py kernels --quick         # smoke test, a few seconds on a CPU
+    python recipes/benchmark.py kernels --hidden 4096 --tokens 16384 --dtypes bf16 --methods torch,triton
+    python recipes/benchmark.py kernels --sweep         # GPU: time every Triton tile config at a few shapes (< 1 min)
 
 For every hidden size ``n``, token count ``T`` (rows of ``x``), activation dtype and mode (``fwd``: ``y = Q x``;
-``fwd+bwd``: also the backward to ``x`` and to the parameters) it times each method (median of ``reps`` after
-``warmup``; ``torch.cuda.synchronize`` around every call on a GPU) and reports
+``fwd+bwd``: also the backward to ``x`` and to the parameters) it times each method side by side (median of ``reps``
+after ``warmup``, synchronised on a GPU) and reports
 
-* **ms** and **× torch** (time / the ``reference`` row's time, lower is better);
+* **ms** and **× torch** (time / the ``reference`` row's time at the same shape, lower is better);
 * **GB/s**: the activation traffic an ideal fused kernel needs (``fwd``: read x, write y = ``2 T n`` elements;
   ``fwd+bwd``: plus read dy and x, write dx = ``5 T n``), divided by the time; and **% BW**: that against the memory
   bandwidth, the GPU's spec-sheet HBM bandwidth where the device is known (else, and on a CPU, a measured large copy).
@@ -20,44 +19,34 @@ For every hidden size ``n``, token count ``T`` (rows of ``x``), activation dtype
 Methods (see the config for the parameter counts): ``torch`` (gsoft's reference path), ``triton`` and ``cuda``
 (gsoft's fused kernels; "needs GPU" rows on a CPU), ``dense`` (``x @ Q^T`` with ``Q`` materialised once),
 ``peft_oft`` (PEFT's ``OFTRotationModule`` forward) and ``peft_boft`` (PEFT BOFT's per-call rotation: dense
-block-diagonal matrices, permutation bmm, product, ``x @ R``; its block-diagonal step uses the pure-PyTorch stand-in
-of ``recipes/bench_adapters.py`` because PEFT's ``fbd_cuda`` extension is broken). Every row starts from given
-orthogonal blocks: the Cayley transform is excluded everywhere.
+block-diagonal matrices, permutation bmm, product, ``x @ R``; its block-diagonal step uses ``measure.boft_fbd``'s
+pure-PyTorch stand-in because PEFT's ``fbd_cuda`` extension is broken). Every row starts from given orthogonal
+blocks: the Cayley transform is excluded everywhere.
 
-Outputs in ``--output_dir``: ``results.json``, ``tables.md`` and ``bench_kernels_<device>.png``.
+Outputs in ``output_dir``: ``kernels.md``, ``kernels.json`` and ``kernels.png``.
 
-``--sweep`` (config ``sweep.enabled``) runs the tile sweep instead: for each shape of ``sweep.shapes`` (rows x hidden x
-block size ``c``, one block-diagonal pass with ``hidden / c`` blocks, as the two-factor GSOFT plan runs it) and dtype,
+``--sweep`` runs the tile sweep instead: for each shape of ``sweep_shapes`` (rows x hidden x block size ``c``, one
+block-diagonal pass with ``hidden / c`` blocks, as the two-factor GSOFT plan runs it) and each of ``sweep_dtypes``,
 it times the multiply and the block-gradient kernels with every config of their tile spaces
 (``gsoft.kernels.triton_gs.MULTIPLY_TILES`` / ``GRAD_TILES``, normalised per block size) and the heuristic's pick
 (``triton.testing.do_bench``, median; the weights in the dtype ``block_multiply`` would pass, plus the heuristic's
 pick with the other one), plus the public launchers (heuristic, dispatch and weight cast included) and a torch
-einsum of the same multiply. It prints one table (ms, GB/s of the ideal traffic: read x and write y, or read
-dy and x; % of ``sweep.peak_gbps``), marking the heuristic's pick (``H``) and the fastest config (``*``), and writes
-``sweep.json``. It needs a CUDA GPU; on a CPU it says so and exits 0.
+einsum of the same multiply. It prints one table (ms, GB/s of the ideal traffic: read x and write y, or read dy and
+x; % of ``sweep_peak_gbps``), marking the heuristic's pick (``H``) and the fastest config (``*``), and writes
+``kernels_sweep.md`` and ``kernels_sweep.json``. It needs a CUDA GPU; on a CPU it says so and exits 0.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import sys
 import time
-from pathlib import Path
-from typing import Any, Callable, Optional
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "bench" / "kernels.yaml"
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
 
 import torch
-import yaml
 
-from bench import adapters as bench_adapters
-from .adapters import boft_fbd, device_label, summary, sync, versions
+from . import measure
+from .options import BenchOptions, parse_options
 
-LIST_KEYS = ("hidden", "tokens", "dtypes", "modes", "methods")
-CLI_KEYS = (*LIST_KEYS, "warmup", "reps", "device", "threads", "plot", "seed", "output_dir")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 NAMES = {
     "torch": "gsoft torch path",
@@ -73,111 +62,108 @@ HBM_GBPS = {"H200": 4800, "H100 PCIe": 2000, "H100": 3350, "A100-SXM4-80GB": 203
 TRAFFIC = {"fwd": 2, "fwd+bwd": 5}
 
 
-# ======================================================================================================================
-# Settings
-# ======================================================================================================================
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML settings (default: %(default)s)")
-    p.add_argument("--quick", action="store_true", help="apply the config's `quick` section (smoke test)")
-    for key in LIST_KEYS:
-        p.add_argument(f"--{key}", help="comma-separated list")
-    p.add_argument("--warmup", type=int)
-    p.add_argument("--reps", type=int)
-    p.add_argument("--device", help="auto, cpu or cuda")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads on the CPU")
-    p.add_argument("--plot", type=lambda s: s.lower() in ("1", "true", "yes"), help="save the PNG plot (true/false)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--output_dir")
-    p.add_argument("--sweep", action="store_true", help="time every Triton tile config instead (config `sweep`; GPU)")
-    return p.parse_args(argv)
+@dataclass
+class KernelsOptions(BenchOptions):
+    """Options of the GS-multiply benchmark (defaults: configs/bench/kernels.yaml)."""
 
+    output_dir: str = field(default="outputs/bench_kernels", metadata={"help": "Where kernels.md/.json/.png go."})
+    hidden: list[int] = field(default_factory=lambda: [768, 1024, 4096], metadata={"help": "n, the rotated width."})
+    tokens: list[int] = field(default_factory=lambda: [4096, 16384, 65536], metadata={"help": "Rows of x."})
+    dtypes: list[str] = field(default_factory=lambda: ["fp16", "bf16"], metadata={"help": "Activation dtypes."})
+    modes: list[str] = field(default_factory=lambda: ["fwd", "fwd+bwd"], metadata={"help": "fwd and/or fwd+bwd."})
+    gs: dict = field(default_factory=lambda: {"block_size": 16, "n_factors": 2},
+                     metadata={"help": "The GS matrix: block_size, n_factors."})
+    oft: dict = field(default_factory=lambda: {"block_size": 32}, metadata={"help": "PEFT OFT: block_size."})
+    boft: dict = field(default_factory=lambda: {"block_size": 16, "n_butterfly_factor": 2},
+                       metadata={"help": "PEFT BOFT: block_size, n_butterfly_factor."})
+    methods: list[str] = field(default_factory=lambda: list(NAMES), metadata={"help": f"From {', '.join(NAMES)}."})
+    reference: dict = field(default_factory=lambda: {"torch": "torch"},
+                            metadata={"help": "Ratio columns: {label: method}, time / that method's at the shape."})
+    warmup: int = field(default=3, metadata={"help": "Untimed calls per row first."})
+    reps: int = field(default=20, metadata={"help": "Timed calls per row (the table shows the median)."})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu or cuda."})
+    threads: Optional[int] = field(default=None, metadata={"help": "torch.set_num_threads on the CPU (null: default)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the blocks and inputs."})
+    targets: dict = field(
+        default_factory=lambda: {"speedup_vs_torch": 2.0, "bandwidth_fraction": 0.6, "tokens": 16384, "hidden": 4096},
+        metadata={"help": "Triton fwd+bwd at tokens x hidden: >= speedup_vs_torch and >= bandwidth_fraction."},
+    )
+    sweep: bool = field(default=False, metadata={"help": "Run the Triton tile sweep instead (GPU)."})
+    sweep_shapes: list[list[int]] = field(
+        default_factory=lambda: [[4096, 768, 64], [16384, 3072, 64], [65536, 4096, 64], [65536, 4096, 256],
+                                 [65536, 4096, 16]],
+        metadata={"help": "[rows, hidden, c] shapes of the sweep: hidden / c blocks of c x c in one pass."},
+    )
+    sweep_dtypes: list[str] = field(default_factory=lambda: ["bf16", "fp32"], metadata={"help": "Sweep dtypes."})
+    sweep_warmup_ms: float = field(default=5.0, metadata={"help": "do_bench warm-up per config (ms)."})
+    sweep_rep_ms: float = field(default=20.0, metadata={"help": "do_bench timed window per config (ms)."})
+    sweep_peak_gbps: float = field(default=4800.0, metadata={"help": "The sweep's '% peak' bandwidth (GB/s)."})
+    device_overrides: dict = field(default_factory=dict, metadata={"help": "Options per device type (cpu, cuda)."})
 
-def load_settings(args: argparse.Namespace) -> dict[str, Any]:
-    settings = yaml.safe_load(Path(args.config).read_text())
-    device = args.device or settings.get("device", "auto")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda, but torch.cuda.is_available() is False.")
-    settings.update((settings.get("device_overrides") or {}).get(device) or {})
-    if args.quick:
-        settings.update(settings.get("quick") or {})
-    for key in CLI_KEYS:
-        value = getattr(args, key, None)
-        if value is None:
-            continue
-        if key in LIST_KEYS:
-            value = [int(v) if key in ("hidden", "tokens") else v.strip() for v in value.split(",") if v.strip()]
-        settings[key] = value
-    settings["device"] = device
-    settings["quick_mode"] = bool(args.quick)
-    settings["sweep"] = dict(settings.get("sweep") or {})
-    if args.sweep:
-        settings["sweep"]["enabled"] = True
-    unknown = [d for d in settings["dtypes"] if d not in DTYPES] + [m for m in settings["methods"] if m not in NAMES]
-    if unknown:
-        raise SystemExit(f"Unknown dtype(s)/method(s) {unknown}; dtypes: {sorted(DTYPES)}, methods: {sorted(NAMES)}.")
-    return settings
+    def __post_init__(self) -> None:
+        unknown = ([d for d in self.dtypes + self.sweep_dtypes if d not in DTYPES]
+                   + [m for m in self.methods if m not in NAMES] + [m for m in self.modes if m not in TRAFFIC])
+        if unknown:
+            raise ValueError(f"Unknown dtype(s)/method(s)/mode(s) {unknown}; dtypes: {sorted(DTYPES)}, methods: "
+                             f"{sorted(NAMES)}, modes: {sorted(TRAFFIC)}.")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device: unknown {self.device!r}; use auto, cpu or cuda.")
 
 
 # ======================================================================================================================
 # Methods: each returns fn(x) -> y and the parameters whose gradients the backward computes
 # ======================================================================================================================
-def gs_blocks(n: int, settings: dict[str, Any], device: torch.device) -> torch.Tensor:
+def gs_blocks(n: int, options: KernelsOptions, device: torch.device) -> torch.Tensor:
     from gsoft import gs
 
-    b, m = settings["gs"]["block_size"], settings["gs"].get("n_factors", 2)
+    b, m = options.gs["block_size"], options.gs.get("n_factors", 2)
     skew = 0.1 * torch.randn(m, n // b, gs.n_skew_params(b))
     return gs.orthogonal_blocks(skew, b).to(device)
 
 
-def make_method(
-    name: str, n: int, dtype: torch.dtype, settings: dict[str, Any], device: torch.device
-) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[torch.Tensor]]:
+def make_method(name: str, n: int, dtype: torch.dtype, options: KernelsOptions,
+                device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[torch.Tensor]]:
     import gsoft
     from gsoft import gs
 
     if name in ("torch", "triton", "cuda"):
-        blocks = gs_blocks(n, settings, device).requires_grad_()
+        blocks = gs_blocks(n, options, device).requires_grad_()
         if name == "torch":  # the reference path needs one dtype; the fused kernels read fp32 blocks directly
             return (lambda x: gsoft.gs_apply(x, blocks.to(x.dtype), backend="torch")), [blocks]
         return (lambda x: gsoft.gs_apply(x, blocks, backend=name)), [blocks]
     if name == "dense":
-        q = gs.materialize(gs_blocks(n, settings, device)).to(dtype).requires_grad_()
+        q = gs.materialize(gs_blocks(n, options, device)).to(dtype).requires_grad_()
         return (lambda x: x @ q.T), [q]
     if name == "peft_oft":
         from peft.tuners.oft.layer import OFTRotationModule
 
-        b = settings["oft"]["block_size"]
+        b = options.oft["block_size"]
         module = OFTRotationModule(n // b, b * (b - 1) // 2, b, n, use_cayley_neumann=False).to(device)
         blocks = gs.orthogonal_blocks(0.1 * torch.randn(n // b, b * (b - 1) // 2, device=device), b)
         blocks.requires_grad_()
         module._cayley_batch = lambda *args, **kwargs: blocks  # PEFT's forward, minus the Cayley transform
         return module, [blocks]
-    if name == "peft_boft":
-        return make_boft(n, settings, device)
-    raise ValueError(name)
+    return make_boft(n, options, device)
 
 
-def make_boft(n: int, settings: dict[str, Any], device: torch.device):
-    """PEFT BOFT's rotation exactly as ``peft.tuners.boft.layer.Linear.forward`` builds and applies it."""
+def make_boft(n: int, options: KernelsOptions, device: torch.device):
+    """PEFT BOFT's rotation exactly as ``peft.tuners.boft.layer.Linear.forward`` builds and applies it (inside
+    ``measure.boft_fbd("torch")``: the block-diagonal matrices come from the stand-in)."""
     from peft import BOFTConfig, get_peft_model
     from peft.tuners.boft.layer import FastBlockDiag
 
     from gsoft import gs
 
-    b, m = settings["boft"]["block_size"], settings["boft"]["n_butterfly_factor"]
+    b, m = options.boft["block_size"], options.boft["n_butterfly_factor"]
     holder = torch.nn.Sequential(torch.nn.Linear(n, n, bias=False))
-    with boft_fbd("torch"):
-        model = get_peft_model(holder, BOFTConfig(boft_block_size=b, boft_n_butterfly_factor=m, target_modules=["0"]))
+    model = get_peft_model(holder, BOFTConfig(boft_block_size=b, boft_n_butterfly_factor=m, target_modules=["0"]))
     layer = model.base_model.model[0]
     boft_p = layer.boft_P.to(device)
     shape = layer.boft_R["default"].shape  # (m, n / b, b, b)
     blocks = gs.orthogonal_blocks(0.1 * torch.randn(*shape[:2], gs.n_skew_params(b)), b).to(device).requires_grad_()
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
-        block_diagonal = FastBlockDiag.apply(blocks).to(x)  # bench_adapters' stand-in builds the (m, n, n) matrices
+        block_diagonal = FastBlockDiag.apply(blocks).to(x)  # (m, n, n)
         batch = torch.bmm(boft_p.to(x), torch.bmm(block_diagonal, boft_p.to(x).permute(0, 2, 1)))
         rotation = batch[0]
         for i in range(1, batch.shape[0]):
@@ -187,16 +173,16 @@ def make_boft(n: int, settings: dict[str, Any], device: torch.device):
     return rotate, [blocks]
 
 
-def unavailable(name: str, device: torch.device, settings: dict[str, Any], n: int) -> Optional[str]:
+def unavailable(name: str, device: torch.device, options: KernelsOptions, n: int) -> Optional[str]:
     """Why a method cannot run here ("needs GPU", ...), or None."""
-    if name in ("triton", "cuda") and device.type != "cuda":
+    if name not in ("triton", "cuda"):
+        return None
+    if device.type != "cuda":
         return "needs GPU"
-    if name in ("triton", "cuda"):
-        from gsoft.kernels.availability import unavailable_reason
+    from gsoft.kernels.availability import unavailable_reason
 
-        reason = unavailable_reason(name, torch.empty(1, n, device=device), gs_blocks(n, settings, device))
-        return reason[:80] if reason else None
-    return None
+    reason = unavailable_reason(name, torch.empty(1, n, device=device), gs_blocks(n, options, device))
+    return reason[:80] if reason else None
 
 
 # ======================================================================================================================
@@ -215,16 +201,7 @@ def time_method(fn, params, x: torch.Tensor, mode: str, warmup: int, reps: int, 
         x.grad = None
         fn(x).backward(grad)
 
-    for _ in range(warmup):
-        step()
-    samples = []
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        samples.append(time.perf_counter() - t0)
-    return samples
+    return measure.repeat_timed(step, device, reps, warmup)
 
 
 def memory_bandwidth(device: torch.device) -> tuple[float, str]:
@@ -236,82 +213,59 @@ def memory_bandwidth(device: torch.device) -> tuple[float, str]:
                 return float(gbps), f"{name} spec-sheet HBM bandwidth"
     src = torch.empty(2**26, dtype=torch.float32, device=device).normal_()
     dst = torch.empty_like(src)
-    samples = []
-    for _ in range(5):
-        sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        samples.append(time.perf_counter() - t0)
-    return 2 * src.numel() * 4 / min(samples) / 1e9, "measured copy bandwidth (read + write)"
+    seconds = min(measure.repeat_timed(lambda: dst.copy_(src), device, reps=5))
+    return 2 * src.numel() * 4 / seconds / 1e9, "measured copy bandwidth (read + write)"
 
 
-def run(settings: dict[str, Any]) -> dict[str, Any]:
-    device = torch.device(settings["device"])
-    if device.type == "cpu" and settings.get("threads"):
-        torch.set_num_threads(int(settings["threads"]))
+def run(options: KernelsOptions, device: torch.device) -> dict[str, Any]:
+    """Every (hidden, tokens, dtype, mode, method) row, timed or marked with why it cannot run."""
     bandwidth, bandwidth_source = memory_bandwidth(device)
     rows = []
-    for n in settings["hidden"]:
-        for tokens in settings["tokens"]:
-            for dtype_name in settings["dtypes"]:
-                dtype = DTYPES[dtype_name]
-                for mode in settings["modes"]:
-                    for name in settings["methods"]:
-                        row = {"hidden": n, "tokens": tokens, "dtype": dtype_name, "mode": mode, "method": name}
-                        row["skipped"] = unavailable(name, device, settings, n)
+    for n in options.hidden:
+        for tokens in options.tokens:
+            for dtype_name in options.dtypes:
+                for mode in options.modes:
+                    for name in options.methods:
+                        row = {"hidden": n, "tokens": tokens, "dtype": dtype_name, "mode": mode, "method": name,
+                               "skipped": unavailable(name, device, options, n)}
                         if row["skipped"] is None:
-                            torch.manual_seed(settings["seed"])
-                            fn, params = make_method(name, n, dtype, settings, device)
-                            x = torch.randn(tokens, n, device=device, dtype=dtype, requires_grad=mode != "fwd")
-                            samples = time_method(fn, params, x, mode, settings["warmup"], settings["reps"], device)
-                            seconds = summary(samples)["median"]
-                            traffic = TRAFFIC[mode] * tokens * n * x.element_size()
-                            row.update(ms=seconds * 1e3, samples=samples, gbps=traffic / seconds / 1e9)
-                            row["bandwidth_fraction"] = row["gbps"] / bandwidth
+                            torch.manual_seed(options.seed)
+                            fn, params = make_method(name, n, DTYPES[dtype_name], options, device)
+                            x = torch.randn(tokens, n, device=device, dtype=DTYPES[dtype_name],
+                                            requires_grad=mode != "fwd")
+                            samples = time_method(fn, params, x, mode, options.warmup, options.reps, device)
+                            seconds = measure.summary(samples)["median"]
+                            gbps = TRAFFIC[mode] * tokens * n * x.element_size() / seconds / 1e9
+                            row.update(ms=seconds * 1e3, samples=samples, gbps=gbps,
+                                       bandwidth_fraction=gbps / bandwidth)
                             del fn, params, x
                         rows.append(row)
-                        print(_row_line(row), flush=True)
-    add_relative(rows, settings["reference"])
-    return {"device": device_label(device), "bandwidth_gbps": bandwidth, "bandwidth_source": bandwidth_source,
-            "rows": rows}  # fmt: skip
+                        what = row["skipped"] or f"{row['ms']:.3f} ms, {row['gbps']:.1f} GB/s"
+                        print(f"  n={n} T={tokens} {dtype_name} {mode:7s} {name:9s}: {what}", flush=True)
+    measure.add_ratios(rows, options.reference, {"ms": "ms"}, key="method",
+                       group=lambda r: (r["hidden"], r["tokens"], r["dtype"], r["mode"]))
+    return {"device": measure.device_label(device), "bandwidth_gbps": bandwidth, "bandwidth_source": bandwidth_source,
+            "rows": rows}
 
 
-def _row_line(row: dict[str, Any]) -> str:
-    what = row["skipped"] or f"{row['ms']:.3f} ms, {row['gbps']:.1f} GB/s"
-    return f"  n={row['hidden']} T={row['tokens']} {row['dtype']} {row['mode']:7s} {row['method']:9s}: {what}"
-
-
-def add_relative(rows: list[dict[str, Any]], reference: str) -> None:
-    times = {(r["hidden"], r["tokens"], r["dtype"], r["mode"], r["method"]): r.get("ms") for r in rows}
-    for r in rows:
-        ref = times.get((r["hidden"], r["tokens"], r["dtype"], r["mode"], reference))
-        r["vs_reference"] = r["ms"] / ref if r.get("ms") and ref else None
-
-
-def check_targets(result: dict[str, Any], settings: dict[str, Any]) -> str:
-    t = settings["targets"]
-    hits = [
-        r for r in result["rows"]
-        if r["method"] == "triton" and r["mode"] == "fwd+bwd" and r["hidden"] == t["hidden"] and r["tokens"] == t["tokens"]
-    ]  # fmt: skip
-    measured = [r for r in hits if r.get("ms")]
+def check_targets(result: dict[str, Any], options: KernelsOptions) -> str:
+    """The Triton fwd+bwd row at the target shape against the speed-up and bandwidth targets (reported)."""
+    t = options.targets
+    measured = [r for r in result["rows"] if r["method"] == "triton" and r["mode"] == "fwd+bwd" and r.get("ms")
+                and r["hidden"] == t["hidden"] and r["tokens"] == t["tokens"]]
     if not measured:
-        return (
-            f"Targets (Triton fwd+bwd at {t['tokens']} x {t['hidden']}: >= {t['speedup_vs_torch']}x the torch path, "
-            f">= {t['bandwidth_fraction']:.0%} of HBM bandwidth): pending, not measured in this run (needs a GPU and "
-            "that shape)."
-        )
+        return (f"Targets (Triton fwd+bwd at {t['tokens']} x {t['hidden']}: >= {t['speedup_vs_torch']}x the torch "
+                f"path, >= {t['bandwidth_fraction']:.0%} of HBM bandwidth): pending, not measured in this run (needs "
+                "a GPU and that shape).")
     lines = []
     for r in measured:
-        speedup = 1 / r["vs_reference"] if r["vs_reference"] else float("nan")
+        vs_torch = r["relative"].get("ms_vs_torch")
+        speedup = 1 / vs_torch if vs_torch else float("nan")
         ok_speed = "ok" if speedup >= t["speedup_vs_torch"] else "MISSED"
         ok_bw = "ok" if r["bandwidth_fraction"] >= t["bandwidth_fraction"] else "MISSED"
-        lines.append(
-            f"Targets ({r['dtype']}, Triton fwd+bwd at {t['tokens']} x {t['hidden']}): {speedup:.2f}x the torch path "
-            f"(>= {t['speedup_vs_torch']}: {ok_speed}); {r['bandwidth_fraction']:.0%} of bandwidth "
-            f"(>= {t['bandwidth_fraction']:.0%}: {ok_bw})"
-        )
+        lines.append(f"Targets ({r['dtype']}, Triton fwd+bwd at {t['tokens']} x {t['hidden']}): {speedup:.2f}x the "
+                     f"torch path (>= {t['speedup_vs_torch']}: {ok_speed}); {r['bandwidth_fraction']:.0%} of "
+                     f"bandwidth (>= {t['bandwidth_fraction']:.0%}: {ok_bw})")
     return "\n".join(lines)
 
 
@@ -344,54 +298,53 @@ def sweep_cases(x: torch.Tensor, c: int, n_sms: int) -> tuple[list[tuple[str, st
     cases.append(("multiply", "block_multiply()", lambda: tg.block_multiply(x, blocks, step, 0, 0), "launcher"))
     w_torch = blocks[0].to(x.dtype)
     cases.append(("multiply", "torch einsum", lambda: torch.einsum("nkj,kij->nki", x.view(rows, nb, c), w_torch),
-                  "torch"))  # fmt: skip
+                  "torch"))
     for tiles in tg.space(tg.GRAD_TILES, c, pick_g):
-        run = lambda t=tiles: tg.launch_grad(t, grad, x, nb, c, step, 0, 0, n_sms)  # noqa: E731
-        cases.append(("grad", tiles.label(), run, tiles))
+        cases.append(("grad", tiles.label(), lambda t=tiles: tg.launch_grad(t, grad, x, nb, c, step, 0, 0, n_sms),
+                      tiles))
     cases.append(("grad", "block_grad()", lambda: tg.block_grad(grad, x, blocks, step, 0, 0), "launcher"))
     return cases, {"multiply": pick_m, "grad": pick_g}
 
 
-def run_sweep(settings: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """Time the cases of :func:`sweep_cases` for every shape and dtype; None (after saying why) without a GPU."""
-    if settings["device"] != "cuda" or not torch.cuda.is_available():
-        print("The tile sweep times the Triton kernels on a CUDA GPU; none here, nothing to do "
-              "(run `python recipes/bench_kernels.py --sweep` on a GPU machine).")  # fmt: skip
-        return None
+def run_sweep(options: KernelsOptions) -> dict[str, Any]:
+    """Time the cases of :func:`sweep_cases` for every shape and dtype (on the CUDA GPU)."""
     import triton.testing
     from triton.runtime.errors import OutOfResources
 
     from gsoft.kernels import triton_gs as tg
 
-    cfg = settings["sweep"]
     device = torch.device("cuda")
     n_sms = tg.sm_count(device)
-    peak = float(cfg.get("peak_gbps", 4800))
     start = time.perf_counter()
     warm_up_gpu()
     rows_out = []
-    for rows, n, c in cfg["shapes"]:
-        for dtype_name in cfg["dtypes"]:
-            torch.manual_seed(settings["seed"])
+    bar = measure.progress(len(options.sweep_shapes) * len(options.sweep_dtypes), "sweep")
+    for rows, n, c in options.sweep_shapes:
+        for dtype_name in options.sweep_dtypes:
+            torch.manual_seed(options.seed)
             x = torch.randn(rows, n, device=device, dtype=DTYPES[dtype_name])
             cases, picks = sweep_cases(x, c, n_sms)
             traffic = 2 * rows * n * x.element_size()  # multiply: read x, write y; grad: read dy and x
             for kernel, label, fn, tiles in cases:
                 row = {"shape": f"{rows}x{n}x{c}", "rows": rows, "hidden": n, "c": c, "dtype": dtype_name,
                        "kernel": kernel, "config": label, "heuristic": tiles == picks[kernel],
-                       "kind": tiles if isinstance(tiles, str) else "config"}  # fmt: skip
+                       "kind": tiles if isinstance(tiles, str) else "config"}
                 try:
-                    ms = triton.testing.do_bench(fn, warmup=cfg["warmup_ms"], rep=cfg["rep_ms"], return_mode="median")
-                    row.update(ms=ms, gbps=traffic / ms / 1e6, peak_fraction=traffic / ms / 1e6 / peak)
+                    ms = triton.testing.do_bench(fn, warmup=options.sweep_warmup_ms, rep=options.sweep_rep_ms,
+                                                 return_mode="median")
+                    gbps = traffic / ms / 1e6
+                    row.update(ms=ms, gbps=gbps, peak_fraction=gbps / options.sweep_peak_gbps)
                     if row["kind"] != "config" or row["heuristic"]:
                         row["call_us"] = back_to_back_us(fn)
-                except OutOfResources as exc:
+                except OutOfResources as exc:  # a tile config too large for this GPU: a row of the table
                     row["error"] = f"out of resources: {exc}"[:80]
                 rows_out.append(row)
             del x, cases
+            bar.update()
+    bar.close()
     mark_best(rows_out)
-    seconds = time.perf_counter() - start
-    return {"device": device_label(device), "peak_gbps": peak, "seconds": seconds, "n_sms": n_sms, "rows": rows_out}
+    return {"device": measure.device_label(device), "peak_gbps": options.sweep_peak_gbps,
+            "seconds": time.perf_counter() - start, "n_sms": n_sms, "rows": rows_out}
 
 
 def warm_up_gpu(seconds: float = 0.5) -> None:
@@ -407,12 +360,7 @@ def warm_up_gpu(seconds: float = 0.5) -> None:
 def back_to_back_us(fn: Callable[[], object], calls: int = 200) -> float:
     """Microseconds per call of ``calls`` back-to-back calls, one sync at the end: the host's launch cost where it
     exceeds the kernel's time (small shapes), else the kernel's."""
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
+    return measure.timed(lambda: [fn() for _ in range(calls)], torch.device("cuda")) / calls * 1e6
 
 
 def mark_best(rows: list[dict[str, Any]]) -> None:
@@ -433,25 +381,24 @@ def mark_best(rows: list[dict[str, Any]]) -> None:
 
 
 def sweep_table(report: dict[str, Any]) -> str:
-    lines = [
-        f"#### Triton tile sweep — {report['device']} ({report['n_sms']} SMs), {report['seconds']:.0f} s",
-        "",
+    text = (
+        f"#### Triton tile sweep — {report['device']} ({report['n_sms']} SMs), {report['seconds']:.0f} s\n\n"
         f"do_bench median; GB/s = ideal traffic (multiply: read x + write y; grad: read dy + x) / time; % of "
         f"{report['peak_gbps']:.0f} GB/s. H = the heuristic's pick, * = fastest tile config. µs/call: 200 calls "
-        "back to back, one sync (host launch cost when it exceeds the kernel time).",
-        "",
-        "| shape (rows x hidden x c) | dtype | kernel | config | ms | GB/s | % peak | | µs/call |",
-        "|---|---|---|---|---:|---:|---:|---|---:|",
-    ]
+        "back to back, one sync (host launch cost when it exceeds the kernel time).\n\n"
+    )
+    cells = []
     for r in report["rows"]:
-        mark = ("H" if r["heuristic"] else "") + ("*" if r.get("best") else "")
+        head = [r["shape"], r["dtype"], r["kernel"], r["config"]]
         if "ms" not in r:
-            lines.append(f"| {r['shape']} | {r['dtype']} | {r['kernel']} | {r['config']} | {r['error']} | | | | |")
+            cells.append(head + [r["error"], "", "", "", ""])
             continue
-        call = f"{r['call_us']:.1f}" if "call_us" in r else ""
-        lines.append(f"| {r['shape']} | {r['dtype']} | {r['kernel']} | {r['config']} | {r['ms']:.4f} | "
-                     f"{r['gbps']:.0f} | {r['peak_fraction']:.0%} | {mark} | {call} |")  # fmt: skip
-    lines += ["", "Heuristic against the fastest config:"]
+        mark = ("H" if r["heuristic"] else "") + ("*" if r.get("best") else "")
+        cells.append(head + [f"{r['ms']:.4f}", f"{r['gbps']:.0f}", f"{r['peak_fraction']:.0%}", mark,
+                             f"{r['call_us']:.1f}" if "call_us" in r else ""])
+    text += measure.markdown_table(["shape (rows x hidden x c)", "dtype", "kernel", "config", "ms", "GB/s", "% peak",
+                                    "", "µs/call"], cells, align="llllrrrlr")
+    lines = ["", "Heuristic against the fastest config:"]
     seen = set()
     for r in report["rows"]:
         key = (r["shape"], r["dtype"], r["kernel"])
@@ -460,83 +407,53 @@ def sweep_table(report: dict[str, Any]) -> str:
         seen.add(key)
         best = next(b for b in report["rows"] if (b["shape"], b["dtype"], b["kernel"]) == key and b.get("best"))
         lines.append(f"- {key[0]} {key[1]} {key[2]}: heuristic {r['heuristic_vs_best']:.2f}x the best "
-                     f"({best['config']}, {best['ms']:.4f} ms)")  # fmt: skip
-    return "\n".join(lines) + "\n"
-
-
-def sweep_main(settings: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    report = run_sweep(settings)
-    if report is None:
-        return {"sweep": None, "reason": "needs a CUDA GPU"}
-    table = sweep_table(report)
-    print(table)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "versions": versions(), "settings": settings["sweep"], "sweep": report}  # fmt: skip
-    (out_dir / "sweep.json").write_text(json.dumps(report, indent=1))
-    (out_dir / "sweep.md").write_text(table)
-    print(f"Wrote {out_dir / 'sweep.json'}, {out_dir / 'sweep.md'}")
-    return report
+                     f"({best['config']}, {best['ms']:.4f} ms)")
+    return text + "\n".join(lines) + "\n"
 
 
 # ======================================================================================================================
 # Reporting
 # ======================================================================================================================
-def markdown_table(result: dict[str, Any], settings: dict[str, Any]) -> str:
-    gs_cfg = settings["gs"]
-    lines = [
-        f"#### GS multiply — {result['device']}",
-        "",
-        f"GS b={gs_cfg['block_size']} m={gs_cfg.get('n_factors', 2)}; PEFT OFT b={settings['oft']['block_size']}; "
-        f"PEFT BOFT b={settings['boft']['block_size']} m={settings['boft']['n_butterfly_factor']}. Median of "
-        f"{settings['reps']} reps after {settings['warmup']} warm-up. GB/s = ideal fused activation traffic / time; "
-        f"% BW against {result['bandwidth_gbps']:.0f} GB/s ({result['bandwidth_source']}).",
-        "",
-        "| hidden | tokens | dtype | mode | method | ms | × torch | GB/s | % BW |",
-        "|---:|---:|---|---|---|---:|---:|---:|---:|",
-    ]
+def markdown(result: dict[str, Any], options: KernelsOptions, device: torch.device) -> str:
+    gs, boft = options.gs, options.boft
+    text = (
+        f"#### GS multiply — {result['device']}\n\n"
+        f"GS b={gs['block_size']} m={gs.get('n_factors', 2)}; PEFT OFT b={options.oft['block_size']}; PEFT BOFT "
+        f"b={boft['block_size']} m={boft['n_butterfly_factor']}. Median of {options.reps} reps after "
+        f"{options.warmup} warm-up. GB/s = ideal fused activation traffic / time; % BW against "
+        f"{result['bandwidth_gbps']:.0f} GB/s ({result['bandwidth_source']}).\n\n"
+    )
+    header = ["hidden", "tokens", "dtype", "mode", "method", "ms", *[f"× {k}" for k in options.reference], "GB/s",
+              "% BW"]
+    cells = []
     for r in result["rows"]:
-        head = f"| {r['hidden']} | {r['tokens']} | {r['dtype']} | {r['mode']} | {NAMES[r['method']]} |"
+        head = [r["hidden"], r["tokens"], r["dtype"], r["mode"], NAMES[r["method"]]]
         if r["skipped"]:
-            lines.append(f"{head} {r['skipped']} | | | |")
+            cells.append(head + [r["skipped"]] + [""] * (len(header) - 6))
             continue
-        rel = f"{r['vs_reference']:.2f}x" if r["vs_reference"] else ""
-        lines.append(f"{head} {r['ms']:.3g} | {rel} | {r['gbps']:.1f} | {r['bandwidth_fraction']:.0%} |")
-    lines += ["", check_targets(result, settings)]
-    if settings["device"] == "cpu":
-        lines += [
-            "",
-            "Note: CPU run. The Triton and CUDA rows need a GPU (on a CPU Triton only runs in its interpreter, which "
-            "is for tests, not timing); CPU numbers say nothing about the GPU kernels.",
-        ]
-    return "\n".join(lines) + "\n"
+        ratios = [measure.fmt_ratio(r["relative"].get(f"ms_vs_{k}")) for k in options.reference]
+        cells.append(head + [f"{r['ms']:.3g}", *ratios, f"{r['gbps']:.1f}", f"{r['bandwidth_fraction']:.0%}"])
+    text += measure.markdown_table(header, cells, align="rrlll" + "r" * (len(header) - 5))
+    text += "\n" + check_targets(result, options) + "\n"
+    if device.type == "cpu":
+        text += ("\nNote: CPU run. The Triton and CUDA rows need a GPU (on a CPU Triton only runs in its interpreter, "
+                 "which is for tests, not timing); CPU numbers say nothing about the GPU kernels.\n")
+    return text
 
 
-def save_plot(result: dict[str, Any], settings: dict[str, Any], path: Path) -> Optional[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed; no plot (pip install matplotlib).")
-        return None
-    dtypes, modes = settings["dtypes"], settings["modes"]
-    shapes = [(n, t) for n in settings["hidden"] for t in settings["tokens"]]
-    methods = settings["methods"]
-    fig, axes = plt.subplots(len(modes), len(dtypes), figsize=(6 * len(dtypes), 3.6 * len(modes)), squeeze=False)
-    width = 0.8 / len(methods)
-    for i, mode in enumerate(modes):
-        for j, dtype in enumerate(dtypes):
+def plot(result: dict[str, Any], options: KernelsOptions) -> Any:
+    """Grouped bars (ms, log scale) per shape and method; one panel per mode and dtype."""
+    shapes = [(n, t) for n in options.hidden for t in options.tokens]
+    fig, axes = measure.subplots(len(options.modes), len(options.dtypes), 6 * len(options.dtypes),
+                                 3.6 * len(options.modes))
+    width = 0.8 / len(options.methods)
+    ms = {(r["hidden"], r["tokens"], r["dtype"], r["mode"], r["method"]): r.get("ms") or 0.0 for r in result["rows"]}
+    for i, mode in enumerate(options.modes):
+        for j, dtype in enumerate(options.dtypes):
             ax = axes[i][j]
-            for k, method in enumerate(methods):
-                values = []
-                for n, t in shapes:
-                    row = next(
-                        (r for r in result["rows"] if (r["hidden"], r["tokens"], r["dtype"], r["mode"], r["method"])
-                         == (n, t, dtype, mode, method)), None)  # fmt: skip
-                    values.append(row["ms"] if row and row.get("ms") else 0.0)
-                ax.bar([s + k * width for s in range(len(shapes))], values, width, label=NAMES[method])
+            for k, method in enumerate(options.methods):
+                ax.bar([s + k * width for s in range(len(shapes))],
+                       [ms.get((n, t, dtype, mode, method), 0.0) for n, t in shapes], width, label=NAMES[method])
             ax.set_xticks([s + 0.4 - width / 2 for s in range(len(shapes))])
             ax.set_xticklabels([f"n={n}\nT={t}" for n, t in shapes], fontsize=8)
             ax.set_ylabel("ms (log)")
@@ -544,50 +461,29 @@ def save_plot(result: dict[str, Any], settings: dict[str, Any], path: Path) -> O
             ax.set_title(f"{dtype}, {mode}", fontsize=10)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"GS multiply, {result['device']} (missing bars: needs GPU)", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    """Run the benchmark; returns the report that is also written to ``<output_dir>/results.json``."""
-    try:
-        return _main(argv)
-    finally:
-        bench_adapters._restore_fbd()  # the BOFT row installs bench_adapters' fbd stand-in; leave PEFT as found
-
-
-def _main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    settings = load_settings(parse_args(argv))
-    out_dir = Path(settings["output_dir"])
-    if not out_dir.is_absolute():
-        out_dir = REPO_ROOT / out_dir
-    if settings["sweep"].get("enabled"):
-        return sweep_main(settings, out_dir)
-    print(f"bench_kernels on {settings['device']}: hidden {settings['hidden']}, tokens {settings['tokens']}, "
-          f"{settings['dtypes']}, {settings['modes']}")  # fmt: skip
-    result = run(settings)
-    table = markdown_table(result, settings)
-    print()
-    print(table)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "tables.md").write_text(table)
-    report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "settings": {k: v for k, v in settings.items() if k not in ("device_overrides", "quick", "sweep")},
-        "versions": versions(),
-        "result": result,
-    }
-    (out_dir / "results.json").write_text(json.dumps(report, indent=1))
-    if settings.get("plot", True):
-        plot = save_plot(result, settings, out_dir / f"bench_kernels_{settings['device']}.png")
-        if plot:
-            report["plot"] = str(plot)
-    print(f"Wrote {out_dir / 'tables.md'}, {out_dir / 'results.json'}" + (f", {report['plot']}" if "plot" in report else ""))
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Run the benchmark (or the tile sweep); returns the report that is also written to ``kernels.json``."""
+    options = parse_options(KernelsOptions, "kernels", argv, __doc__,
+                            device_of=lambda o: measure.resolve_device(o.device).type)
+    device = measure.resolve_device(options.device)
+    if options.sweep:
+        if device.type != "cuda":
+            print("The tile sweep times the Triton kernels on a CUDA GPU; none here, nothing to do "
+                  "(run `python recipes/benchmark.py kernels --sweep` on a GPU machine).")
+            return {"sweep": None, "reason": "needs a CUDA GPU"}
+        report = {**measure.report_header("kernels", options, "triton"), "sweep": run_sweep(options)}
+        table = sweep_table(report["sweep"])
+        print(table)
+        measure.write_outputs(options.output_dir, "kernels_sweep", table, report)
+        return report
+    print(f"kernels on {device}: hidden {options.hidden}, tokens {options.tokens}, {options.dtypes}, {options.modes}")
+    with measure.boft_fbd("torch"), measure.cpu_threads(device, options.threads):
+        result = run(options, device)
+    table = markdown(result, options, device)
+    print("\n" + table)
+    report = {**measure.report_header("kernels", options, "triton"), "result": result}
+    measure.write_outputs(options.output_dir, "kernels", table, report, plot(result, options) if options.plot else None)
     return report
-
-
-if __name__ == "__main__":
-    main()
