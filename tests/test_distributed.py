@@ -1,4 +1,4 @@
-"""gsoft.distributed: compressors, error feedback, DDP hooks and local steps (issue 6).
+"""gsoft.distributed: compressors, error feedback, DDP hooks and local steps.
 
 Three layers, cheapest first:
 
@@ -40,6 +40,7 @@ from gsoft.distributed import (
     Sign,
     Significant,
     TopK,
+    CompressionConfig,
     build_compressor,
     register_compression,
     resolve_compress,
@@ -410,7 +411,7 @@ def _case_plain(rank, method, steps=STEPS, bucket_cap_mb=None, fixed=False, **op
     model = _model()
     ddp = DDP(model) if bucket_cap_mb is None else DDP(model, bucket_cap_mb=bucket_cap_mb)
     opt = torch.optim.SGD(_trainable(model), lr=0.05)
-    state = register_compression(ddp, method, compression_ratio=DDP_RATIO, optimizer=opt, **options)
+    state = register_compression(ddp, CompressionConfig(method, compression_ratio=DDP_RATIO, **options), optimizer=opt)
     per_step: list = []
     buckets_first = None
     losses = []
@@ -429,7 +430,7 @@ def _make(rank, method, bucket_cap_mb=None, momentum=0.9, **options):
     model = _model()
     ddp = DDP(model) if bucket_cap_mb is None else DDP(model, bucket_cap_mb=bucket_cap_mb)
     opt = torch.optim.SGD(_trainable(model), lr=0.05, momentum=momentum)
-    state = register_compression(ddp, method, compression_ratio=DDP_RATIO, optimizer=opt, **options)
+    state = register_compression(ddp, CompressionConfig(method, compression_ratio=DDP_RATIO, **options), optimizer=opt)
     return model, ddp, opt, state
 
 
@@ -516,8 +517,8 @@ def _case_local_convergence(rank):
         model.weight.zero_()
     ddp = DDP(model)
     opt = torch.optim.SGD(model.parameters(), lr=LOCAL_LR)
-    state = register_compression(ddp, "topk", compression_ratio=0.25, error_feedback="ef21", local_steps=LOCAL_H,
-                                 optimizer=opt)
+    config = CompressionConfig("topk", compression_ratio=0.25, error_feedback="ef21", local_steps=LOCAL_H)
+    state = register_compression(ddp, config, optimizer=opt)
     a, b = data[rank]
     between = None
     for step in range(LOCAL_STEPS):
@@ -772,29 +773,29 @@ def _ddp1() -> tuple[DDP, torch.optim.Optimizer]:
 def test_bad_ratio(single_group, method, ratio):
     ddp, _ = _ddp1()
     with pytest.raises(ValueError, match=r"compression_ratio.*" + str(ratio).replace(".", r"\.")):
-        register_compression(ddp, method, compression_ratio=ratio)
+        register_compression(ddp, CompressionConfig(method, compression_ratio=ratio))
 
 
 def test_ratio_default_and_unused_ratio_warned(single_group, caplog):
     """Only topk/randk/gdsec select a fraction of coordinates: the default is 0.01 for them, and a ratio passed to a
     method that sends everything is said to be unused instead of being silently ignored."""
     ddp, _ = _ddp1()
-    assert register_compression(ddp, "randk").options["compression_ratio"] == 0.01
+    assert register_compression(ddp, CompressionConfig("randk")).options["compression_ratio"] == 0.01
     with caplog.at_level("WARNING", logger="gsoft.distributed"):
-        state = register_compression(_ddp1()[0], "int8", compression_ratio=0.05)
+        state = register_compression(_ddp1()[0], CompressionConfig("int8", compression_ratio=0.05))
     assert "compression_ratio" not in state.options
     assert "compression_ratio=0.05 is not used by int8" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="gsoft.distributed"):
-        register_compression(_ddp1()[0], "fp16")
-        register_compression(_ddp1()[0], "topk", compression_ratio=0.05)
+        register_compression(_ddp1()[0], CompressionConfig("fp16"))
+        register_compression(_ddp1()[0], CompressionConfig("topk", compression_ratio=0.05))
     assert "is not used" not in caplog.text
 
 
 def test_unknown_method_lists_choices(single_group):
     ddp, _ = _ddp1()
     with pytest.raises(ValueError) as info:
-        register_compression(ddp, "top-k")
+        register_compression(ddp, CompressionConfig("top-k"))
     assert "'top-k'" in str(info.value)
     for m in METHODS:
         assert m in str(info.value)
@@ -803,45 +804,47 @@ def test_unknown_method_lists_choices(single_group):
 def test_bf16_on_gloo_refused(single_group):
     ddp, _ = _ddp1()
     with pytest.raises(ValueError, match="gloo"):
-        register_compression(ddp, "bf16")
+        register_compression(ddp, CompressionConfig("bf16"))
 
 
 def test_non_ddp_model(single_group):
     with pytest.raises(TypeError, match="DistributedDataParallel.*Sequential"):
-        register_compression(_model(), "topk")
+        register_compression(_model(), CompressionConfig("topk"))
     with pytest.raises(TypeError, match="DataParallel"):
-        register_compression(nn.DataParallel(_model()), "topk")
+        register_compression(nn.DataParallel(_model()), CompressionConfig("topk"))
+    with pytest.raises(TypeError, match=r"takes a CompressionConfig, got str.*CompressionConfig\(method='topk'"):
+        register_compression(_ddp1()[0], "topk")
 
 
 def test_local_steps_options(single_group):
     ddp, opt = _ddp1()
     with pytest.raises(ValueError, match="optimizer"):
-        register_compression(ddp, "topk", local_steps=3)
+        register_compression(ddp, CompressionConfig("topk", local_steps=3))
     for bad in (0, -1, 2.5):
         with pytest.raises(ValueError, match=r"local_steps.*" + str(bad).replace(".", r"\.")):
-            register_compression(ddp, "topk", local_steps=bad, optimizer=opt)
+            CompressionConfig("topk", local_steps=bad)
     with pytest.raises(ValueError, match="local_steps_schedule.*'poisson'"):
-        register_compression(ddp, "topk", local_steps=3, local_steps_schedule="poisson", optimizer=opt)
+        CompressionConfig("topk", local_steps=3, local_steps_schedule="poisson")
     with pytest.raises(ValueError, match="powersgd.*local_steps"):
-        register_compression(ddp, "powersgd", local_steps=3, optimizer=opt)
+        CompressionConfig("powersgd", local_steps=3)
 
 
 def test_bad_error_feedback(single_group):
     ddp, _ = _ddp1()
     with pytest.raises(ValueError, match="gdsec.*'ef'"):
-        register_compression(ddp, "gdsec", error_feedback="ef")
+        register_compression(ddp, CompressionConfig("gdsec", error_feedback="ef"))
     with pytest.raises(ValueError, match="'ef22'.*ef21"):
-        register_compression(ddp, "topk", error_feedback="ef22")
+        register_compression(ddp, CompressionConfig("topk", error_feedback="ef22"))
     with pytest.raises(ValueError, match="powersgd.*'ef'"):
-        register_compression(ddp, "powersgd", error_feedback="ef21")
+        register_compression(ddp, CompressionConfig("powersgd", error_feedback="ef21"))
 
 
 def test_register_twice(single_group):
     ddp, opt = _ddp1()
-    register_compression(ddp, "topk", local_steps=2, optimizer=opt)
+    register_compression(ddp, CompressionConfig("topk", local_steps=2), optimizer=opt)
     hooks = len(opt._optimizer_step_post_hooks)
     with pytest.raises(RuntimeError, match="once"):
-        register_compression(ddp, "topk", local_steps=2, optimizer=opt)
+        register_compression(ddp, CompressionConfig("topk", local_steps=2), optimizer=opt)
     # the refused registration must not leave its local-step averaging hooked on the optimizer
     assert len(opt._optimizer_step_post_hooks) == hooks
 
@@ -914,3 +917,27 @@ def test_compress_target_defaults_and_errors():
     assert resolve_error_feedback("topk", "auto", "gradients") == "ef21"
     assert resolve_error_feedback("topk", "auto", "updates") == "ef"
     assert resolve_error_feedback("int8", "auto", "updates") == "none"
+
+
+def test_config_checks_every_option_when_made():
+    """CompressionConfig checks every option when it is made, with the compressors' and schemes' own rules, before any
+    process group exists; its resolved settings are what results report."""
+    with pytest.raises(ValueError, match=r"compression_ratio must be in \(0, 1\].*got 1\.5"):
+        CompressionConfig("int8", compression_ratio=1.5)  # out of range even where it is unused
+    with pytest.raises(ValueError, match="chunk_size must be an int >= 1.*got 0"):
+        CompressionConfig("sign", chunk_size=0)
+    with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\).*got 1\.5"):
+        CompressionConfig("gdsec", threshold=1.5)
+    with pytest.raises(ValueError, match=r"beta must be in \(0, 1\], got 0"):
+        CompressionConfig("gdsec", beta=0)
+    with pytest.raises(ValueError, match="powersgd_rank must be an integer >= 1, got 0"):
+        CompressionConfig("powersgd", powersgd_rank=0)
+    with pytest.raises(ValueError, match="unknown compress 'weights'; choose one of gradients, updates"):
+        CompressionConfig("topk", compress="weights")
+    config = CompressionConfig("gdsec", compression_ratio=0.2)
+    assert (config.target, config.feedback, config.ratio) == ("gradients", "difference", 0.2)
+    assert config.options() == {"compress": "gradients", "error_feedback": "difference", "local_steps": 1, "seed": 0,
+                                "compression_ratio": 0.2, "beta": 1.0, "threshold": 0.1}
+    assert CompressionConfig("powersgd", powersgd_start_iter=1).options()["powersgd_start_iter"] == 2
+    assert CompressionConfig("powersgd", error_feedback="none", powersgd_start_iter=1).start_iter == 1
+    assert CompressionConfig("int8").options()["chunk_size"] == 1024 and CompressionConfig("int8").ratio is None

@@ -4,6 +4,8 @@
   significant-component selection; pure functions of tensors and seeds with exact payload sizes.
 - :mod:`.feedback`: error feedback around any compressor (none / EF / EF21 / difference-with-reference).
 - :mod:`.transport`: all_reduce or all_gather of payloads, and the bytes they put on the wire.
+- :mod:`.config`: :class:`CompressionConfig`, the settings (checked when made).
+- :mod:`.state`: :class:`CompressionState`, the counters and per-process state of one model (and its checkpoints).
 - :mod:`.hooks`: :func:`register_compression`, the DDP communication hooks (and torch's PowerSGD, counted).
 - :mod:`.local_steps`: H local steps between compressed parameter averages.
 """
@@ -19,19 +21,23 @@ from .compressors import (
     TopK,
     build_compressor,
 )
-from .feedback import DifferenceFeedback, ErrorFeedback, Feedback, build_feedback, mean_decoded, simulate_round
-from .hooks import (
+from .config import (
     ERROR_FEEDBACKS,
     METHODS,
-    CompressionState,
-    register_compression,
+    SCHEDULES,
+    TARGETS,
+    CompressionConfig,
     resolve_compress,
     resolve_error_feedback,
 )
+from .feedback import DifferenceFeedback, ErrorFeedback, Feedback, build_feedback, mean_decoded, simulate_round
+from .hooks import register_compression
+from .state import CompressionState
 from .transport import Exchange, allgather_wire_bytes, allreduce_wire_bytes
 
 __all__ = [
     "Cast",
+    "CompressionConfig",
     "CompressionState",
     "Compressor",
     "DifferenceFeedback",
@@ -43,8 +49,10 @@ __all__ = [
     "Int8",
     "METHODS",
     "RandK",
+    "SCHEDULES",
     "Sign",
     "Significant",
+    "TARGETS",
     "TopK",
     "allgather_wire_bytes",
     "allreduce_wire_bytes",

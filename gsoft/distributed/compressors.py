@@ -1,8 +1,7 @@
 """Gradient compressors: pure functions of a flat tensor and seeds, with an exact payload size.
 
 Nothing here knows about DDP or process groups, so the same objects serve the DDP communication hooks
-(:mod:`gsoft.distributed.hooks`), the in-process simulations of the tests, and any other transport (a later
-decentralised averaging engine). A payload is a tuple of tensors whose dtypes and lengths depend only on the
+(:mod:`gsoft.distributed.hooks`), the in-process simulations of the tests, and any other transport. A payload is a tuple of tensors whose dtypes and lengths depend only on the
 input length (:meth:`Compressor.layout`); that is what lets every worker pre-size the receive buffers of an
 ``all_gather`` and what makes the byte count a formula instead of a measurement.
 """
@@ -11,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Sequence
+from typing import Callable, ClassVar, Optional, Sequence
 
 import torch
 
@@ -41,10 +40,16 @@ def _keep_count(numel: int, ratio: float) -> int:
     return min(numel, max(1, math.ceil(ratio * numel)))
 
 
-def _check_ratio(ratio: float) -> None:
-    if not (isinstance(ratio, (int, float)) and 0.0 < ratio <= 1.0):
+def check_ratio(ratio: float) -> None:
+    """``compression_ratio``: the fraction of coordinates a selecting compressor sends, in (0, 1]."""
+    if isinstance(ratio, bool) or not (isinstance(ratio, (int, float)) and 0.0 < ratio <= 1.0):
         raise ValueError(f"compression_ratio must be in (0, 1] (the fraction of coordinates sent), got {ratio!r}; "
                          f"e.g. 0.01 sends 1% of them.")
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1 (values per scale), got {chunk_size!r}")
 
 
 class Compressor:
@@ -100,6 +105,10 @@ class Identity(Compressor):
         return payload[0].float()
 
 
+#: The half-precision casts by method name.
+CAST_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 @dataclass
 class Cast(Compressor):
     """Half-precision values (``fp16`` or ``bf16``); summed in that precision by ``all_reduce``."""
@@ -119,7 +128,8 @@ class Cast(Compressor):
         return payload[0].float()
 
     def describe(self) -> dict:
-        return {"name": {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, str(self.dtype))}
+        names = {dtype: name for name, dtype in CAST_DTYPES.items()}
+        return {"name": names.get(self.dtype, str(self.dtype))}
 
 
 @dataclass
@@ -131,6 +141,9 @@ class Int8(Compressor):
 
     chunk_size: int = 1024
     name: ClassVar[str] = "int8"
+
+    def __post_init__(self) -> None:
+        _check_chunk_size(self.chunk_size)
 
     def layout(self, numel: int) -> Layout:
         return ((torch.int8, numel), (torch.float32, _n_chunks(numel, self.chunk_size)))
@@ -163,6 +176,9 @@ class Sign(Compressor):
     chunk_size: int = 1024
     name: ClassVar[str] = "sign"
     biased: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        _check_chunk_size(self.chunk_size)
 
     def layout(self, numel: int) -> Layout:
         return ((torch.uint8, math.ceil(numel / 8)), (torch.float32, _n_chunks(numel, self.chunk_size)))
@@ -201,7 +217,7 @@ class TopK(Compressor):
     biased: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        _check_ratio(self.ratio)
+        check_ratio(self.ratio)
 
     def layout(self, numel: int) -> Layout:
         k = _keep_count(numel, self.ratio)
@@ -239,7 +255,7 @@ class RandK(Compressor):
     biased: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        _check_ratio(self.ratio)
+        check_ratio(self.ratio)
         self._draws: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
     def layout(self, numel: int) -> Layout:
@@ -289,7 +305,7 @@ class Significant(Compressor):
     variable_size: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        _check_ratio(self.ratio)
+        check_ratio(self.ratio)
         if not 0.0 <= self.threshold < 1.0:
             raise ValueError(f"significance threshold must be in [0, 1) (a fraction of the largest component), "
                              f"got {self.threshold!r}")
@@ -329,7 +345,7 @@ class PerTensor(Compressor):
     A bucket mixes tensors whose gradients differ by orders of magnitude (a classifier head's against an adapter's,
     ~200x on the GLUE smoke task): one Top-K over the bucket then sends only the head, and one int8/sign scale per
     chunk drowns the small tensor. Per tensor, every parameter gets ``ceil(ratio * n_i)`` components and its own
-    scales (layer-wise selection, as DGC does), and the result no longer depends on how DDP groups parameters.
+    scales (layer-wise selection, as DGC does), and the result does not depend on how DDP groups parameters.
     Variable-size bases add one int32 count per tensor in front.
 
     ``tensor_ids``: stable integers naming the tensors (a DDP hook passes a hash of each parameter's name). Each
@@ -394,22 +410,31 @@ class PerTensor(Compressor):
         return dict(self.base.describe(), per_tensor=True)
 
 
-def build_compressor(name: str, *, compression_ratio: float = 0.01, chunk_size: int = 1024,
+#: The methods that send a fraction ``compression_ratio`` of the coordinates, and that fraction's default.
+RATIO_METHODS: tuple[str, ...] = ("topk", "randk", "gdsec")
+DEFAULT_RATIO = 0.01
+#: The methods that keep one scale per ``chunk_size`` values.
+CHUNK_METHODS: tuple[str, ...] = ("int8", "sign")
+
+#: Each method's compressor from the options ``(compression_ratio, chunk_size, rescale, threshold)`` of
+#: :func:`build_compressor`; ``gdsec`` selects with :class:`Significant` (GD-SEC).
+_BUILDERS: dict[str, Callable[[float, int, bool, float], Compressor]] = {
+    "none": lambda ratio, chunk, rescale, threshold: Identity(),
+    "fp16": lambda ratio, chunk, rescale, threshold: Cast(CAST_DTYPES["fp16"]),
+    "bf16": lambda ratio, chunk, rescale, threshold: Cast(CAST_DTYPES["bf16"]),
+    "int8": lambda ratio, chunk, rescale, threshold: Int8(chunk),
+    "sign": lambda ratio, chunk, rescale, threshold: Sign(chunk),
+    "topk": lambda ratio, chunk, rescale, threshold: TopK(ratio),
+    "randk": lambda ratio, chunk, rescale, threshold: RandK(ratio, rescale),
+    "gdsec": lambda ratio, chunk, rescale, threshold: Significant(ratio, threshold),
+}
+#: The names :func:`build_compressor` knows.
+COMPRESSORS: tuple[str, ...] = tuple(_BUILDERS)
+
+
+def build_compressor(name: str, *, compression_ratio: float = DEFAULT_RATIO, chunk_size: int = 1024,
                      rescale: bool = False, threshold: float = 0.1) -> Compressor:
-    """The compressor called ``name`` (``none fp16 bf16 int8 sign topk randk``; ``gdsec`` selects with
-    :class:`Significant`)."""
-    if name == "none":
-        return Identity()
-    if name in ("fp16", "bf16"):
-        return Cast(torch.float16 if name == "fp16" else torch.bfloat16)
-    if name == "int8":
-        return Int8(chunk_size)
-    if name == "sign":
-        return Sign(chunk_size)
-    if name == "topk":
-        return TopK(compression_ratio)
-    if name == "gdsec":
-        return Significant(compression_ratio, threshold)
-    if name == "randk":
-        return RandK(compression_ratio, rescale)
-    raise ValueError(f"unknown compressor {name!r}; choose one of none, fp16, bf16, int8, sign, topk, randk, gdsec")
+    """The compressor called ``name`` (one of :data:`COMPRESSORS`)."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown compressor {name!r}; choose one of {', '.join(COMPRESSORS)}")
+    return _BUILDERS[name](compression_ratio, chunk_size, rescale, threshold)

@@ -20,9 +20,9 @@ Schemes:
 - ``difference`` (GD-SEC, Chen et al. 2022; the difference-with-reference step of EF-OLGA, Bylinkin & Beznosikov
   2025): EF21's per-worker reference moved by ``beta`` times what was sent, i.e. a linear combination of the
   previously transmitted differences. What the compressor skipped stays in the next difference, which is how the
-  skipped error is corrected. (GD-SEC's separate error accumulator on top of the reference is left out on
-  purpose: with a bounded number of components per message it makes the reference overshoot by the accumulated
-  error and diverged on the least-squares problems of the tests, for every ``beta`` tried.)
+  skipped error is corrected. GD-SEC's separate error accumulator on top of the reference is left out: with a
+  bounded number of components per message it makes the reference overshoot by the accumulated error, and it
+  diverges on the least-squares problems of the tests.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ import torch
 
 from .compressors import Compressor, Payload, PerTensor
 
-FEEDBACKS = ("none", "ef", "ef21", "difference")
+#: The schemes a user chooses; ``difference`` (:func:`build_feedback`) comes with the ``gdsec`` method.
+SCHEMES: tuple[str, ...] = ("none", "ef", "ef21")
 
 
 class Feedback:
@@ -125,7 +126,7 @@ class DifferenceFeedback(Feedback):
 
 
 def build_feedback(name: str, compressor: Compressor, *, beta: float = 1.0) -> Feedback:
-    """``none | ef | ef21 | difference`` around ``compressor``."""
+    """The scheme ``name`` (one of :data:`SCHEMES`, or ``difference``) around ``compressor``."""
     if name == "none":
         return Feedback(compressor)
     if name == "ef":
@@ -134,7 +135,7 @@ def build_feedback(name: str, compressor: Compressor, *, beta: float = 1.0) -> F
         return DifferenceFeedback(compressor, beta=1.0, name="ef21")
     if name == "difference":
         return DifferenceFeedback(compressor, beta=beta, name="difference")
-    raise ValueError(f"unknown error feedback {name!r}; choose one of none, ef, ef21")
+    raise ValueError(f"unknown error feedback {name!r}; choose one of {', '.join(SCHEMES)}")
 
 
 def mean_decoded(compressor: Compressor, payloads: Sequence[Payload], numel: int, *,

@@ -13,21 +13,22 @@ every process so all of them synchronise at the same step.
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from .state import CompressionState
 from .transport import shared_seed
-
-if TYPE_CHECKING:
-    from .hooks import CompressionState
 
 KEY = "local_step_delta"
 
 
 class LocalSteps:
-    def __init__(self, state: "CompressionState", module: nn.Module, optimizer: Any, local_steps: int,
+    """Averages the trained parameters of ``module`` through ``state``'s compressor and error feedback every
+    ``local_steps`` steps of ``optimizer`` (a step post-hook), counting the steps and rounds in ``state``."""
+
+    def __init__(self, state: CompressionState, module: nn.Module, optimizer: Any, local_steps: int,
                  schedule: str, seed: int):
         self.state = state
         self.params = [p for p in module.parameters() if p.requires_grad]
@@ -43,6 +44,10 @@ class LocalSteps:
             raise TypeError(f"local steps need a torch.optim.Optimizer (got {type(optimizer).__name__})")
         self.optimizer = inner
         self._handle = inner.register_step_post_hook(lambda *_: self.after_step())
+
+    def remove(self) -> None:
+        """Stop averaging after optimizer steps (the hook is removed)."""
+        self._handle.remove()
 
     def _flat(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1).float() for p in self.params])
@@ -100,16 +105,13 @@ class LocalSteps:
         for p in self.params:
             p.copy_(params[offset: offset + p.numel()].view_as(p))
             offset += p.numel()
-        if "optimizer_state" in state:
-            on_device = {id(q): bool(g.get("capturable") or g.get("fused"))
-                         for g in self.optimizer.param_groups for q in g["params"]}
-            for p, saved in zip(self.params, state["optimizer_state"]):
-                if saved:  # as torch's load_state_dict places them: "step" stays on the CPU unless capturable/fused
-                    self.optimizer.state[p] = {
-                        k: v.to(p.device) if torch.is_tensor(v) and (k != "step" or on_device[id(p)]) else v
-                        for k, v in saved.items()}
-        else:  # checkpoints written before the per-parameter format: the whole optimizer
-            self.optimizer.load_state_dict(state["optimizer"])
+        on_device = {id(q): bool(g.get("capturable") or g.get("fused"))
+                     for g in self.optimizer.param_groups for q in g["params"]}
+        for p, saved in zip(self.params, state["optimizer_state"]):
+            if saved:  # as torch's load_state_dict places them: "step" stays on the CPU unless capturable/fused
+                self.optimizer.state[p] = {
+                    k: v.to(p.device) if torch.is_tensor(v) and (k != "step" or on_device[id(p)]) else v
+                    for k, v in saved.items()}
         if state["feedback"]:
             self.state.feedback.states[KEY] = {s: t.to(device) for s, t in state["feedback"].items()}
 

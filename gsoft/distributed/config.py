@@ -1,0 +1,180 @@
+"""``CompressionConfig``: what data-parallel processes send each other, checked once when it is made.
+
+:func:`gsoft.distributed.register_compression` takes one. The options that depend on the process group (bf16 needs
+a backend that all-reduces it) and on the optimizer (``compress="updates"`` needs one) are checked there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .compressors import (
+    CHUNK_METHODS,
+    COMPRESSORS,
+    DEFAULT_RATIO,
+    RATIO_METHODS,
+    Compressor,
+    build_compressor,
+    check_ratio,
+)
+from .feedback import SCHEMES, build_feedback
+
+#: The compression methods: the compressors, and torch's PowerSGD hook.
+METHODS: tuple[str, ...] = (*COMPRESSORS, "powersgd")
+#: ``error_feedback`` values: ``auto`` (:func:`resolve_error_feedback`) or a scheme.
+ERROR_FEEDBACKS: tuple[str, ...] = ("auto", *SCHEMES)
+#: What is compressed: each step's gradients, or the parameter updates of one or more local steps.
+TARGETS: tuple[str, ...] = ("gradients", "updates")
+#: How many local steps separate two averages: always ``local_steps``, or a geometric number with that mean.
+SCHEDULES: tuple[str, ...] = ("fixed", "geometric")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def resolve_compress(compress: Optional[str], local_steps: int) -> str:
+    """``None``: ``updates`` when ``local_steps > 1`` (only updates can wait several steps), else ``gradients``."""
+    if compress is None:
+        return "updates" if local_steps > 1 else "gradients"
+    if compress not in TARGETS:
+        raise ValueError(f"unknown compress {compress!r}; choose one of {', '.join(TARGETS)}")
+    if compress == "gradients" and local_steps > 1:
+        raise ValueError(f"local_steps={local_steps} averages parameter updates, not gradients: pass "
+                         f"compress='updates' (or leave it unset).")
+    return compress
+
+
+def resolve_error_feedback(method: str, error_feedback: str, compress: str = "gradients") -> str:
+    """``auto``: for gradients, EF21 for the biased compressors (exact convergence under heterogeneous data); for
+    updates, classic EF (the sum of what is applied equals the sum of the optimizer's steps: with it Top-K 1% under
+    AdamW reaches the uncompressed accuracy on the GLUE smoke task, with EF21 it does not); the torch hook's own
+    error feedback for PowerSGD; nothing for the unbiased ones; gdsec is its own (reference) scheme."""
+    if error_feedback not in ERROR_FEEDBACKS:
+        raise ValueError(f"unknown error_feedback {error_feedback!r}; choose one of {', '.join(ERROR_FEEDBACKS)}")
+    if method == "gdsec":
+        if error_feedback not in ("auto", "ef21"):
+            raise ValueError(f"gdsec keeps its own per-worker reference (GD-SEC's difference scheme), so "
+                             f"error_feedback={error_feedback!r} does not apply; leave it at 'auto'.")
+        return "difference"
+    if method == "powersgd":
+        if error_feedback == "ef21":
+            raise ValueError("powersgd uses torch's PowerSGD hook, whose error feedback is classic EF; pass "
+                             "error_feedback 'ef' (the default under 'auto') or 'none'.")
+        return "ef" if error_feedback == "auto" else error_feedback
+    if error_feedback == "auto":
+        if build_compressor(method).biased:
+            return "ef" if compress == "updates" else "ef21"
+        return "none"
+    return error_feedback
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """The settings of :func:`gsoft.distributed.register_compression`; every value is checked here.
+
+    ``compress`` and ``error_feedback`` may be left to defaults that follow the other options; :attr:`target` and
+    :attr:`feedback` are what they resolve to, :meth:`options` every setting in effect (what results report).
+    """
+
+    #: One of :data:`METHODS`: ``none`` (fp32, counted like the others), ``fp16``, ``bf16``, ``int8`` (scaled, one
+    #: scale per ``chunk_size`` values), ``sign`` (1 bit + scale), ``topk``, ``randk`` (shared-seed coordinates, no
+    #: indices sent), ``gdsec`` (GD-SEC's significant components) or ``powersgd`` (torch's hook).
+    method: str = "topk"
+    #: Fraction of coordinates ``topk``/``randk``/``gdsec`` send, in (0, 1]; None = 0.01. The other methods send
+    #: every coordinate: a ratio given to them is reported as unused (a warning at registration).
+    compression_ratio: Optional[float] = None
+    #: One of :data:`ERROR_FEEDBACKS` (see :func:`resolve_error_feedback` for ``auto``).
+    error_feedback: str = "auto"
+    #: ``gradients``: the DDP hook compresses each gradient bucket every step. ``updates``: no gradient
+    #: communication; each process applies its optimizer to its own gradient, and the compressed parameter deltas
+    #: are averaged after every ``local_steps`` optimizer steps. Updates suit adaptive optimizers: AdamW normalises
+    #: each coordinate, so a sparse or stale compressed gradient becomes full-size steps in stale directions, while a
+    #: compressed update keeps the optimizer's own step sizes. None: ``updates`` when ``local_steps > 1``, else
+    #: ``gradients``.
+    compress: Optional[str] = None
+    #: H >= 1 optimizer steps between averages of the updates (1 = communicate every step).
+    local_steps: int = 1
+    #: One of :data:`SCHEDULES`: every H steps, or random intervals with mean H (``geometric``, as in OLGA).
+    local_steps_schedule: str = "fixed"
+    #: The shared seed of Rand-K's coordinates and of the local-step schedule; equal on every process.
+    seed: int = 0
+    #: ``int8`` / ``sign``: values per scale.
+    chunk_size: int = 1024
+    #: ``gdsec``: the step of the per-worker reference towards what was sent, in (0, 1].
+    beta: float = 1.0
+    #: ``gdsec``: components at least this fraction of the largest one are sent, in [0, 1).
+    threshold: float = 0.1
+    #: ``powersgd``: rank of the low-rank gradient approximation, >= 1.
+    powersgd_rank: int = 4
+    #: ``powersgd``: uncompressed all-reduce steps before compression starts (at least 2 with error feedback).
+    powersgd_start_iter: int = 10
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown compression method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not (_is_int(self.local_steps) and self.local_steps >= 1):
+            raise ValueError(f"local_steps must be an integer >= 1 (1 = communicate every step), got "
+                             f"{self.local_steps!r}")
+        if self.local_steps_schedule not in SCHEDULES:
+            raise ValueError(f"unknown local_steps_schedule {self.local_steps_schedule!r}; choose one of "
+                             f"{', '.join(SCHEDULES)}")
+        if self.compression_ratio is not None:
+            check_ratio(self.compression_ratio)
+        feedback = self.feedback  # resolves (and so checks) compress and error_feedback
+        if self.method == "powersgd":
+            if self.target == "updates":
+                raise ValueError("powersgd compresses gradients inside torch's DDP hook; it cannot compress updates "
+                                 "or be combined with local_steps > 1. Use topk, randk, int8 or sign for those.")
+            if not (_is_int(self.powersgd_rank) and self.powersgd_rank >= 1):
+                raise ValueError(f"powersgd_rank must be an integer >= 1, got {self.powersgd_rank!r}")
+            if not (_is_int(self.powersgd_start_iter) and self.powersgd_start_iter >= 0):
+                raise ValueError(f"powersgd_start_iter must be an integer >= 0, got {self.powersgd_start_iter!r}")
+        else:
+            build_feedback(feedback, self.compressor(), beta=self.beta)  # the compressor's and scheme's own checks
+
+    @property
+    def target(self) -> str:
+        """``compress`` resolved: ``gradients`` or ``updates``."""
+        return resolve_compress(self.compress, self.local_steps)
+
+    @property
+    def feedback(self) -> str:
+        """``error_feedback`` resolved: ``none``, ``ef``, ``ef21`` or gdsec's ``difference``."""
+        return resolve_error_feedback(self.method, self.error_feedback, self.target)
+
+    @property
+    def ratio(self) -> Optional[float]:
+        """The fraction of coordinates sent by a selecting method (None for the others)."""
+        if self.method not in RATIO_METHODS:
+            return None
+        return DEFAULT_RATIO if self.compression_ratio is None else self.compression_ratio
+
+    @property
+    def start_iter(self) -> int:
+        """``powersgd_start_iter``, at least 2 with error feedback: torch's PowerSGD needs 2 uncompressed steps before
+        its error feedback starts (DDP rebuilds its buckets after the first)."""
+        return max(self.powersgd_start_iter, 2) if self.feedback == "ef" else self.powersgd_start_iter
+
+    def compressor(self) -> Compressor:
+        """A new compressor for this method (every method but ``powersgd``)."""
+        return build_compressor(self.method, compression_ratio=self.ratio or DEFAULT_RATIO,
+                                chunk_size=self.chunk_size, threshold=self.threshold)
+
+    def options(self) -> dict[str, Any]:
+        """The settings in effect, by name, with only those that the method uses (for ``results.json``)."""
+        target = self.target
+        options: dict[str, Any] = {"compress": target, "error_feedback": self.feedback,
+                                   "local_steps": self.local_steps, "seed": self.seed}
+        if self.method in RATIO_METHODS:
+            options["compression_ratio"] = self.ratio
+        if self.method == "gdsec":
+            options.update(beta=self.beta, threshold=self.threshold)
+        if self.method in CHUNK_METHODS:
+            options["chunk_size"] = self.chunk_size
+        if target == "updates":
+            options["local_steps_schedule"] = self.local_steps_schedule
+        if self.method == "powersgd":
+            options.update(powersgd_rank=self.powersgd_rank, powersgd_start_iter=self.start_iter)
+        return options
