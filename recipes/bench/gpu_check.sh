@@ -3,8 +3,11 @@
 # benchmark at RoBERTa-base size in fp32 and in bf16 autocast (step time, peak memory, ops per step, memory proxy),
 # the GS-multiply kernel benchmark, the DreamBooth UNet benchmark at full SD 2.1 size, then the kernel tests.
 #
-#   bash recipes/gpu_check.sh                      # from the repository root, on a machine with a CUDA GPU
-#   GPU_CHECK_DRY=1 bash recipes/gpu_check.sh      # every stage at --quick / CPU sizes: tests the plumbing, < 2 min
+#   bash recipes/bench/gpu_check.sh                  # from the repository root, on a machine with a CUDA GPU
+#   GPU_CHECK_DRY=1 bash recipes/bench/gpu_check.sh  # every stage at --quick / CPU sizes: tests the plumbing, < 2 min
+#
+# Every benchmark runs as `python recipes/benchmark.py NAME ...` (options: configs/bench/NAME.yaml, then the flags
+# below) and writes NAME.md (its tables), NAME.json and NAME.png into its --output_dir.
 #
 # The GPU machine's python3 must have torch, triton, transformers and accelerate. Packages it lacks come as wheels in
 # .whl/ (made elsewhere: pip download --no-deps --only-binary=:all: --python-version 3.12 --platform
@@ -15,7 +18,7 @@
 # Every stage runs under `timeout`: its own limit, cut to what the budget leaves after the minimum the later stages
 # need (a stage that would get less than its minimum is skipped and says so). A failing stage records its exit code
 # and the tail of its log; the script goes on. Results: $OUT/summary.txt (stage codes and times, every table; printed
-# last) and $OUT/all.tgz (every log, results.json, tables.md and plot), rewritten after each stage.
+# last) and $OUT/all.tgz (every log and every benchmark's .md, .json and .png), rewritten after each stage.
 #
 # Environment: OUT (default outputs/gpu_check), GPU_CHECK_DRY (1 = CPU plumbing run), GPU_CHECK_BUDGET (seconds,
 # default 420), PYTHON (default python3).
@@ -28,8 +31,8 @@ DRY=${GPU_CHECK_DRY:-0}
 BUDGET=${GPU_CHECK_BUDGET:-420}
 PY=${PYTHON:-python3}
 START=$SECONDS
-if [ ! -f "$ROOT/recipes/bench_adapters.py" ]; then
-  echo "run from the repository root: no recipes/bench_adapters.py in $ROOT (cd there, then bash recipes/gpu_check.sh)"
+if [ ! -f "$ROOT/recipes/benchmark.py" ]; then
+  echo "run from the repository root: no recipes/benchmark.py in $ROOT (cd there, then bash recipes/bench/gpu_check.sh)"
   exit 2
 fi
 mkdir -p "$OUT"
@@ -62,8 +65,8 @@ copy_tree() {  # tracked + untracked (not ignored) files of the checkout; all fi
   cp -r "$W/kernels" "$W/gsoft/kernels"
 }
 
-# run_stage NAME LIMIT TABLE COMMAND...: run COMMAND under timeout in the copy; append TABLE (a tables.md) or, when
-# the stage failed or has no table, the tail of its log to the summary.
+# run_stage NAME LIMIT TABLE COMMAND...: run COMMAND under timeout in the copy; append TABLE (a benchmark's NAME.md)
+# or, when the stage failed or has no table, the tail of its log to the summary.
 run_stage() {
   local name=$1 limit=$2 table=$3
   shift 3
@@ -151,25 +154,25 @@ run_stage env 30 "" bash -c 'if command -v nvidia-smi >/dev/null; then
   else echo "no nvidia-smi"; fi
   "$1" "$2"' env "$PY" "$L/env_check.py"
 
-run_stage bench_adapters_fp32 130 "$L/ba_fp32/tables.md" \
-  "$PY" recipes/bench_adapters.py "${BA[@]}" --rounds "${BA_ROUNDS[0]}" --methods "$METHODS_FP32" \
+run_stage bench_adapters_fp32 130 "$L/ba_fp32/adapters.md" \
+  "$PY" recipes/benchmark.py adapters "${BA[@]}" --rounds "${BA_ROUNDS[0]}" --methods "$METHODS_FP32" \
   --output_dir "$L/ba_fp32"
-run_stage bench_adapters_bf16 80 "$L/ba_bf16/tables.md" \
-  "$PY" recipes/bench_adapters.py "${BA[@]}" --rounds "${BA_ROUNDS[1]}" --methods "$METHODS_BF16" --autocast bf16 \
-  --output_dir "$L/ba_bf16"
-run_stage bench_kernels 70 "$L/bk/tables.md" \
-  "$PY" recipes/bench_kernels.py "${BK[@]}" --methods torch,triton,dense,peft_oft --output_dir "$L/bk"
-if timeout 60 "$PY" recipes/bench_kernels.py --help 2>/dev/null | grep -q -- "--sweep"; then
-  run_stage bench_kernels_sweep 60 "$L/bk_sweep/sweep.md" \
-    "$PY" recipes/bench_kernels.py ${BK_SWEEP[@]+"${BK_SWEEP[@]}"} --sweep --output_dir "$L/bk_sweep"
+run_stage bench_adapters_bf16 80 "$L/ba_bf16/adapters.md" \
+  "$PY" recipes/benchmark.py adapters "${BA[@]}" --rounds "${BA_ROUNDS[1]}" --methods "$METHODS_BF16" \
+  --autocast bf16 --output_dir "$L/ba_bf16"
+run_stage bench_kernels 70 "$L/bk/kernels.md" \
+  "$PY" recipes/benchmark.py kernels "${BK[@]}" --methods torch,triton,dense,peft_oft --output_dir "$L/bk"
+if timeout 60 "$PY" recipes/benchmark.py kernels --help 2>/dev/null | grep -q -- "--sweep"; then
+  run_stage bench_kernels_sweep 60 "$L/bk_sweep/kernels_sweep.md" \
+    "$PY" recipes/benchmark.py kernels ${BK_SWEEP[@]+"${BK_SWEEP[@]}"} --sweep --output_dir "$L/bk_sweep"
 else
   RESERVE=$((RESERVE - FLOOR[bench_kernels_sweep]))
   say ""
-  say "=== bench_kernels_sweep: skipped (recipes/bench_kernels.py has no --sweep flag)"
+  say "=== bench_kernels_sweep: skipped (recipes/benchmark.py kernels has no --sweep option)"
   STATUS+=("bench_kernels_sweep: skipped (no --sweep)")
 fi
-run_stage bench_dreambooth 110 "$L/bd/tables.md" \
-  "$PY" recipes/bench_dreambooth.py "${BD[@]}" --output_dir "$L/bd"
+run_stage bench_dreambooth 110 "$L/bd/dreambooth.md" \
+  "$PY" recipes/benchmark.py dreambooth "${BD[@]}" --output_dir "$L/bd"
 run_stage test_kernels 90 "" \
   "$PY" -m pytest tests/test_kernels.py -q -rfEs -p no:cacheprovider ${TK[@]+"${TK[@]}"}
 
