@@ -20,6 +20,7 @@ a base class after it, so that ``--help`` lists the recipe's options first and t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -28,10 +29,15 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from gsoft.distributed import ERROR_FEEDBACKS, METHODS, register_compression, resolve_compress, resolve_error_feedback
-from gsoft.distributed.hooks import SCHEDULES as LOCAL_STEPS_SCHEDULES
-from gsoft.distributed.hooks import TARGETS as COMPRESS_TARGETS
-from gsoft.distributed.hooks import CompressionState
+from gsoft.distributed import (
+    ERROR_FEEDBACKS,
+    METHODS,
+    SCHEDULES,
+    TARGETS,
+    CompressionConfig,
+    CompressionState,
+    register_compression,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +61,12 @@ class CommunicationArgs:
     )
     error_feedback: str = field(
         default="auto",
-        metadata={"help": f"{' | '.join(ERROR_FEEDBACKS)}: auto = ef21 for sign/topk/randk, ef for powersgd, "
-                          "gdsec's own reference scheme for gdsec, none for the rest."},
+        metadata={"help": f"{' | '.join(ERROR_FEEDBACKS)}: auto = ef21 for sign/topk/randk gradients and ef for their "
+                          "updates, ef for powersgd, gdsec's own reference scheme for gdsec, none for the rest."},
     )
     compress: Optional[str] = field(
         default=None,
-        metadata={"help": f"{' or '.join(COMPRESS_TARGETS)}: what --grad_compression compresses. gradients: each "
+        metadata={"help": f"{' or '.join(TARGETS)}: what --grad_compression compresses. gradients: each "
                           "gradient bucket, every step (DDP hook). updates: each process takes its own AdamW step "
                           "and the parameter deltas are averaged, compressed with error feedback, every "
                           "--local_steps steps. Default: updates when --local_steps > 1, else gradients. With "
@@ -76,7 +82,7 @@ class CommunicationArgs:
     )
     local_steps_schedule: str = field(
         default="fixed",
-        metadata={"help": f"{' or '.join(LOCAL_STEPS_SCHEDULES)}: every H steps, or random intervals with mean H "
+        metadata={"help": f"{' or '.join(SCHEDULES)}: every H steps, or random intervals with mean H "
                           "(geometric, as in OLGA; drawn with --seed, equal on every process)."},
     )
     powersgd_rank: int = field(
@@ -85,33 +91,25 @@ class CommunicationArgs:
     )
 
 
+def compression_config(args: CommunicationArgs, seed: int = 0) -> CompressionConfig:
+    """The library's :class:`~gsoft.distributed.CompressionConfig` for these options; making it checks them, and an
+    error names the options as given on the command line (``--grad_compression`` is the config's ``method``)."""
+    try:
+        return CompressionConfig(
+            method=args.grad_compression, compression_ratio=args.compression_ratio, error_feedback=args.error_feedback,
+            compress=args.compress, local_steps=args.local_steps, local_steps_schedule=args.local_steps_schedule,
+            powersgd_rank=args.powersgd_rank, seed=seed,
+        )
+    except ValueError as exc:
+        given = [f"--{f.name} {getattr(args, f.name)}" for f in dataclasses.fields(CommunicationArgs)
+                 if f.name == "grad_compression" or getattr(args, f.name) != f.default]
+        raise ValueError(f"{' '.join(given)}: {exc}") from exc
+
+
 def check_communication_args(args: CommunicationArgs) -> None:
     """Reject bad or contradictory communication options before any work (call from the recipe's
-    ``__post_init__``); the messages name the option, the value and the fix."""
-    if args.grad_compression not in METHODS:
-        raise ValueError(f"--grad_compression {args.grad_compression!r} is not one of {', '.join(METHODS)}.")
-    if args.error_feedback not in ERROR_FEEDBACKS:
-        raise ValueError(f"--error_feedback {args.error_feedback!r} is not one of {', '.join(ERROR_FEEDBACKS)}.")
-    if args.compress is not None and args.compress not in COMPRESS_TARGETS:
-        raise ValueError(f"--compress {args.compress!r} is not one of {', '.join(COMPRESS_TARGETS)}.")
-    if args.compress == "gradients" and args.local_steps > 1:
-        raise ValueError(f"--local_steps {args.local_steps} averages parameter updates, not gradients: use "
-                         f"--compress updates (the default with --local_steps > 1).")
-    if args.local_steps_schedule not in LOCAL_STEPS_SCHEDULES:
-        raise ValueError(f"--local_steps_schedule {args.local_steps_schedule!r} is not one of "
-                         f"{', '.join(LOCAL_STEPS_SCHEDULES)}.")
-    if args.compression_ratio is not None and not 0.0 < args.compression_ratio <= 1.0:
-        raise ValueError(f"--compression_ratio must be in (0, 1] (the fraction of coordinates sent, e.g. 0.01), "
-                         f"got {args.compression_ratio}.")
-    for name in ("local_steps", "powersgd_rank"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
-    try:  # combinations that cannot work (gdsec/powersgd with a foreign error feedback): before any work
-        resolve_error_feedback(args.grad_compression, args.error_feedback,
-                               resolve_compress(args.compress, args.local_steps))
-    except ValueError as exc:
-        raise ValueError(f"--grad_compression {args.grad_compression} --error_feedback {args.error_feedback}: "
-                         f"{exc}") from exc
+    ``__post_init__``): the library's config checks them (:func:`compression_config`)."""
+    compression_config(args)
 
 
 class Communication:
@@ -149,7 +147,7 @@ class Communication:
     def register_for_checkpointing(self, accelerator: Any) -> None:
         """Checkpoints carry every state (error-feedback buffers, local-step references, each process's optimizer
         state with ``--compress updates``, byte counters): call before ``load_checkpoint``. The states are
-        registered one by one, so a one-model run writes the same checkpoint files as before this class existed."""
+        registered one by one (a one-model run writes one custom checkpoint file, as a bare state would)."""
         for state in self.states.values():
             accelerator.register_for_checkpointing(state)
 
@@ -176,15 +174,11 @@ def setup_communication(
                            args.grad_compression, args.local_steps)
         return None
     named = dict(models) if isinstance(models, Mapping) else {"model": models}
+    config = compression_config(args, seed)
     states = {}
     for name, model in named.items():
         try:
-            states[name] = register_compression(
-                model, args.grad_compression, compression_ratio=args.compression_ratio,
-                error_feedback=args.error_feedback, compress=args.compress, local_steps=args.local_steps,
-                local_steps_schedule=args.local_steps_schedule, optimizer=optimizer, seed=seed,
-                powersgd_rank=args.powersgd_rank,
-            )
+            states[name] = register_compression(model, config, optimizer=optimizer)
         except (ValueError, TypeError) as exc:  # e.g. bf16 on gloo: the recipe's one-line error
             raise ValueError(f"--grad_compression {args.grad_compression}: {exc}") from exc
     return Communication(states)

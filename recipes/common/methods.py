@@ -18,8 +18,7 @@ from gsoft.tuner import GSOFTConfig
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("gsoft", "double_gsoft", "lora", "oft", "boft", "full")
-
+#: The PEFT config class of each adapter method.
 _CONFIG_CLASSES: dict[str, type[PeftConfig]] = {
     "gsoft": GSOFTConfig,
     "double_gsoft": GSOFTConfig,
@@ -27,6 +26,10 @@ _CONFIG_CLASSES: dict[str, type[PeftConfig]] = {
     "oft": OFTConfig,
     "boft": BOFTConfig,
 }
+#: The adapter methods, the two GSOFT ones among them, and every method (``full``: all weights trained, no adapter).
+PEFT_METHODS: tuple[str, ...] = tuple(_CONFIG_CLASSES)
+GSOFT_METHODS: tuple[str, ...] = tuple(m for m, cls in _CONFIG_CLASSES.items() if cls is GSOFTConfig)
+METHODS: tuple[str, ...] = (*PEFT_METHODS, "full")
 
 
 def _check_method(method: str) -> None:
