@@ -1,10 +1,14 @@
-"""What the core install (``pip install gsoft``: torch, transformers, peft, accelerate, safetensors) must be enough for."""
+"""What the core install (``pip install gsoft``: torch, transformers, peft, accelerate, safetensors) must be enough for,
+and what the package ships."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ("diffusers", "datasets", "einops", "triton", "sklearn", "scipy", "matplotlib")
 
 
@@ -15,3 +19,19 @@ def test_library_imports_without_the_optional_packages():
     code = f"import sys; {hide}; import gsoft, gsoft.distributed, gsoft.plan, gsoft.tuner.fused; print('ok')"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_pyproject_lists_every_package_and_nothing_else():
+    """pyproject.toml lists the packages by hand (``gsoft.kernels`` comes from another directory, which discovery
+    cannot map): every package directory of ``gsoft/`` is listed, ``gsoft.kernels`` maps to ``kernels/`` with its CUDA
+    source, and nothing installs at the top level besides ``gsoft`` (no modules, no .pth files, no setup.py)."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {
+        ".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "gsoft").rglob("__init__.py")
+    } | {"gsoft.kernels"}
+    assert (ROOT / "kernels" / "__init__.py").is_file() and (ROOT / "kernels" / "gs_grouped.cu").is_file()
+    assert set(setuptools["packages"]) == on_disk
+    assert setuptools["package-dir"] == {"gsoft.kernels": "kernels"}
+    assert setuptools["package-data"] == {"gsoft.kernels": ["*.cu"]}
+    assert set(setuptools) == {"packages", "package-dir", "package-data"}
+    assert not [p.name for p in ROOT.iterdir() if p.suffix == ".pth" or p.name in ("setup.py", "setup.cfg")]
