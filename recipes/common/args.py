@@ -185,13 +185,16 @@ def _unknown(prog: str, key: str, known: list[str], where: str) -> typing.NoRetu
     _fail(prog, f"unknown option {key!r} in {where}{hint}")
 
 
-def parse_recipe_args(cls: type[T], argv: Optional[Sequence[str]] = None, description: Optional[str] = None) -> T:
+def parse_recipe_args(cls: type[T], argv: Optional[Sequence[str]] = None, description: Optional[str] = None,
+                      prog: Optional[str] = None) -> T:
     """Fill the dataclass ``cls`` from ``--config FILE.yaml`` then ``--key value`` overrides (see module docstring).
 
-    Bad input exits with a message naming the option: unknown keys (with close matches), wrong types, a missing or
-    unreadable config file.
+    Bad input exits with ``<prog>: error: <message>`` naming the option: unknown keys (with close matches), wrong
+    types, a missing or unreadable config file, a value the dataclass refuses. ``prog`` defaults to the script's file
+    name; recipes pass their name, the prefix of their other errors too (``common.run_recipe``).
     """
-    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else cls.__name__
+    if prog is None:
+        prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else cls.__name__
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         print(_help_text(cls, prog, description))
