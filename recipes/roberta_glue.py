@@ -1,27 +1,22 @@
 #!/usr/bin/env python
 """Fine-tune RoBERTa (or any encoder) on GLUE with GSOFT, Double GSOFT, LoRA, OFT, BOFT or full fine-tuning.
 
-    accelerate launch recipes/roberta_glue.py --config configs/glue/rte.yaml [--key value ...]
-    accelerate launch recipes/roberta_glue.py --config configs/glue/smoke.yaml      # offline, ~1 minute on a CPU
+    accelerate launch -q recipes/roberta_glue.py --config configs/glue/rte.yaml [--key value ...]
+    accelerate launch -q recipes/roberta_glue.py --config configs/glue/smoke.yaml   # offline, ~1 minute on a CPU
     python recipes/roberta_glue.py --config configs/glue/smoke.yaml --method lora  # plain python works too
-    accelerate launch --multi_gpu --num_processes 2 recipes/roberta_glue.py --config configs/glue/smoke.yaml \
-        --grad_compression topk --compression_ratio 0.01 --compress updates         # compressed AdamW updates
 
-Modelled on transformers' ``run_glue_no_trainer.py``: accelerate for devices, mixed precision, gradient accumulation
-and data parallelism; PEFT's ``get_peft_model`` through ``common.apply_method``. Every run writes
-``<output_dir>/results.json`` (schema in the README), ``metrics.jsonl``, resumable checkpoints, and the adapter
-(``save_pretrained``, loadable with ``PeftModel.from_pretrained``).
+The manual (options, outputs, results.json, several processes) is recipes/README.md with recipes/roberta_glue.md.
 
-With several processes, what they exchange goes through ``gsoft.distributed.register_compression`` (also for the
-default ``--grad_compression none``, so the fp32 baseline's bytes are counted the same way): compressed adapter
-gradients every step (``--compress gradients``), or each process's own optimizer steps, averaged as compressed
-parameter deltas every ``--local_steps H`` steps (``--compress updates``).
+Modelled on transformers' ``run_glue_no_trainer.py``. This file holds what is GLUE's own: the data (hub GLUE, local
+files or the generated smoke task), the tokenizer and base model (loaded, or built from ``--model_config``), the
+adapter (``common.apply_method``), the loss and the task's metrics, the adapter saved with ``save_pretrained``
+(loadable with ``PeftModel.from_pretrained``). The run itself (accelerate, resume, communication between processes,
+checkpoints, logging, results.json) is the recipes' shared skeleton, ``common.run_recipe``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,13 +29,13 @@ from torch.utils.data import DataLoader
 import datasets
 import transformers
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import ProjectConfiguration, gather_object, set_seed
-from tqdm.auto import tqdm
+from accelerate.utils import set_seed
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
+    PretrainedConfig,
     PreTrainedTokenizerBase,
     get_scheduler,
 )
@@ -48,27 +43,17 @@ from transformers import (
 from common import (  # (importing gsoft registers GSOFT with PEFT)
     METHODS,
     CommunicationArgs,
-    MetricsLogger,
-    StepTimer,
-    accelerator_kwargs,
+    LoopSettings,
+    Recipe,
+    TrainLoop,
+    Trainables,
     apply_method,
     check_communication_args,
-    communication_results,
     config_to_dict,
-    count_parameters,
-    discard_new_output_dir_on_error,
-    leave_process_group,
-    load_checkpoint,
+    format_metrics,
+    naming_option,
     parse_recipe_args,
-    peak_memory_mb,
-    prepare_output_dir,
-    resolve_checkpoint,
-    resume_position,
-    save_checkpoint,
-    setup_communication,
-    tensorboard_available,
-    trainable_state_sha256,
-    write_results,
+    run_recipe,
 )
 from gsoft.tuner import TARGET_MODULES_MAPPING
 
@@ -76,7 +61,8 @@ from common import glue_smoke
 from common.glue_data import encode_labels, load_raw_datasets
 from common.glue_tasks import TaskSpec, compute_metrics, predictions_from_logits
 
-logger = logging.getLogger("roberta_glue")
+NAME = "roberta_glue"
+logger = logging.getLogger(NAME)
 
 BASE_MODEL_DIR = "base_model"  # a model built from --model_config (and its tokenizer) is saved here, then loaded
 GSOFT_METHODS = ("gsoft", "double_gsoft")
@@ -287,6 +273,8 @@ class _GlueOptions:
             raise ValueError(
                 f"--method_learning_rates has unknown methods {unknown}; choose from {', '.join(METHODS)}."
             )
+        if self.max_steps is None and not self.num_train_epochs > 0:
+            raise ValueError(f"--num_train_epochs must be > 0 (or set --max_steps), got {self.num_train_epochs}.")
         if self.base_pretrain_steps and not (self.model_config and self.base_pretrain_label_column):
             raise ValueError("--base_pretrain_steps needs --model_config and --base_pretrain_label_column.")
 
@@ -357,17 +345,30 @@ def build_base_model(args: GlueArgs, raw: datasets.DatasetDict, spec: TaskSpec, 
     tokenizer.save_pretrained(path)
 
 
-def load_model(args: GlueArgs, source: str, spec: TaskSpec) -> torch.nn.Module:
-    """The sequence-classification model for the task (a new head on the encoder at ``source``)."""
-    kwargs: dict[str, Any] = {"num_labels": spec.num_labels, "cache_dir": args.cache_dir,
+def model_config(args: GlueArgs, source: str, spec: TaskSpec) -> PretrainedConfig:
+    """The config of the task's model: the encoder's at ``source`` with the task's head. Fetched once and passed to
+    the tokenizer and the model, so a hub name that cannot be fetched fails here, with one set of retry messages."""
+    kwargs: dict[str, Any] = {"num_labels": spec.num_labels,
                               "problem_type": "regression" if spec.is_regression else "single_label_classification"}
     if spec.label_names and not spec.is_regression:
         kwargs["id2label"] = dict(enumerate(spec.label_names))
         kwargs["label2id"] = {name: i for i, name in enumerate(spec.label_names)}
     if args.classifier_dropout is not None:
         kwargs["classifier_dropout"] = args.classifier_dropout
+    return AutoConfig.from_pretrained(source, cache_dir=args.cache_dir, **kwargs)
+
+
+def load_tokenizer(args: GlueArgs, source: str, config: PretrainedConfig) -> PreTrainedTokenizerBase:
+    """``--tokenizer_name``, or the tokenizer saved with the model at ``source`` (reusing its fetched config)."""
+    if args.tokenizer_name and not args.model_config:
+        return AutoTokenizer.from_pretrained(args.tokenizer_name, cache_dir=args.cache_dir)
+    return AutoTokenizer.from_pretrained(source, config=config, cache_dir=args.cache_dir)
+
+
+def load_model(args: GlueArgs, source: str, config: PretrainedConfig) -> torch.nn.Module:
+    """The sequence-classification model for the task (a new head on the encoder at ``source``)."""
     set_seed(args.seed)  # the new head's initialisation: identical on every process and on resume
-    return AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+    return AutoModelForSequenceClassification.from_pretrained(source, config=config, cache_dir=args.cache_dir)
 
 
 def adapt(model: torch.nn.Module, args: GlueArgs) -> torch.nn.Module:
@@ -408,247 +409,6 @@ def evaluate(model: torch.nn.Module, loaders: dict[str, DataLoader], spec: TaskS
     return compute_metrics(spec, outputs)
 
 
-def _format(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------------------------
-def build(args: GlueArgs, accelerator: Accelerator, raw: datasets.DatasetDict, spec: TaskSpec,
-          out: Path) -> tuple[str, PreTrainedTokenizerBase, datasets.DatasetDict, torch.nn.Module]:
-    """Base model (built from ``--model_config`` once, into the output directory, or loaded), tokenizer, tokenized
-    data and the adapted model; returns ``(base model source, tokenizer, tokenized data, model)``."""
-    source = args.model_name_or_path
-    if args.model_config:
-        source = str((out / BASE_MODEL_DIR).resolve())
-        with accelerator.main_process_first():
-            if accelerator.is_main_process and not (Path(source) / "config.json").is_file():
-                build_base_model(args, raw, spec, Path(source))
-    tokenizer_source = args.tokenizer_name if args.tokenizer_name and not args.model_config else source
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, cache_dir=args.cache_dir)
-    with accelerator.main_process_first():
-        tokenized = tokenize(raw, tokenizer, spec, args.max_seq_length)
-    return source, tokenizer, tokenized, adapt(load_model(args, source, spec), args)
-
-
-def train(args: GlueArgs) -> Optional[dict[str, Any]]:
-    """Run the recipe; returns the results (also written to results.json), or None after ``--stop_after_steps``."""
-    logging_config = ProjectConfiguration(project_dir=args.output_dir,
-                                          logging_dir=str(Path(args.output_dir) / "tensorboard"))
-    use_tb = args.report_to == "tensorboard" and tensorboard_available()
-    accelerator = Accelerator(
-        **accelerator_kwargs(  # multi-process launches on a machine without GPUs become one gloo job
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            mixed_precision=args.mixed_precision,
-            log_with="tensorboard" if use_tb else None,
-            project_config=logging_config,
-            # the scheduler counts optimizer steps, whatever the number of processes
-            step_scheduler_with_optimizer=False,
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        )
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO if accelerator.is_main_process else logging.ERROR, force=True)
-    transformers.utils.logging.set_verbosity_error()  # "newly initialized head" is expected here
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per file of every checkpoint
-    if args.torch_num_threads:
-        torch.set_num_threads(args.torch_num_threads)
-    if not accelerator.is_main_process:
-        datasets.disable_progress_bars()
-
-    # ---- data first: its errors (columns, labels, unknown task) leave no output directory behind ----
-    with accelerator.main_process_first():
-        raw, spec = load_raw_datasets(
-            args.task, train_file=args.train_file, validation_file=args.validation_file,
-            validation_mismatched_file=args.validation_mismatched_file, text_columns=args.text_columns,
-            label_column=args.label_column, num_labels=args.num_labels, smoke_data=args.smoke_data,
-            cache_dir=args.cache_dir,
-        )
-        raw, spec = encode_labels(raw, spec, args.num_labels)
-    if args.max_train_samples is not None:
-        raw["train"] = raw["train"].select(range(min(args.max_train_samples, len(raw["train"]))))
-    if args.max_eval_samples is not None:
-        for split in spec.eval_splits.values():
-            raw[split] = raw[split].select(range(min(args.max_eval_samples, len(raw[split]))))
-
-    run_config = config_to_dict(args)
-    out = Path(args.output_dir)
-    fresh = not (out.is_dir() and any(out.iterdir()))
-    prepare_output_dir(out, run_config, overwrite=args.overwrite_output_dir, resume=bool(args.resume_from_checkpoint),
-                       is_main_process=accelerator.is_main_process, barrier=accelerator.wait_for_everyone)
-    accelerator.wait_for_everyone()
-    resume_path = resolve_checkpoint(out, args.resume_from_checkpoint)
-    # e.g. a block size that does not fit: the corrected re-run must not meet "a different run" in the directory
-    with discard_new_output_dir_on_error(out, fresh, accelerator.is_main_process):
-        source, tokenizer, tokenized, model = build(args, accelerator, raw, spec, out)
-    trainable, total = count_parameters(model)
-    logger.info("task %s (%d train examples), method %s: %s trainable of %s parameters", spec.name,
-                len(tokenized["train"]), args.method, f"{trainable:,}", f"{total:,}")
-
-    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if accelerator.mixed_precision != "no" else None)
-    train_loader = DataLoader(tokenized["train"], shuffle=True, collate_fn=collate,
-                              batch_size=args.per_device_train_batch_size, num_workers=args.num_workers,
-                              generator=torch.Generator().manual_seed(args.seed))  # not the global RNG: see resume
-    eval_loaders = {
-        suffix: DataLoader(tokenized[split], collate_fn=collate, batch_size=args.per_device_eval_batch_size,
-                           num_workers=args.num_workers, generator=torch.Generator())
-        for suffix, split in spec.eval_splits.items()
-    }
-
-    learning_rate = float(args.method_learning_rates.get(args.method, args.learning_rate))
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-    )
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    with discard_new_output_dir_on_error(out, fresh, accelerator.is_main_process):  # e.g. bf16 on gloo
-        comm = setup_communication(args, accelerator, model, optimizer, seed=args.seed)
-
-    def synchronize() -> None:
-        """Local steps: average the replicas now, so evaluation and saving see one model (a no-op otherwise)."""
-        if comm is not None:
-            comm.synchronize()
-
-    eval_loaders = {k: accelerator.prepare(v) for k, v in eval_loaders.items()}
-    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
-    max_steps = args.max_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
-    num_epochs = math.ceil(max_steps / steps_per_epoch)
-    scheduler = accelerator.prepare(get_scheduler(args.lr_scheduler_type, optimizer,
-                                                  num_warmup_steps=args.warmup_steps, num_training_steps=max_steps))
-    eval_every = args.eval_steps or steps_per_epoch
-    save_every = args.save_steps or eval_every
-
-    # ---- resume ----
-    step, skip_batches, start_epoch = 0, 0, 0
-    state: dict[str, Any] = {"best_eval": None, "best_step": None}
-    # error-feedback buffers, local-step references, each process's optimizer state (with --compress updates) and
-    # byte counters resume too; loaded after accelerate's own (main process) optimizer state, so theirs win
-    if comm is not None:
-        comm.register_for_checkpointing(accelerator)
-    if resume_path is not None:
-        state = load_checkpoint(accelerator, resume_path)
-        step = state.pop("step")
-        start_epoch, skip_batches = resume_position(step, len(train_loader), args.gradient_accumulation_steps)
-        logger.info("resumed from %s at step %d (epoch %d, skipping %d batches)", resume_path, step, start_epoch,
-                    skip_batches)
-
-    metrics_log = MetricsLogger(accelerator, out, "roberta_glue", run_config, tensorboard=use_tb)
-    timer = StepTimer(accelerator.device)
-    progress = tqdm(total=max_steps, initial=step, desc=f"{spec.name}/{args.method}",
-                    disable=not (accelerator.is_main_process and args.progress_bar))
-    main_metric = spec.main_metric
-    final_eval: Optional[dict[str, float]] = None
-    window_loss, window_count, window_start, window_samples = 0.0, 0, time.perf_counter(), 0
-    train_start = time.perf_counter()
-    model.train()
-    for epoch in range(start_epoch, num_epochs):
-        if step >= max_steps:
-            break
-        train_loader.set_epoch(epoch)
-        loader = train_loader
-        if epoch == start_epoch and skip_batches:
-            loader = accelerator.skip_first_batches(train_loader, skip_batches)
-        for batch in loader:
-            if not timer.running:
-                timer.start()
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            window_loss += loss.detach().float()  # a tensor: no device sync per micro-batch
-            window_count += 1
-            window_samples += batch["input_ids"].shape[0] * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            timer.stop()
-            step += 1
-            progress.update(1)
-
-            if step % args.logging_steps == 0 or step == max_steps:
-                elapsed = time.perf_counter() - window_start
-                mean_loss = accelerator.reduce(window_loss / window_count, "mean").item()
-                record = {"loss": mean_loss, "lr": scheduler.get_last_lr()[0], "epoch": step / steps_per_epoch,
-                          "samples_per_s": window_samples / elapsed,
-                          "comm_bytes_sent": comm.bytes_sent if comm is not None else 0}
-                metrics_log.log(record, step)
-                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")
-                window_loss, window_count, window_start, window_samples = 0.0, 0, time.perf_counter(), 0
-
-            if step % eval_every == 0 or step == max_steps:
-                synchronize()  # evaluation points are synchronisation points with --local_steps
-                final_eval = evaluate(model, eval_loaders, spec, accelerator)
-                metrics_log.log({f"eval_{k}": v for k, v in final_eval.items()}, step)
-                logger.info("step %d: %s", step, _format(final_eval))
-                best = state["best_eval"]
-                if best is None or final_eval[main_metric] > best[main_metric]:
-                    state["best_eval"], state["best_step"] = final_eval, step
-                    if args.save_best and accelerator.is_main_process:
-                        save_trained(accelerator.unwrap_model(model), tokenizer, out / "best")
-            interrupted = args.stop_after_steps is not None and step >= args.stop_after_steps
-            if step % save_every == 0 or interrupted:
-                save_checkpoint(accelerator, out, step, state, total_limit=args.checkpoints_total_limit)
-            if interrupted:
-                logger.info("--stop_after_steps %d: checkpointed and stopping (resume with "
-                            "--resume_from_checkpoint latest)", args.stop_after_steps)
-                progress.close()
-                metrics_log.close()
-                return None
-            if step >= max_steps:
-                break
-    progress.close()
-    train_runtime = time.perf_counter() - train_start
-    synchronize()  # normally a no-op here: the last step was evaluated
-    if final_eval is None:  # resumed from the final checkpoint: nothing left to train
-        final_eval = evaluate(model, eval_loaders, spec, accelerator)
-
-    unwrapped = accelerator.unwrap_model(model)
-    hashes = gather_object([trainable_state_sha256(unwrapped)])
-    saved_to = out / ("model" if args.method == "full" else "adapter")
-    if accelerator.is_main_process:
-        save_trained(unwrapped, tokenizer, saved_to)
-    results = {
-        "task": spec.name,
-        "method": args.method,
-        "main_metric": main_metric,
-        "eval": final_eval,
-        "best_eval": state["best_eval"],
-        "best_step": state["best_step"],
-        "trainable_params": trainable,
-        "total_params": total,
-        "train_steps": step,
-        "train_runtime_s": round(train_runtime, 3),
-        "step_time_s_median": timer.median_s,
-        "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
-        "world_size": accelerator.num_processes,
-        "train_samples": len(tokenized["train"]),
-        "learning_rate": learning_rate,
-        "base_model": source,
-        "saved_to": str(saved_to),
-        "rank_state_sha256": list(hashes),
-        "mixed_precision": accelerator.mixed_precision,
-        "device": str(accelerator.device),
-        **communication_results(comm),
-    }
-    if accelerator.is_main_process:
-        write_results(out, results)
-        print(f"final eval ({spec.name}, {args.method}, {step} steps): {_format(final_eval)}; best "
-              f"{main_metric} {state['best_eval'][main_metric]:.4f} at step {state['best_step']}; results in "
-              f"{out / 'results.json'}", flush=True)
-        if comm is not None:
-            print(f"communication ({results['compression']['method']}): {comm.bytes_sent:,} bytes sent by this "
-                  f"process, {comm.bytes_uncompressed:,} for fp32 all-reduces of the same steps", flush=True)
-    metrics_log.close()
-    accelerator.wait_for_everyone()
-    return results
-
-
 def save_trained(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
     """``save_pretrained`` of the adapter (or the whole model for ``full``) plus the tokenizer, so evaluation and
     ``PeftModel.from_pretrained`` use exactly what training used."""
@@ -656,14 +416,147 @@ def save_trained(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pat
     tokenizer.save_pretrained(path)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The recipe
+# ----------------------------------------------------------------------------------------------------------------------
+class GlueRecipe(Recipe):
+    """GLUE's parts of the run: the data, model and adapter, the classification loss, the task's metrics at every
+    evaluation (the best one's adapter kept in ``best/``), the adapter (or model) saved to ``adapter/`` (``model/``)."""
+
+    name = NAME
+
+    def __init__(self, args: GlueArgs) -> None:
+        self.args = args
+        self.learning_rate = float(args.method_learning_rates.get(args.method, args.learning_rate))
+        self.saved_to = Path(args.output_dir) / ("model" if args.method == "full" else "adapter")
+        self.final_eval: Optional[dict[str, float]] = None
+
+    def load(self, run: TrainLoop) -> None:
+        """The data (and a hub model's config): their errors come before the output directory is claimed."""
+        args = self.args
+        transformers.utils.logging.set_verbosity_error()  # "newly initialized head" is expected here
+        with run.accelerator.main_process_first():  # the main process downloads, the others read its cache
+            raw, spec = load_raw_datasets(
+                args.task, train_file=args.train_file, validation_file=args.validation_file,
+                validation_mismatched_file=args.validation_mismatched_file, text_columns=args.text_columns,
+                label_column=args.label_column, num_labels=args.num_labels, smoke_data=args.smoke_data,
+                cache_dir=args.cache_dir,
+            )
+            raw, spec = encode_labels(raw, spec, args.num_labels)
+            self.config = None
+            if not args.model_config:
+                with naming_option("--model_name_or_path", args.model_name_or_path):
+                    self.config = model_config(args, args.model_name_or_path, spec)
+        if args.max_train_samples is not None:
+            raw["train"] = raw["train"].select(range(min(args.max_train_samples, len(raw["train"]))))
+        if args.max_eval_samples is not None:
+            for split in spec.eval_splits.values():
+                raw[split] = raw[split].select(range(min(args.max_eval_samples, len(raw[split]))))
+        self.raw, self.spec = raw, spec
+
+    def build(self, run: TrainLoop) -> Trainables:
+        """Base model (built from ``--model_config`` once, into the output directory, or loaded), tokenizer, tokenized
+        data, the adapted model and AdamW."""
+        args, acc, spec = self.args, run.accelerator, self.spec
+        self.source = args.model_name_or_path
+        with acc.main_process_first():
+            if args.model_config:
+                self.source = str((run.output_dir / BASE_MODEL_DIR).resolve())
+                if acc.is_main_process and not (Path(self.source) / "config.json").is_file():
+                    build_base_model(args, self.raw, spec, Path(self.source))
+                self.config = model_config(args, self.source, spec)
+            self.tokenizer = load_tokenizer(args, self.source, self.config)
+            tokenized = tokenize(self.raw, self.tokenizer, spec, args.max_seq_length)
+            model = load_model(args, self.source, self.config)
+        model = adapt(model, args)  # on every process: a refused option fails everywhere alike
+        self.train_samples = len(tokenized["train"])
+        logger.info("task %s (%d train examples), method %s", spec.name, self.train_samples, args.method)
+        collate = DataCollatorWithPadding(self.tokenizer,
+                                          pad_to_multiple_of=8 if acc.mixed_precision != "no" else None)
+        train_loader = DataLoader(tokenized["train"], shuffle=True, collate_fn=collate,
+                                  batch_size=args.per_device_train_batch_size, num_workers=args.num_workers,
+                                  generator=torch.Generator().manual_seed(args.seed))  # not the global RNG: resume
+        self.eval_loaders = {
+            suffix: DataLoader(tokenized[split], collate_fn=collate, batch_size=args.per_device_eval_batch_size,
+                               num_workers=args.num_workers, generator=torch.Generator())
+            for suffix, split in spec.eval_splits.items()
+        }
+        decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]  # biases, norms, 1-D scales
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+        )
+        run.state.update(best_eval=None, best_step=None)
+        return Trainables({"model": model}, optimizer, train_loader)
+
+    def on_prepared(self, run: TrainLoop) -> None:
+        self.eval_loaders = {k: run.accelerator.prepare(v) for k, v in self.eval_loaders.items()}
+
+    def scheduler(self, run: TrainLoop, optimizer: torch.optim.Optimizer,
+                  max_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+        return get_scheduler(self.args.lr_scheduler_type, optimizer, num_warmup_steps=self.args.warmup_steps,
+                             num_training_steps=max_steps)
+
+    def loss(self, run: TrainLoop, batch: dict[str, torch.Tensor],
+             micro_step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        return run.models["model"](**batch).loss, {}
+
+    def evaluate(self, run: TrainLoop, step: int, final: bool) -> dict[str, float]:
+        """The task's metrics; a new best also saves its adapter to ``best/`` (``--save_best``)."""
+        scores = evaluate(run.models["model"], self.eval_loaders, self.spec, run.accelerator)  # the module's function
+        main_metric, best = self.spec.main_metric, run.state["best_eval"]
+        if best is None or scores[main_metric] > best[main_metric]:
+            run.state.update(best_eval=scores, best_step=step)
+            if self.args.save_best and run.accelerator.is_main_process:
+                save_trained(run.accelerator.unwrap_model(run.models["model"]), self.tokenizer,
+                             run.output_dir / "best")
+        self.final_eval = scores
+        return scores
+
+    def save(self, run: TrainLoop) -> None:
+        save_trained(run.accelerator.unwrap_model(run.models["model"]), self.tokenizer, self.saved_to)
+
+    def results(self, run: TrainLoop) -> dict[str, Any]:
+        return {
+            "task": self.spec.name,
+            "method": self.args.method,
+            "main_metric": self.spec.main_metric,
+            "eval": self.final_eval,
+            "best_eval": run.state["best_eval"],
+            "best_step": run.state["best_step"],
+            "train_samples": self.train_samples,
+            "learning_rate": self.learning_rate,
+            "base_model": self.source,
+            "saved_to": str(self.saved_to),
+        }
+
+    def summary(self, run: TrainLoop, results: dict[str, Any]) -> str:
+        main_metric = self.spec.main_metric
+        return (f"final eval ({self.spec.name}, {self.args.method}, {run.step} steps): {format_metrics(self.final_eval)}"
+                f"; best {main_metric} {results['best_eval'][main_metric]:.4f} at step {results['best_step']}; "
+                f"results in {run.output_dir / 'results.json'}")
+
+
+def loop_settings(args: GlueArgs) -> LoopSettings:
+    """The recipe's options as the shared loop's settings."""
+    return LoopSettings(
+        output_dir=args.output_dir, run_config=config_to_dict(args), seed=args.seed, max_steps=args.max_steps,
+        num_epochs=args.num_train_epochs, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision, max_grad_norm=args.max_grad_norm, scheduler_per_micro_batch=False,
+        eval_steps=args.eval_steps, save_steps=args.save_steps, checkpoints_total_limit=args.checkpoints_total_limit,
+        logging_steps=args.logging_steps, stop_after_steps=args.stop_after_steps,
+        resume_from_checkpoint=args.resume_from_checkpoint, overwrite_output_dir=args.overwrite_output_dir,
+        tensorboard=args.report_to == "tensorboard", logging_dir="tensorboard", progress_bar=args.progress_bar,
+        progress_desc=f"{args.task}/{args.method}", torch_num_threads=args.torch_num_threads,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), communication=args,
+    )
+
+
 def main(argv: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
-    args = parse_recipe_args(GlueArgs, argv, description=__doc__)
-    try:
-        results = train(args)
-    except ValueError as exc:  # configuration and data errors: one readable line, not a traceback
-        raise SystemExit(f"roberta_glue: error: {exc}") from exc
-    leave_process_group()
-    return results
+    """Run the recipe; returns the results (also written to results.json), or None after ``--stop_after_steps``."""
+    args = parse_recipe_args(GlueArgs, argv, description=__doc__, prog=NAME)
+    return run_recipe(GlueRecipe(args), loop_settings(args))
 
 
 if __name__ == "__main__":
