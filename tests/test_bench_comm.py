@@ -1,5 +1,6 @@
-"""The communication benchmark (``python recipes/benchmark.py comm``): the --quick pipeline over loopback (two real 2-process jobs of the GLUE recipe, ~1 minute on
-2 cores), the "no root / no ip netns" exit, and the pure helpers that turn logs into numbers."""
+"""The communication benchmark (``python recipes/benchmark.py comm``): the --quick pipeline over loopback (two real
+2-process jobs of the GLUE recipe, ~1 minute on 2 cores), the "no root / no ip netns" exit, and the pure helpers that
+turn logs into numbers."""
 
 from __future__ import annotations
 
@@ -42,8 +43,9 @@ def test_quick_no_netns_writes_table_json_plot(tmp_path):
 
 def test_without_root_says_why_and_writes_nothing(tmp_path):
     out = tmp_path / "bench"
-    done = subprocess.run([sys.executable, str(SCRIPT), "comm", "--output_dir", str(out)], capture_output=True, text=True,
-                          cwd=REPO_ROOT, timeout=300, env=dict(os.environ, GSOFT_BENCH_COMM_SIMULATE_NO_NETNS="1"))
+    done = subprocess.run([sys.executable, str(SCRIPT), "comm", "--output_dir", str(out)], capture_output=True,
+                          text=True, cwd=REPO_ROOT, timeout=300,
+                          env=dict(os.environ, GSOFT_BENCH_COMM_SIMULATE_NO_NETNS="1"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "cannot run here" in done.stdout and "--no_netns" in done.stdout and "Nothing was written" in done.stdout
     assert not out.exists()

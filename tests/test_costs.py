@@ -1,6 +1,6 @@
 """Cost regression test of GSOFT against LoRA on a RoBERTa-base-width encoder: exact counts and bytes, no timings.
 
-Two GPU-free proxies, measured with ``bench.measure`` and the adapter benchmark's ``bench.adapters`` (see its docstring):
+Two GPU-free proxies, measured with ``bench.measure`` and the adapter benchmark ``bench.adapters`` (see its docstring):
 
 * adapter ops per train step: aten ops of one steady-state step (zero_grad, forward, backward, foreach AdamW step)
   minus the frozen ``base`` model's. On a GPU each op is at least one kernel launch, so this is the host overhead that
@@ -74,7 +74,7 @@ def costs(base) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for key in METHODS:
         model, opt = _model_and_opt(base, key)
-        saved = measure.saved_tensor_bytes(model, lambda: adapters.loss(model, batch))
+        saved = measure.saved_tensor_bytes(model, lambda m=model: adapters.loss(m, batch))
         state = measure.trainable_state_bytes(model)
         out[key] = {"ops": adapters.count_step_ops(model, opt, batch, warm_batch=warm), "saved": saved,
                     "state": state, "proxy": saved + state}

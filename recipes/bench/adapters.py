@@ -91,8 +91,9 @@ class AdaptersOptions(BenchOptions):
 
     output_dir: str = field(default="outputs/bench_adapters", metadata={"help": "Where adapters.md/.json/.png go."})
     model_configs: dict = field(
-        default_factory=dict, metadata={"help": "Encoder sizes by name (RobertaConfig: hidden_size, "
-                                                "num_hidden_layers, num_attention_heads, intermediate_size, vocab_size)."}
+        default_factory=dict,
+        metadata={"help": "Encoder sizes by name (RobertaConfig: hidden_size, num_hidden_layers, num_attention_heads, "
+                          "intermediate_size, vocab_size)."},
     )
     models: list[str] = field(default_factory=list, metadata={"help": "Names of model_configs to run, in order."})
     layers: Optional[int] = field(
@@ -117,7 +118,7 @@ class AdaptersOptions(BenchOptions):
     threads: Optional[int] = field(
         default=None, metadata={"help": "torch.set_num_threads on the CPU (null: torch's default)."}
     )
-    devices: list[str] = field(
+    devices: list[measure.DeviceName] = field(
         default_factory=lambda: ["auto"], metadata={"help": "cpu, cuda or auto (cpu, plus cuda when available)."}
     )
     target_modules: str = field(
@@ -161,9 +162,6 @@ class AdaptersOptions(BenchOptions):
             if spec.get("boft_fbd", "torch") not in measure.BOFT_FBD_MODES:
                 raise ValueError(f"method_specs entry {spec['key']!r}: boft_fbd must be one of "
                                  f"{', '.join(measure.BOFT_FBD_MODES)}, got {spec['boft_fbd']!r}.")
-        bad = [d for d in self.devices if d not in ("auto", "cpu", "cuda")]
-        if bad:
-            raise ValueError(f"--devices: unknown {bad}; use cpu, cuda or auto.")
 
     def selected_methods(self) -> list[dict[str, Any]]:
         """The named entries (disabled ones too), or every enabled one; in method_specs order."""
@@ -171,14 +169,6 @@ class AdaptersOptions(BenchOptions):
             return [m for m in self.method_specs if m["key"] in self.methods]
         return [m for m in self.method_specs if m.get("enabled", True)]
 
-    def target_specs(self) -> dict[str, dict[str, float]]:
-        """Method key -> {metric: limit}: the top-level ``targets`` merged with each method entry's."""
-        top = dict(self.targets)
-        key = top.pop("method", None)
-        specs: dict[str, dict[str, float]] = {key: top} if key is not None else {}
-        for method in self.method_specs:
-            specs.setdefault(method["key"], {}).update(method.get("targets") or {})
-        return {k: v for k, v in specs.items() if v}
 
 
 def resolve_devices(names: Sequence[str]) -> list[torch.device]:
@@ -400,7 +390,6 @@ class _Run:
         self.rows: list[dict[str, Any]] = []
         self.by_key: dict[str, dict[str, Any]] = {}
         self.entries: dict[str, dict[str, Any]] = {}
-        base_bytes = measure.model_bytes(base)
         for method in options.selected_methods():
             row = {"key": method["key"], "name": method["name"], "type": method["type"],
                    "args": method.get("args") or {}, "error": None, "phase_errors": {}, "notes": []}
@@ -410,7 +399,6 @@ class _Run:
             self.by_key[method["key"]] = row
             try:
                 model = self._build(base, method, row).to(device).train()
-                row["adapter_state_bytes"] = measure.model_bytes(model) - base_bytes
                 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=options.lr)
                 self.entries[method["key"]] = {"model": model, "opt": opt, "merged": None}
             except Exception as exc:  # a broken method becomes a table row, not a crash
@@ -426,12 +414,10 @@ class _Run:
             row["expected_adapter_params"] = expected_gsoft_params(base, method, options.target_modules)
             row["param_formula_ok"] = row["expected_adapter_params"] == row["params"]["adapter"]
         if method["type"] == "boft":
-            factors = {p.shape[0] for n, p in model.named_parameters() if "boft_R" in n and p.requires_grad}
-            row["boft_butterfly_factors_used"] = sorted(factors)
+            row["boft_butterfly_factors_used"] = factors = measure.boft_factors_used(model)
             asked = (method.get("args") or {}).get("boft_n_butterfly_factor", 1)
-            if factors and factors != {asked}:
-                row["notes"].append(f"PEFT used boft_n_butterfly_factor={sorted(factors)} instead of {asked} "
-                                    "(no fbd_cuda)")
+            if factors and factors != [asked]:
+                row["notes"].append(f"PEFT used boft_n_butterfly_factor={factors} instead of {asked} (no fbd_cuda)")
         return model
 
     def attempt(self, key: str, phase: str, fn: Callable[[], Any], fatal: bool = True) -> Any:
@@ -483,17 +469,13 @@ def bench_model(model_name: str, spec: dict[str, Any], options: AdaptersOptions,
     for _ in range(options.warmup):
         each("warmup", lambda k, e, r: run.attempt(k, "train", lambda: train_step(e["model"], e["opt"], batch,
                                                                                   autocast)))
+    frozen_bytes = measure.model_bytes(base)
     if options.memory:  # one profiled, untimed, steady-state train step per method
         def memory(key: str, entry: dict[str, Any], row: dict[str, Any]) -> None:
-            entry["opt"].zero_grad(set_to_none=True)
-            gc.collect()
-            step = lambda: train_step(entry["model"], entry["opt"], batch, autocast, zero_grad=False)  # noqa: E731
-            row["peak_step_bytes"] = run.attempt(key, "memory", lambda: measure.peak_step_bytes(step, device),
-                                                 fatal=False)
-            row["optimizer_state_bytes"] = measure.optimizer_state_bytes(entry["opt"])
-            if row["peak_step_bytes"] is not None:
-                row["peak_train_mem_bytes"] = (row["adapter_state_bytes"] + row["optimizer_state_bytes"]
-                                               + row["peak_step_bytes"])
+            model, opt = entry["model"], entry["opt"]
+            step = lambda: train_step(model, opt, batch, autocast, zero_grad=False)  # noqa: E731
+            row.update(run.attempt(key, "memory", lambda: measure.peak_train_memory(step, model, opt, frozen_bytes,
+                                                                                    device), fatal=False) or {})
 
         each("memory", memory)
     if options.costs:  # ops per train step and the saved-tensor memory proxy (untimed)
@@ -568,11 +550,11 @@ def bench_model(model_name: str, spec: dict[str, Any], options: AdaptersOptions,
         "adapted_layers": adapted,
         "costs_device": device.type if options.costs else None,
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "base_model_bytes": measure.model_bytes(base),
+        "base_model_bytes": frozen_bytes,
         "load_average_start": load_start,
         "load_average_end": measure.load_average(),
         "rows": run.rows,
-        "targets": measure.check_targets(run.rows, options.target_specs()),
+        "targets": measure.check_targets(run.rows, measure.target_specs(options.targets, options.method_specs)),
     }
     run.entries.clear()
     gc.collect()

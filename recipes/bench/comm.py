@@ -580,7 +580,8 @@ def render_table(summary: dict[str, Any]) -> str:
     for name, row in rows.items():
         red = row["bytes_reduction_vs_ref"]
         lines.append(f"| {name} | {measure.fmt_bytes(row['counted_bytes_per_step'])} | "
-                     f"{'n/a' if red is None else f'{red:.1f}x'} | {measure.fmt_bytes(row['wire_bytes_per_step'][wire_key])} | "
+                     f"{'n/a' if red is None else f'{red:.1f}x'} | "
+                     f"{measure.fmt_bytes(row['wire_bytes_per_step'][wire_key])} | "
                      f"{row['metric']:.4f} | {row['delta_metric_points_vs_ref']:+.1f} |")
     lines += ["", f"Wire bytes measured at {wire_key}. Step time in ms (mean over steady-state steps "
               f"{summary['timing_warmup_steps']}-{summary['timing_steps']} of a timing run; unthrottled: the full "

@@ -28,11 +28,10 @@ says so. Outputs in ``output_dir``: ``dreambooth.md``, ``dreambooth.json`` and `
 from __future__ import annotations
 
 import copy
-import gc
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 import yaml
@@ -60,7 +59,7 @@ class DreamboothOptions(BenchOptions):
         metadata={"help": "Recipe YAML whose method_options are used (relative: to the working directory or the "
                           "repository)."},
     )
-    methods: list[str] = field(
+    methods: list[Literal[METHODS]] = field(
         default_factory=lambda: ["gsoft", "double_gsoft", "lora", "oft", "boft"],
         metadata={"help": f"Methods to run, in order (from {', '.join(METHODS)})."},
     )
@@ -75,7 +74,7 @@ class DreamboothOptions(BenchOptions):
     rounds: int = field(default=3, metadata={"help": "Interleaved timing rounds."})
     steps_per_round: int = field(default=2, metadata={"help": "Timed steps per method and round."})
     memory: bool = field(default=True, metadata={"help": "Measure peak memory (one extra step per method)."})
-    boft_fbd: str = field(
+    boft_fbd: measure.BoftFbd = field(
         default="torch", metadata={"help": "torch: pure-PyTorch BOFT block-diagonal op; peft: PEFT's (CPU: m = 1)."}
     )
     reference: dict = field(default_factory=lambda: {"boft": "boft", "lora": "lora"},
@@ -85,20 +84,13 @@ class DreamboothOptions(BenchOptions):
         metadata={"help": "{method: name, <metric>: limit}: value <= limit, reported."},
     )
     threads: Optional[int] = field(default=None, metadata={"help": "torch threads on a CPU (null: torch's default)."})
-    device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu or cuda."})
+    device: measure.DeviceName = field(default="auto", metadata={"help": "auto (cuda when available), cpu or cuda."})
     device_overrides: dict = field(default_factory=dict, metadata={"help": "Options per device type (cpu, cuda)."})
     seed: int = field(default=0, metadata={"help": "Seed of weights and inputs."})
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}.")
         if self.unet not in self.unet_configs:
             raise ValueError(f"--unet: unknown {self.unet!r}; unet_configs has {sorted(self.unet_configs)}.")
-        if self.boft_fbd not in measure.BOFT_FBD_MODES:
-            raise ValueError(f"--boft_fbd must be one of {', '.join(measure.BOFT_FBD_MODES)}, got {self.boft_fbd!r}.")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"--device: unknown {self.device!r}; use auto, cpu or cuda.")
         self.method_config = str(repo_path(self.method_config))
 
 
@@ -138,7 +130,7 @@ def build_models(options: DreamboothOptions, config: dict[str, Any],
 def describe(method: str, options: dict[str, Any], model: torch.nn.Module) -> str:
     opts = ", ".join(f"{k}={v}" for k, v in options.items())
     if method == "boft":
-        used = sorted({p.shape[0] for n, p in model.named_parameters() if "boft_R" in n})
+        used = measure.boft_factors_used(model)
         if used and used != [options.get("boft_n_butterfly_factor", 1)]:
             opts += f" (PEFT used m={used})"
     return f"{method} ({opts})"
@@ -157,7 +149,7 @@ def run(options: DreamboothOptions, device: torch.device) -> dict[str, Any]:
     latents = torch.randn(options.batch_size, config.get("in_channels", 4), side, side, generator=g, device=device)
     embeds = torch.randn(options.batch_size, options.text_len, config["cross_attention_dim"], generator=g,
                          device=device)
-    base_bytes = measure.model_bytes(base)
+    frozen_bytes = measure.model_bytes(base)
     opts = {m: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5, weight_decay=0.01)
             for m, model in models.items()}
 
@@ -188,11 +180,8 @@ def run(options: DreamboothOptions, device: torch.device) -> dict[str, Any]:
                "step_samples_s": times[method]}
         if options.memory:
             bar.set_postfix_str(f"memory {method}")
-            opts[method].zero_grad(set_to_none=True)
-            gc.collect()
-            row["peak_step_bytes"] = measure.peak_step_bytes(lambda m=method: step(m, zero_grad=False), device)
-            row["peak_train_mem_bytes"] = (measure.model_bytes(model) - base_bytes + row["peak_step_bytes"]
-                                           + measure.optimizer_state_bytes(opts[method]))
+            row.update(measure.peak_train_memory(lambda m=method: step(m, zero_grad=False), model, opts[method],
+                                                 frozen_bytes, device))
             bar.update()
         rows.append(row)
     bar.close()
@@ -211,14 +200,8 @@ def run(options: DreamboothOptions, device: torch.device) -> dict[str, Any]:
         "steps_per_round": options.steps_per_round,
         "loadavg": [load_start, measure.load_average()],
         "rows": rows,
-        "targets": measure.check_targets(rows, _target_specs(options), key="method"),
+        "targets": measure.check_targets(rows, measure.target_specs(options.targets), key="method"),
     }
-
-
-def _target_specs(options: DreamboothOptions) -> dict[str, dict[str, float]]:
-    targets = dict(options.targets)
-    method = targets.pop("method", None)
-    return {method: targets} if method else {}
 
 
 def markdown(result: dict[str, Any], options: DreamboothOptions) -> str:

@@ -18,7 +18,7 @@ import dataclasses
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Literal, Optional, Sequence
 
 import torch
 import yaml
@@ -46,7 +46,7 @@ class GlueOptions(BenchOptions):
         metadata={"help": "Config of recipes/roberta_glue.py shared by every run (relative: to the working directory "
                           "or the repository)."},
     )
-    methods: list[str] = field(
+    methods: list[Literal[METHODS]] = field(
         default_factory=lambda: list(METHODS),
         metadata={"help": f"Methods to run, in order (from {', '.join(METHODS)})."},
     )
@@ -55,7 +55,7 @@ class GlueOptions(BenchOptions):
         metadata={"help": "Overrides of the recipe config for every run, e.g. {max_train_samples: 1000}.",
                   "merge": True},
     )
-    boft_fbd: str = field(
+    boft_fbd: measure.BoftFbd = field(
         default="torch",
         metadata={"help": "BOFT without CUDA: 'torch' runs the configured butterfly factors through a pure-PyTorch "
                           "stand-in for PEFT's CUDA extension; 'peft' keeps PEFT's behaviour (silently 1 factor)."},
@@ -64,11 +64,6 @@ class GlueOptions(BenchOptions):
                             metadata={"help": "Ratio columns: {label: method}."})
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}.")
-        if self.boft_fbd not in measure.BOFT_FBD_MODES:
-            raise ValueError(f"--boft_fbd must be one of {', '.join(measure.BOFT_FBD_MODES)}, got {self.boft_fbd!r}.")
         self.recipe_config = str(repo_path(self.recipe_config))
         unknown = unknown_recipe_options(self.recipe_options)
         if unknown:
@@ -111,7 +106,8 @@ def markdown(rows: list[dict[str, Any]], options: GlueOptions) -> str:
     cells = [[r["label"], f"{r['trainable_params']:,}",
               *[measure.fmt_ratio(r["relative"][f"params_vs_{k}"]) for k in refs],
               f"{r['learning_rate']:.0e}", f"{r['eval'][metric]:.4f}", f"{r['best_eval'][metric]:.4f}",
-              measure.fmt_ms(r["step_time_s_median"]), *[measure.fmt_ratio(r["relative"][f"step_vs_{k}"]) for k in refs],
+              measure.fmt_ms(r["step_time_s_median"]),
+              *[measure.fmt_ratio(r["relative"][f"step_vs_{k}"]) for k in refs],
               f"{r['peak_memory_mb']:.0f}", *[measure.fmt_ratio(r["relative"][f"mem_vs_{k}"]) for k in refs],
               f"{r['train_runtime_s']:.1f}"] for r in rows]
     memory = ("CUDA peak allocated" if device.startswith("cuda") else

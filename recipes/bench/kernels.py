@@ -40,13 +40,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence, get_args
 
 import torch
 
 from . import measure
 from .options import BenchOptions, parse_options
 
+Dtype = Literal["fp16", "bf16", "fp32"]
+Method = Literal["torch", "triton", "cuda", "dense", "peft_oft", "peft_boft"]
+Mode = Literal["fwd", "fwd+bwd"]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 NAMES = {
     "torch": "gsoft torch path",
@@ -69,19 +72,22 @@ class KernelsOptions(BenchOptions):
     output_dir: str = field(default="outputs/bench_kernels", metadata={"help": "Where kernels.md/.json/.png go."})
     hidden: list[int] = field(default_factory=lambda: [768, 1024, 4096], metadata={"help": "n, the rotated width."})
     tokens: list[int] = field(default_factory=lambda: [4096, 16384, 65536], metadata={"help": "Rows of x."})
-    dtypes: list[str] = field(default_factory=lambda: ["fp16", "bf16"], metadata={"help": "Activation dtypes."})
-    modes: list[str] = field(default_factory=lambda: ["fwd", "fwd+bwd"], metadata={"help": "fwd and/or fwd+bwd."})
+    dtypes: list[Dtype] = field(default_factory=lambda: ["fp16", "bf16"],
+                                metadata={"help": f"Activation dtypes ({', '.join(get_args(Dtype))})."})
+    modes: list[Mode] = field(default_factory=lambda: ["fwd", "fwd+bwd"],
+                              metadata={"help": f"Modes ({', '.join(get_args(Mode))})."})
     gs: dict = field(default_factory=lambda: {"block_size": 16, "n_factors": 2},
                      metadata={"help": "The GS matrix: block_size, n_factors."})
     oft: dict = field(default_factory=lambda: {"block_size": 32}, metadata={"help": "PEFT OFT: block_size."})
     boft: dict = field(default_factory=lambda: {"block_size": 16, "n_butterfly_factor": 2},
                        metadata={"help": "PEFT BOFT: block_size, n_butterfly_factor."})
-    methods: list[str] = field(default_factory=lambda: list(NAMES), metadata={"help": f"From {', '.join(NAMES)}."})
+    methods: list[Method] = field(default_factory=lambda: list(NAMES),
+                                  metadata={"help": f"Methods ({', '.join(get_args(Method))}), in order."})
     reference: dict = field(default_factory=lambda: {"torch": "torch"},
                             metadata={"help": "Ratio columns: {label: method}, time / that method's at the shape."})
     warmup: int = field(default=3, metadata={"help": "Untimed calls per row first."})
     reps: int = field(default=20, metadata={"help": "Timed calls per row (the table shows the median)."})
-    device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu or cuda."})
+    device: measure.DeviceName = field(default="auto", metadata={"help": "auto (cuda when available), cpu or cuda."})
     threads: Optional[int] = field(default=None, metadata={"help": "torch.set_num_threads on the CPU (null: default)."})
     seed: int = field(default=0, metadata={"help": "Seed of the blocks and inputs."})
     targets: dict = field(
@@ -94,20 +100,12 @@ class KernelsOptions(BenchOptions):
                                  [65536, 4096, 16]],
         metadata={"help": "[rows, hidden, c] shapes of the sweep: hidden / c blocks of c x c in one pass."},
     )
-    sweep_dtypes: list[str] = field(default_factory=lambda: ["bf16", "fp32"], metadata={"help": "Sweep dtypes."})
+    sweep_dtypes: list[Dtype] = field(default_factory=lambda: ["bf16", "fp32"],
+                                      metadata={"help": f"Sweep dtypes ({', '.join(get_args(Dtype))})."})
     sweep_warmup_ms: float = field(default=5.0, metadata={"help": "do_bench warm-up per config (ms)."})
     sweep_rep_ms: float = field(default=20.0, metadata={"help": "do_bench timed window per config (ms)."})
     sweep_peak_gbps: float = field(default=4800.0, metadata={"help": "The sweep's '% peak' bandwidth (GB/s)."})
     device_overrides: dict = field(default_factory=dict, metadata={"help": "Options per device type (cpu, cuda)."})
-
-    def __post_init__(self) -> None:
-        unknown = ([d for d in self.dtypes + self.sweep_dtypes if d not in DTYPES]
-                   + [m for m in self.methods if m not in NAMES] + [m for m in self.modes if m not in TRAFFIC])
-        if unknown:
-            raise ValueError(f"Unknown dtype(s)/method(s)/mode(s) {unknown}; dtypes: {sorted(DTYPES)}, methods: "
-                             f"{sorted(NAMES)}, modes: {sorted(TRAFFIC)}.")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"--device: unknown {self.device!r}; use auto, cpu or cuda.")
 
 
 # ======================================================================================================================

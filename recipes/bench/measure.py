@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import gc
 import importlib
 import importlib.util
 import json
@@ -31,7 +32,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Hashable, Iterable, Iterator, Literal, Mapping, Optional, Sequence, get_args
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -42,12 +43,16 @@ MiB = 2**20
 # ======================================================================================================================
 # Devices
 # ======================================================================================================================
+#: A device option: ``auto`` (CUDA when available, else the CPU), ``cpu`` or ``cuda``.
+DeviceName = Literal["auto", "cpu", "cuda"]
+
+
 def resolve_device(spec: str) -> torch.device:
     """``auto`` (CUDA when available, else the CPU), ``cpu`` or ``cuda``; a CUDA request without a GPU is an error."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec not in ("cpu", "cuda"):
-        raise ValueError(f"Unknown device {spec!r}; use auto, cpu or cuda.")
+    if spec not in get_args(DeviceName):
+        raise ValueError(f"Unknown device {spec!r}; use one of {', '.join(get_args(DeviceName))}.")
     if spec == "cuda" and not torch.cuda.is_available():
         raise ValueError("Device cuda asked for, but torch.cuda.is_available() is False; use --device cpu.")
     return torch.device(spec)
@@ -225,6 +230,19 @@ def peak_step_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     return peak
 
 
+def peak_train_memory(train_step: Callable[[], Any], model: torch.nn.Module, opt: torch.optim.Optimizer,
+                      frozen_bytes: int, device: torch.device) -> dict[str, int]:
+    """What one train step needs on top of the frozen weights (``frozen_bytes``, the same for every method):
+    adapter state (the model's parameters and buffers beyond the frozen ones) + optimizer state + the peak tensor
+    bytes of ``train_step`` (forward, backward, optimizer step; the gradients are freed first, so they count)."""
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    peak = peak_step_bytes(train_step, device)
+    adapter, state = model_bytes(model) - frozen_bytes, optimizer_state_bytes(opt)
+    return {"adapter_state_bytes": adapter, "optimizer_state_bytes": state, "peak_step_bytes": peak,
+            "peak_train_mem_bytes": adapter + state + peak}
+
+
 @contextlib.contextmanager
 def dropout_off(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Every dropout module at p = 0 inside (RoBERTa's attention reads its dropout module's p as well), restored
@@ -306,7 +324,8 @@ def foreach_optimizer(opt: torch.optim.Optimizer) -> Iterator[torch.optim.Optimi
 # PEFT BOFT without its CUDA extension
 # ======================================================================================================================
 #: ``boft_fbd`` modes: ``torch`` = the pure-PyTorch stand-in, ``peft`` = PEFT's own extension loader.
-BOFT_FBD_MODES = ("torch", "peft")
+BoftFbd = Literal["torch", "peft"]
+BOFT_FBD_MODES = get_args(BoftFbd)
 
 
 class TorchFastBlockDiag:
@@ -359,6 +378,11 @@ def boft_fbd(mode: str) -> Iterator[None]:
             yield
     finally:
         boft_layer.get_fbd_cuda = previous
+
+
+def boft_factors_used(model: torch.nn.Module) -> list[int]:
+    """The butterfly factor counts of a PEFT BOFT model's layers (PEFT silently uses 1 without its extension)."""
+    return sorted({p.shape[0] for n, p in model.named_parameters() if "boft_R" in n and p.requires_grad})
 
 
 # ======================================================================================================================
@@ -429,6 +453,17 @@ def add_ratios(
                 relative[f"{prefix}_vs_{label}"] = ratio(_number(row, name), _number(ref, name))
 
 
+def target_specs(targets: Mapping[str, Any], method_specs: Sequence[Mapping[str, Any]] = ()) -> dict[str, dict]:
+    """``{method key: {metric: limit}}`` from a ``targets`` option (``{method: key, <metric>: limit, ...}``) and the
+    ``targets`` of method entries (``{key, targets: {metric: limit}}``; these win)."""
+    top = dict(targets)
+    method = top.pop("method", None)
+    specs: dict[str, dict] = {method: top} if method is not None else {}
+    for entry in method_specs:
+        specs.setdefault(entry["key"], {}).update(entry.get("targets") or {})
+    return {key: metrics for key, metrics in specs.items() if metrics}
+
+
 def check_targets(rows: Sequence[Mapping[str, Any]], specs: Mapping[str, Mapping[str, float]],
                   key: str = "key") -> list[dict[str, Any]]:
     """Every target ``{method key: {metric: limit}}`` of a method in ``rows``: a metric is a key of the row's
@@ -461,7 +496,8 @@ def targets_text(targets: Sequence[Mapping[str, Any]]) -> str:
             for t in items
         ) + "\n"
     held = sum(t["ok"] is True for t in targets)
-    missed = [f"{t['method']} {t['metric']} {fmt_ratio(t['value'])} > {t['limit']}" for t in targets if t["ok"] is False]
+    missed = [f"{t['method']} {t['metric']} {fmt_ratio(t['value'])} > {t['limit']}"
+              for t in targets if t["ok"] is False]
     text += f"\nTargets held: {held} of {len(targets)}" + (f"; MISSED: {', '.join(missed)}" if missed else "") + ".\n"
     return text
 
