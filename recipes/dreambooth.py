@@ -592,17 +592,21 @@ class DreamBoothRecipe(Recipe):
     def load(self, run: TrainLoop) -> None:
         """Images, models and adapters: a bad target, block size or resolution fails before the output directory is
         claimed."""
-        args, acc = self.args, run.accelerator
-        if args.smoke_assets:
-            from common.dreambooth_tiny import ensure_smoke_assets
+        args = self.args
+        with run.main_process_first():  # the main process creates or downloads, the others read its files
+            if args.smoke_assets:
+                from common.dreambooth_tiny import ensure_smoke_assets
 
-            with acc.main_process_first():
-                if acc.is_main_process:
-                    ensure_smoke_assets(args.pretrained_model_name_or_path, args.instance_data_dir)
-        self.instance_images = [open_rgb(p) for p in list_images(args.instance_data_dir, "--instance_data_dir")]
-        with acc.main_process_first():  # the main process downloads, the others read its cache
-            components = load_components(args)
-        check_resolution(args.resolution, components["vae"])
+                ensure_smoke_assets(args.pretrained_model_name_or_path, args.instance_data_dir)
+            self.instance_images = [open_rgb(p) for p in list_images(args.instance_data_dir, "--instance_data_dir")]
+            self.components = load_components(args)
+            check_resolution(args.resolution, self.components["vae"])
+            self.trained = self._add_adapters(self.components)
+
+    def _add_adapters(self, components: dict[str, Any]) -> list[str]:
+        """Freeze the components and wrap the UNet (and the text encoder) with ``--method``'s adapter; the names of
+        the adapted ones."""
+        args = self.args
         for name in ("vae", "text_encoder", "unet"):
             components[name].requires_grad_(False)
         configs = {"unet": peft_config(args, args.unet_target_modules, (args.method_options or {}).get(args.method))}
@@ -622,7 +626,7 @@ class DreamBoothRecipe(Recipe):
                     components[name].gradient_checkpointing_enable(
                         gradient_checkpointing_kwargs={"use_reentrant": False})
             components[name] = get_peft_model_checked(components[name], config)
-        self.components, self.trained = components, list(configs)
+        return list(configs)
 
     def build(self, run: TrainLoop) -> Trainables:
         """Class images (generated when missing), the models on the device, AdamW and the training data."""

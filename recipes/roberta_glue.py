@@ -435,7 +435,7 @@ class GlueRecipe(Recipe):
         """The data (and a hub model's config): their errors come before the output directory is claimed."""
         args = self.args
         transformers.utils.logging.set_verbosity_error()  # "newly initialized head" is expected here
-        with run.accelerator.main_process_first():  # the main process downloads, the others read its cache
+        with run.main_process_first():  # the main process downloads, the others read its cache
             raw, spec = load_raw_datasets(
                 args.task, train_file=args.train_file, validation_file=args.validation_file,
                 validation_mismatched_file=args.validation_mismatched_file, text_columns=args.text_columns,
@@ -459,7 +459,7 @@ class GlueRecipe(Recipe):
         data, the adapted model and AdamW."""
         args, acc, spec = self.args, run.accelerator, self.spec
         self.source = args.model_name_or_path
-        with acc.main_process_first():
+        with run.main_process_first():
             if args.model_config:
                 self.source = str((run.output_dir / BASE_MODEL_DIR).resolve())
                 if acc.is_main_process and not (Path(self.source) / "config.json").is_file():
@@ -467,8 +467,7 @@ class GlueRecipe(Recipe):
                 self.config = model_config(args, self.source, spec)
             self.tokenizer = load_tokenizer(args, self.source, self.config)
             tokenized = tokenize(self.raw, self.tokenizer, spec, args.max_seq_length)
-            model = load_model(args, self.source, self.config)
-        model = adapt(model, args)  # on every process: a refused option fails everywhere alike
+            model = adapt(load_model(args, self.source, self.config), args)
         self.train_samples = len(tokenized["train"])
         logger.info("task %s (%d train examples), method %s", spec.name, self.train_samples, args.method)
         collate = DataCollatorWithPadding(self.tokenizer,

@@ -301,6 +301,19 @@ def test_bf16_compression_on_gloo_is_a_clear_error(tmp_path):
     assert not out.exists()  # a fresh output directory is not left behind: fixing the flag and re-running works
 
 
+def test_refused_option_in_two_processes_is_one_line(tmp_path):
+    """The model is loaded and adapted on the main process first: when that fails, the other process stops quietly
+    instead of waiting at a barrier, so the run reports its error once."""
+    out = tmp_path / "bad_block"
+    proc = _launch([*TINY, "--output_dir", str(out), "--max_steps", "2", "--base_pretrain_steps", "0",
+                    "--method_options.gsoft.block_size", "7"], processes=2, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.count("roberta_glue: error:") == 1, proc.stderr[-3000:]
+    assert "roberta_glue: error: --method gsoft with options" in proc.stderr and "block_size" in proc.stderr
+    assert "Traceback" not in proc.stderr.split("roberta_glue: error:")[0]  # no process's traceback before it
+    assert not out.exists()
+
+
 def _adapter_state(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "adapter_model.safetensors"))
 

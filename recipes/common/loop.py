@@ -37,7 +37,7 @@ from typing import Any, Iterator, Mapping, Optional
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -384,6 +384,30 @@ class TrainLoop:
         return results
 
     # ---- helpers -----------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def main_process_first(self) -> Iterator[None]:
+        """accelerate's ``main_process_first`` (the main process runs the block, then the others: downloads, caches
+        and generated files happen once), except that a block failing on the main process stops the others too,
+        quietly, instead of leaving them at a barrier: the main process's error is the run's one error line.
+
+        Use it for the loading and checking in :meth:`Recipe.load` and :meth:`Recipe.build` (no collectives inside:
+        the processes run the block one after the other)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            yield
+            return
+        if not acc.is_main_process:
+            if not _main_process_succeeded(None):
+                raise _MainProcessFailed()
+            yield
+            return
+        try:
+            yield
+        except BaseException:
+            _main_process_succeeded(False)
+            raise
+        _main_process_succeeded(True)
+
     @property
     def last_loss(self) -> Optional[float]:
         """The loss of the last micro-batch trained in this process (None before any)."""
@@ -414,6 +438,17 @@ class TrainLoop:
         if scores:
             metrics.log({f"eval_{k}": v for k, v in scores.items()}, self.step)
             self.logger.info("step %d: %s", self.step, format_metrics(scores))
+
+
+class _MainProcessFailed(Exception):
+    """On a process other than the main one: the main process failed in a block it runs first (and reports it)."""
+
+
+def _main_process_succeeded(outcome: Optional[bool]) -> bool:
+    """The main process sends whether its block succeeded (``outcome``); the others receive it (pass None)."""
+    message = [outcome]
+    broadcast_object_list(message, from_process=0)
+    return bool(message[0])
 
 
 class _Window:
@@ -519,6 +554,8 @@ def run_recipe(recipe: Recipe, settings: LoopSettings) -> Optional[dict[str, Any
         results = TrainLoop(recipe, settings).run()
     except RECIPE_ERRORS as exc:
         raise SystemExit(error_line(recipe.name, exc)) from exc
+    except _MainProcessFailed:
+        raise SystemExit(1) from None  # the main process prints the error
     leave_process_group()
     return results
 
