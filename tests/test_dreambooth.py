@@ -327,10 +327,11 @@ def test_resume_matches_uninterrupted(assets: dict[str, Path], tmp_path: Path, c
 def test_communication_option_errors(assets: dict[str, Path], tmp_path: Path) -> None:
     """Bad communication options stop before anything is loaded or written, naming the value and the fix."""
     for extra, message in [
-        (["--grad_compression", "zip"], r"--grad_compression 'zip' is not one of none, fp16, bf16, int8, sign, topk"),
-        (["--compression_ratio", "0"], r"--compression_ratio must be in \(0, 1\].*got 0"),
+        (["--grad_compression", "zip"],
+         r"--grad_compression zip: unknown compression method 'zip'; choose one of none, fp16, bf16, int8, sign, topk"),
+        (["--compression_ratio", "0"], r"--compression_ratio 0.0: compression_ratio must be in \(0, 1\].*got 0"),
         (["--compress", "gradients", "--local_steps", "2"],
-         r"--local_steps 2 averages parameter updates, not gradients: use --compress updates"),
+         r"--compress gradients --local_steps 2: local_steps=2 averages parameter updates, not gradients"),
         (["--grad_compression", "gdsec", "--error_feedback", "ef"], r"gdsec keeps its own per-worker reference"),
     ]:
         with pytest.raises(SystemExit, match=message):

@@ -436,15 +436,19 @@ def test_block_size_that_does_not_fit_names_valid_sizes(tmp_path):
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--compression_ratio", "1.5"], "--compression_ratio must be in (0, 1]"),
-    (["--compression_ratio", "0"], "--compression_ratio must be in (0, 1]"),
-    (["--grad_compression", "bogus"], "--grad_compression 'bogus' is not one of none, fp16, bf16, int8, sign, topk"),
-    (["--error_feedback", "bogus"], "--error_feedback 'bogus' is not one of auto, none, ef, ef21"),
-    (["--local_steps_schedule", "bogus"], "--local_steps_schedule 'bogus' is not one of fixed, geometric"),
-    (["--local_steps", "0"], "--local_steps must be >= 1, got 0"),
+    (["--compression_ratio", "1.5"], "--compression_ratio 1.5: compression_ratio must be in (0, 1]"),
+    (["--compression_ratio", "0"], "--compression_ratio 0.0: compression_ratio must be in (0, 1]"),
+    (["--grad_compression", "bogus"],
+     "--grad_compression bogus: unknown compression method 'bogus'; choose one of none, fp16, bf16, int8, sign, topk"),
+    (["--error_feedback", "bogus"], "--error_feedback bogus: unknown error_feedback 'bogus'; choose one of auto, none, "
+                                    "ef, ef21"),
+    (["--local_steps_schedule", "bogus"],
+     "--local_steps_schedule bogus: unknown local_steps_schedule 'bogus'; choose one of fixed, geometric"),
+    (["--local_steps", "0"], "--local_steps 0: local_steps must be an integer >= 1"),
     (["--grad_compression", "gdsec", "--error_feedback", "ef"], "--grad_compression gdsec --error_feedback ef: gdsec"),
-    (["--compress", "weights"], "--compress 'weights' is not one of gradients, updates"),
-    (["--compress", "gradients", "--local_steps", "4"], "--local_steps 4 averages parameter updates, not gradients"),
+    (["--compress", "weights"], "--compress weights: unknown compress 'weights'; choose one of gradients, updates"),
+    (["--compress", "gradients", "--local_steps", "4"],
+     "--compress gradients --local_steps 4: local_steps=4 averages parameter updates, not gradients"),
 ])
 def test_bad_compression_options_fail_before_any_work(tmp_path, flags, expected):
     message = _error(tmp_path, *flags)
