@@ -124,9 +124,13 @@ def _coerce(value: Any, tp: Any, from_cli: bool) -> Any:
     raise _ArgError(f"unsupported option type {tp!r}")
 
 
+def _script_name() -> Optional[str]:
+    return Path(sys.argv[0]).name if sys.argv and sys.argv[0] else None
+
+
 def _help_text(cls: type, prog: str, description: Optional[str]) -> str:
     hints = typing.get_type_hints(cls)
-    lines = [f"usage: {prog} [--config FILE.yaml] [--OPTION VALUE ...]", ""]
+    lines = [f"usage: {_script_name() or prog} [--config FILE.yaml] [--OPTION VALUE ...]", ""]
     if description:
         lines += [description.strip(), ""]
     lines += [
@@ -193,8 +197,7 @@ def parse_recipe_args(cls: type[T], argv: Optional[Sequence[str]] = None, descri
     types, a missing or unreadable config file, a value the dataclass refuses. ``prog`` defaults to the script's file
     name; recipes pass their name, the prefix of their other errors too (``common.run_recipe``).
     """
-    if prog is None:
-        prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else cls.__name__
+    prog = prog or _script_name() or cls.__name__
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         print(_help_text(cls, prog, description))
