@@ -1,8 +1,9 @@
-"""What the core install (``pip install gsoft``: torch, transformers, peft, accelerate, safetensors) must be enough for,
-and what the package ships."""
+"""What the core install (``pip install gsoft``: torch, transformers, peft, safetensors) and the ``[glue]`` extra (the
+README's main job) must be enough for, and what the package ships."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -19,6 +20,18 @@ def test_library_imports_without_the_optional_packages():
     code = f"import sys; {hide}; import gsoft, gsoft.distributed, gsoft.plan, gsoft.tuner.fused; print('ok')"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_main_job_needs_only_the_glue_extra():
+    """Set-up step 1 installs ``.[glue]``: the GLUE recipe imports (and parses its smoke config) with the packages
+    that only the other extras bring hidden."""
+    others = ("diffusers", "matplotlib", "PIL", "triton")
+    hide = "; ".join(f"sys.modules[{name!r}] = None" for name in others)
+    code = (f"import sys; {hide}; import roberta_glue; from common import parse_recipe_args; "
+            "args = parse_recipe_args(roberta_glue.GlueArgs, ['--config', 'configs/glue/smoke.yaml']); print(args.method)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "recipes")})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("gsoft"), proc.stderr[-3000:]
 
 
 def test_pyproject_lists_every_package_and_nothing_else():
