@@ -76,7 +76,8 @@ from .options import BenchOptions, parse_options
 
 logger = logging.getLogger("bench.adapters")
 
-#: ``autocast`` choices: the dtype ``torch.autocast`` runs the forward in (``none``: plain fp32).
+#: ``autocast`` choices and the dtype ``torch.autocast`` runs the forward in (``none``: plain fp32).
+Autocast = Literal["none", "bf16", "fp16"]
 AUTOCAST_DTYPES: dict[str, Optional[torch.dtype]] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Method entry types (``method_specs[*].type``).
 METHOD_TYPES = ("base", "gsoft", "lora", "oft", "boft")
@@ -111,7 +112,7 @@ class AdaptersOptions(BenchOptions):
     infer_rounds: int = field(default=3, metadata={"help": "Interleaved inference rounds (unmerged and merged)."})
     memory: bool = field(default=True, metadata={"help": "Measure peak train memory (one profiled step per method)."})
     costs: bool = field(default=True, metadata={"help": "Measure ops/step and the saved-tensor memory proxy."})
-    autocast: Literal["none", "bf16", "fp16"] = field(
+    autocast: Autocast = field(
         default="none", metadata={"help": "Run every forward under torch.autocast in this dtype (none: fp32)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the weights and the batch."})
@@ -168,7 +169,6 @@ class AdaptersOptions(BenchOptions):
         if self.methods:
             return [m for m in self.method_specs if m["key"] in self.methods]
         return [m for m in self.method_specs if m.get("enabled", True)]
-
 
 
 def resolve_devices(names: Sequence[str]) -> list[torch.device]:
@@ -386,7 +386,7 @@ class _Run:
     stops being measured (its row keeps the error and what was measured before)."""
 
     def __init__(self, base: torch.nn.Module, options: AdaptersOptions, device: torch.device) -> None:
-        self.options, self.device = options, device
+        self.options = options
         self.rows: list[dict[str, Any]] = []
         self.by_key: dict[str, dict[str, Any]] = {}
         self.entries: dict[str, dict[str, Any]] = {}
@@ -673,19 +673,22 @@ def cost_table(result: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any]) -> Any:
-    """Step time (median, IQR) and peak train memory per method, one row of panels per device and model."""
+    """Step time (median, IQR) and, when measured, peak train memory per method; a row per device and model."""
     panels = [(device["name"], res) for device in report["devices"].values() for res in device["models"].values()]
-    fig, axes = measure.subplots(len(panels), 2, 13, 3.6 * len(panels))
-    for (device_name, res), (ax_time, ax_mem) in zip(panels, axes):
+    memory = any(r.get("peak_train_mem_bytes") is not None for _, res in panels for r in res["rows"])
+    fig, axes = measure.subplots(len(panels), 1 + memory, 6.5 * (1 + memory), 3.6 * len(panels))
+    for (device_name, res), ax_row in zip(panels, axes):
         rows = [r for r in res["rows"] if "step_s" in r]
         names = [r["name"] for r in rows]
         med = [1000 * r["step_s"]["median"] for r in rows]
         iqr = ([1000 * (r["step_s"]["median"] - r["step_s"]["p25"]) for r in rows],
                [1000 * (r["step_s"]["p75"] - r["step_s"]["median"]) for r in rows])
         where = f"{res['model']} ({res['layers_built']} layers), {device_name}"
-        measure.bar_panel(ax_time, names, med, "train step, ms (median, IQR)", f"{where} — step time", errors=iqr)
-        measure.bar_panel(ax_mem, names, [(r.get("peak_train_mem_bytes") or 0) / measure.MiB for r in rows],
-                          "peak train memory above frozen weights, MiB", f"{where} — peak memory", color="tab:orange")
+        measure.bar_panel(ax_row[0], names, med, "train step, ms (median, IQR)", f"{where} — step time", errors=iqr)
+        if memory:
+            measure.bar_panel(ax_row[1], names, [(r.get("peak_train_mem_bytes") or 0) / measure.MiB for r in rows],
+                              "peak train memory above frozen weights, MiB", f"{where} — peak memory",
+                              color="tab:orange")
     fig.suptitle("PEFT adapters side by side", fontsize=11)
     return fig
 

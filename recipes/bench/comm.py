@@ -564,43 +564,41 @@ def summarize(run: dict[str, Any], rows: dict[str, dict[str, Any]], rates: list[
 
 
 def render_table(summary: dict[str, Any]) -> str:
+    """Bytes and metric per setting, step time per rate, metric at equal wall-clock, failures and targets."""
     rows = summary["settings"]
     labels = summary["rates"]
     names = list(rows)
-    ref = rows[names[0]]
-    main = ref["main_metric"]
+    main = rows[names[0]]["main_metric"]
     n = summary["full_steps"]
-    lines = [f"Counted = bytes each worker sends per optimizer step by the compression state (payload incl. indices "
-             f"and scales; results.json comm_bytes_sent / train_steps); wire = measured on the veth (per worker, "
-             f"TCP/IP headers, gloo control messages and the recipe's loss logging included). {main} after {n} steps "
-             f"(unthrottled run; Δ in points vs {names[0]}).", "",
-             "| setting | counted bytes/step | × fewer | wire bytes/step | " + f"{main} @ {n} steps | Δ pts |",
-             "|---|---:|---:|---:|---:|---:|"]
     wire_key = "50 Mbit/s" if "50 Mbit/s" in labels else labels[0]
-    for name, row in rows.items():
-        red = row["bytes_reduction_vs_ref"]
-        lines.append(f"| {name} | {measure.fmt_bytes(row['counted_bytes_per_step'])} | "
-                     f"{'n/a' if red is None else f'{red:.1f}x'} | "
-                     f"{measure.fmt_bytes(row['wire_bytes_per_step'][wire_key])} | "
-                     f"{row['metric']:.4f} | {row['delta_metric_points_vs_ref']:+.1f} |")
-    lines += ["", f"Wire bytes measured at {wire_key}. Step time in ms (mean over steady-state steps "
-              f"{summary['timing_warmup_steps']}-{summary['timing_steps']} of a timing run; unthrottled: the full "
-              f"run's windows without evaluation) and speed-up vs {names[0]}:", "",
-              "| setting | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
-    for name, row in rows.items():
-        cells = [f"{row['step_s'][lab] * 1e3:.0f} ({row['speedup_vs_ref'][lab]:.2f}x)" for lab in labels]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"{main} at equal wall-clock: the budget at each rate is the time the fastest setting needs for "
-              f"{n} steps there ({', '.join(f'{lab}: {b:.0f} s' for lab, b in summary['equal_time_budget_s'].items())}"
-              f"); each setting is scored by its last evaluation (every {summary['eval_steps']} steps) within the "
-              f"budget (steps reached in parentheses; '—' = not even the first evaluation):", "",
-              "| setting | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
-    for name, row in rows.items():
-        cells = []
-        for lab in labels:
-            m = row["metric_at_equal_time"][lab]
-            cells.append(f"{'—' if m is None else f'{m:.4f}'} ({row['equal_time_steps'][lab]:.0f})")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    text = (f"Counted = bytes each worker sends per optimizer step by the compression state (payload incl. indices "
+            f"and scales; the recipe's results.json comm_bytes_sent / train_steps); wire = measured on the veth (per "
+            f"worker, TCP/IP headers, gloo control messages and the recipe's loss logging included). {main} after {n} "
+            f"steps (unthrottled run; Δ in points vs {names[0]}).\n\n")
+    text += measure.markdown_table(
+        ["setting", "counted bytes/step", "× fewer", "wire bytes/step", f"{main} @ {n} steps", "Δ pts"],
+        [[name, measure.fmt_bytes(row["counted_bytes_per_step"]), measure.fmt_ratio(row["bytes_reduction_vs_ref"]),
+          measure.fmt_bytes(row["wire_bytes_per_step"][wire_key]), f"{row['metric']:.4f}",
+          f"{row['delta_metric_points_vs_ref']:+.1f}"] for name, row in rows.items()])
+    text += (f"\nWire bytes measured at {wire_key}. Step time in ms (mean over steady-state steps "
+             f"{summary['timing_warmup_steps']}-{summary['timing_steps']} of a timing run; unthrottled: the full "
+             f"run's windows without evaluation) and speed-up vs {names[0]}:\n\n")
+    text += measure.markdown_table(
+        ["setting", *labels],
+        [[name, *(f"{row['step_s'][lab] * 1e3:.0f} ({measure.fmt_ratio(row['speedup_vs_ref'][lab])})"
+                  for lab in labels)] for name, row in rows.items()])
+    budgets = ", ".join(f"{lab}: {b:.0f} s" for lab, b in summary["equal_time_budget_s"].items())
+    text += (f"\n{main} at equal wall-clock: the budget at each rate is the time the fastest setting needs for {n} "
+             f"steps there ({budgets}); each setting is scored by its last evaluation (every {summary['eval_steps']} "
+             f"steps) within the budget (steps reached in parentheses; '—' = not even the first evaluation):\n\n")
+
+    def at_equal_time(row: dict[str, Any], lab: str) -> str:
+        metric = row["metric_at_equal_time"][lab]
+        return f"{'—' if metric is None else f'{metric:.4f}'} ({row['equal_time_steps'][lab]:.0f})"
+
+    text += measure.markdown_table(["setting", *labels], [[name, *(at_equal_time(row, lab) for lab in labels)]
+                                                          for name, row in rows.items()])
+    lines = []
     for name, row in summary.get("failed", {}).items():
         lines += ["", f"**{name} FAILED** (left out above): `{row['error']}`"]
     t = summary["targets"]
@@ -617,7 +615,7 @@ def render_table(summary: dict[str, Any]) -> str:
         red = "n/a" if k["reduction"] is None else f"{k['reduction']:.1f}x"
         lines.append(f"Target (Top-K 1% sends >= 30x fewer bytes incl. indices): {'MET' if k['met'] else 'MISSED'} "
                      f"({k['setting']}: {red}).")
-    return "\n".join(lines) + "\n"
+    return text + "\n".join(lines) + "\n"
 
 
 def plot(summary: dict[str, Any]) -> Any:

@@ -570,7 +570,10 @@ def bar_panel(ax: Any, labels: Sequence[str], values: Sequence[float], xlabel: s
     ax.invert_yaxis()
     positive = [v for v in values if v > 0]
     if positive and max(positive) / min(positive) > 30:
+        from matplotlib.ticker import NullFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # decade labels only: minor labels overlap
         xlabel += ", log scale"
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=10)
