@@ -281,78 +281,97 @@ class TrainLoop:
 
         s, acc = self.settings, self.accelerator
         models = list(self.models.values())
-        params = [p for m in models for p in m.parameters() if p.requires_grad]
-        metrics = MetricsLogger(acc, self.output_dir, self.recipe.name, s.run_config, tensorboard=self._tensorboard)
+        self._metrics = MetricsLogger(acc, self.output_dir, self.recipe.name, s.run_config,
+                                      tensorboard=self._tensorboard)
+        self._progress = tqdm(total=self.max_steps, initial=self.step, desc=s.progress_desc,
+                              disable=not (acc.is_main_process and s.progress_bar))
+        self._window = _Window(acc.num_processes)
+        self._evaluated_final = False
         timer = StepTimer(acc.device)
-        progress = tqdm(total=self.max_steps, initial=self.step, desc=s.progress_desc,
-                        disable=not (acc.is_main_process and s.progress_bar))
-        window = _Window(acc.num_processes)
-        num_epochs = math.ceil(self.max_steps / self.steps_per_epoch)
         micro_step = self._start_epoch * len(self.train_loader) + self._skip_batches  # the next one, from step 0
-        evaluated_final = False
         for model in models:
             model.train()
         start = time.perf_counter()
-        for epoch in range(self._start_epoch, num_epochs):
+        for epoch in range(self._start_epoch, math.ceil(self.max_steps / self.steps_per_epoch)):
             if self.step >= self.max_steps:
                 break
-            # the epoch's data order (and a dataset's own per-epoch randomness); a skipping loader inherits it
-            self.train_loader.set_epoch(epoch)
-            batches = self.train_loader
-            if epoch == self._start_epoch and self._skip_batches:
-                batches = acc.skip_first_batches(self.train_loader, self._skip_batches)
-            for batch in batches:
+            for batch in self._batches(epoch):
                 if not timer.running:
                     timer.start()
-                with acc.accumulate(*models):
-                    loss, stats = self.recipe.loss(self, batch, micro_step)
-                    acc.backward(loss)
-                    if acc.sync_gradients and s.max_grad_norm is not None:
-                        acc.clip_grad_norm_(params, s.max_grad_norm)
-                    self.optimizer.step()
-                    if s.scheduler_per_micro_batch:
-                        self.scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                stats = self._micro_batch(models, batch, micro_step)
                 micro_step += 1
-                self._last_loss = loss.detach()
-                window.add(self._last_loss, batch)
                 if not acc.sync_gradients:
                     continue
                 if not s.scheduler_per_micro_batch:
                     self.scheduler.step()
                 timer.stop()
                 self.step += 1
-                progress.update(1)
-                stopping = s.stop_after_steps is not None and s.stop_after_steps <= self.step < self.max_steps
-                if self.step % s.logging_steps == 0 or self.step == self.max_steps or stopping:
-                    record = {**window.flush(acc), "lr": self.scheduler.get_last_lr()[0],
-                              "epoch": self.step / self.steps_per_epoch, **stats,
-                              "comm_bytes_sent": self.comm.bytes_sent if self.comm is not None else 0}
-                    metrics.log(record, self.step)
-                    progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-                if self.step == self.max_steps or self._every(self.step, self._eval_interval):
-                    evaluated_final = self.step == self.max_steps
-                    self._evaluate(metrics, final=evaluated_final)
-                if self._every(self.step, self._save_interval) or stopping:
-                    save_checkpoint(acc, self.output_dir, self.step, {"epoch": epoch, **self.state},
-                                    total_limit=s.checkpoints_total_limit)
-                if stopping:
-                    self.logger.info("--stop_after_steps %d: checkpointed at step %d of %d and stopping (resume with "
-                                     "--resume_from_checkpoint latest)", s.stop_after_steps, self.step, self.max_steps)
-                    progress.close()
-                    metrics.close()
+                self._progress.update(1)
+                if self._after_step(epoch, stats) == "stop":
+                    self._close()
                     return None
                 if self.step >= self.max_steps:
                     break
-        progress.close()
         runtime = time.perf_counter() - start
+        self._progress.close()
         self._synchronize()  # normally a no-op: the last step was an evaluation
-        if not evaluated_final:  # resumed from the final checkpoint: nothing left to train
-            self._evaluate(metrics, final=True)
+        if not self._evaluated_final:  # resumed from the final checkpoint: nothing left to train
+            self._evaluate(final=True)
         results = self._finish(runtime, timer)
-        metrics.close()
-        self.accelerator.wait_for_everyone()
+        self._close()
+        acc.wait_for_everyone()
         return results
+
+    def _batches(self, epoch: int) -> Any:
+        """The epoch's batches: its data order (and a dataset's own per-epoch randomness) set by ``set_epoch``, and
+        in the epoch a resumed run starts in, without the batches it already trained on (the skipping loader
+        inherits the epoch)."""
+        self.train_loader.set_epoch(epoch)
+        if epoch == self._start_epoch and self._skip_batches:
+            return self.accelerator.skip_first_batches(self.train_loader, self._skip_batches)
+        return self.train_loader
+
+    def _micro_batch(self, models: list[nn.Module], batch: Any, micro_step: int) -> dict[str, float]:
+        """Forward and backward of one micro-batch; at the end of an accumulation, clipping and the optimizer step
+        (accelerate's ``accumulate`` makes the optimizer and the scheduler skip the other micro-batches)."""
+        s, acc = self.settings, self.accelerator
+        with acc.accumulate(*models):
+            loss, stats = self.recipe.loss(self, batch, micro_step)
+            acc.backward(loss)
+            if acc.sync_gradients and s.max_grad_norm is not None:
+                acc.clip_grad_norm_([p for m in models for p in m.parameters() if p.requires_grad], s.max_grad_norm)
+            self.optimizer.step()
+            if s.scheduler_per_micro_batch:
+                self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self._last_loss = loss.detach()
+        self._window.add(self._last_loss, batch)
+        return stats
+
+    def _after_step(self, epoch: int, stats: dict[str, float]) -> Optional[str]:
+        """Logging, evaluation and checkpoint of optimizer step ``self.step``; ``"stop"`` after ``stop_after_steps``."""
+        s = self.settings
+        stopping = s.stop_after_steps is not None and s.stop_after_steps <= self.step < self.max_steps
+        if self.step % s.logging_steps == 0 or self.step == self.max_steps or stopping:
+            record = {**self._window.flush(self.accelerator), "lr": self.scheduler.get_last_lr()[0],
+                      "epoch": self.step / self.steps_per_epoch, **stats,
+                      "comm_bytes_sent": self.comm.bytes_sent if self.comm is not None else 0}
+            self._metrics.log(record, self.step)
+            self._progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        if self.step == self.max_steps or self._every(self.step, self._eval_interval):
+            self._evaluate(final=self.step == self.max_steps)
+        if self._every(self.step, self._save_interval) or stopping:
+            save_checkpoint(self.accelerator, self.output_dir, self.step, {"epoch": epoch, **self.state},
+                            total_limit=s.checkpoints_total_limit)
+        if stopping:
+            self.logger.info("--stop_after_steps %d: checkpointed at step %d of %d and stopping (resume with "
+                             "--resume_from_checkpoint latest)", s.stop_after_steps, self.step, self.max_steps)
+            return "stop"
+        return None
+
+    def _close(self) -> None:
+        self._progress.close()
+        self._metrics.close()
 
     def _finish(self, runtime: float, timer: StepTimer) -> dict[str, Any]:
         """State hashes, the recipe's save, results.json and the summary."""
@@ -432,11 +451,12 @@ class TrainLoop:
         if self.comm is not None:
             self.comm.synchronize()
 
-    def _evaluate(self, metrics: MetricsLogger, final: bool) -> None:
+    def _evaluate(self, final: bool) -> None:
         self._synchronize()  # evaluation points are synchronisation points with --local_steps
         scores = self.recipe.evaluate(self, self.step, final)
+        self._evaluated_final = final
         if scores:
-            metrics.log({f"eval_{k}": v for k, v in scores.items()}, self.step)
+            self._metrics.log({f"eval_{k}": v for k, v in scores.items()}, self.step)
             self.logger.info("step %d: %s", self.step, format_metrics(scores))
 
 
