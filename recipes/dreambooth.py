@@ -200,7 +200,7 @@ class _DreamBoothOptions:
     smoke_assets: bool = field(
         default=False,
         metadata={"help": "Create a tiny random model at pretrained_model_name_or_path and subject images in "
-                  "instance_data_dir when missing (offline smoke runs; see recipes/dreambooth_tiny.py)."},
+                  "instance_data_dir when missing (offline smoke runs; see recipes/common/dreambooth_tiny.py)."},
     )
 
     def __post_init__(self) -> None:

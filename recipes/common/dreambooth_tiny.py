@@ -2,7 +2,7 @@
 subject images, and CLIP / DINO evaluation models.
 
 Used by ``configs/dreambooth/smoke.yaml`` (through the recipe's ``smoke_assets`` option), by
-``recipes/bench_dreambooth.py`` and by ``tests/test_dreambooth.py``. Everything is built from configs with fixed seeds:
+``recipes/bench/dreambooth.py`` and by ``tests/test_dreambooth.py``. Everything is built from configs with fixed seeds:
 no download, no weights, a few MB on disk. The model directory has the exact diffusers layout (``unet/``, ``vae/``,
 ``text_encoder/``, ``tokenizer/``, ``scheduler/``, ``model_index.json``) so the recipes load it through their normal
 ``--pretrained_model_name_or_path DIR`` code path.

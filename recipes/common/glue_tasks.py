@@ -56,7 +56,7 @@ TASKS: dict[str, TaskSpec] = {
                   label_names=("entailment", "not_entailment")),
     "rte": _glue("rte", ("sentence1", "sentence2"), 2, ("accuracy",), "accuracy",
                  label_names=("entailment", "not_entailment")),
-    # The offline default: a generated sentiment-with-negation task (recipes/glue_smoke.py).
+    # The offline default: a generated sentiment-with-negation task (recipes/common/glue_smoke.py).
     "smoke": TaskSpec("smoke", ("sentence",), 2, ("accuracy",), "accuracy", label_names=("negative", "positive")),
 }
 
