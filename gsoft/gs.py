@@ -1,6 +1,6 @@
 """Group-and-Shuffle (GS) orthogonal matrices: the one place where the math lives.
 
-Conventions (see README, "The math"):
+Conventions (docs/method.md explains them):
 
 * A GS matrix of size ``n = n_blocks * block_size`` with ``m = n_factors`` factors is
 

@@ -82,7 +82,8 @@ GRAD_ROW_CHUNK = 256
 #: Multiprocessors the heuristic plans for when it is not told the device's (an H200 / H100 SXM has 132).
 DEFAULT_SMS = 132
 #: Waves of programs (per multiprocessor) below which the multiply takes 64-row instead of 128-row tiles. Measured on
-#: an H200 (bench_kernels --sweep): at 4096 x 768 (c = 64) 128-row tiles in 2.9 waves beat 64-row ones in 5.8.
+#: an H200 (``python recipes/benchmark.py kernels --sweep``): at 4096 x 768 (c = 64) 128-row tiles in 2.9 waves beat
+#: 64-row ones in 5.8.
 MULTIPLY_WAVES = 2
 #: Waves of programs the block gradient's row chunks aim for.
 GRAD_WAVES = 4
@@ -110,8 +111,8 @@ class Tiles(NamedTuple):
 # ----------------------------------------------------------------------------------------------------------------------
 # Tile spaces (autotuning and the sweep) and the heuristic
 # ----------------------------------------------------------------------------------------------------------------------
-#: Multiply configs timed by ``GSOFT_TRITON_AUTOTUNE=1`` and ``bench_kernels --sweep``, normalised per block size
-#: (:func:`normalize`): packed tiles for small blocks, whole-block tiles up to ``c = 64``, K loops beyond.
+#: Multiply configs timed by ``GSOFT_TRITON_AUTOTUNE=1`` and ``python recipes/benchmark.py kernels --sweep``,
+#: normalised per block size (:func:`normalize`): packed tiles for small blocks, whole-block tiles up to ``c = 64``, K loops beyond.
 MULTIPLY_TILES = [
     Tiles(64, 64, 64, 4, 2),
     Tiles(128, 64, 64, 4, 2),
@@ -203,7 +204,7 @@ def multiply_config(
 ) -> Tiles:
     """Tiles of one pass over ``n_rows`` rows with ``n_blocks`` blocks of ``block_size``, for a GPU with ``n_sms``
     multiprocessors. Planned for an H200 (132 SMs, ~4.3 TB/s, bf16 tensor cores) and checked there with
-    ``recipes/bench_kernels.py --sweep``:
+    ``python recipes/benchmark.py kernels --sweep``:
 
     ============================  ===================================  ===============================================
     shape class                   config (BM, BN, BK, warps, stages)   why

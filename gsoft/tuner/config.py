@@ -28,7 +28,7 @@ class GSOFTConfig(PeftConfig):
     ``y = s * (Q_out (W (Q_in x))) + b`` (Double GSOFT, ``double=True``), where ``Q`` are orthogonal
     Group-and-Shuffle matrices and ``s`` a per-output magnitude vector. Give at most one of ``block_size`` and
     ``n_blocks``; with neither, ``block_size`` is :data:`DEFAULT_BLOCK_SIZE`, as PEFT's OFT has a default block size.
-    Every field is documented in ``metadata["help"]`` and in the README's config reference. The fields are checked
+    Every field is documented in ``metadata["help"]`` and in docs/method.md's config reference. The fields are checked
     here, with the rules of their owners (:mod:`gsoft.gs` for sizes and maps, :mod:`gsoft.plan` for backends); the
     per-layer rules (a block size dividing the layer's width) are checked when the layers are built.
     """
