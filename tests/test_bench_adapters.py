@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench import adapters
+from bench import adapters, measure
 from gsoft import gs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -149,3 +149,37 @@ def test_boft_fbd_patch_is_undone(bench_run):
 
     *_, peft_fbd = bench_run
     assert boft_layer.get_fbd_cuda is peft_fbd and peft_fbd.__module__ == "peft.tuners.boft.layer"
+
+
+def test_boft_fbd_blocks_nest_and_restore():
+    """``measure.boft_fbd``: the stand-in inside ``torch``, PEFT's own loader inside ``peft``, each block restoring
+    what was there before it; an unknown mode names the choices."""
+    from peft.tuners.boft import layer as boft_layer
+
+    own = boft_layer.get_fbd_cuda
+    with measure.boft_fbd("torch"):
+        assert boft_layer.get_fbd_cuda() is measure.TorchFastBlockDiag
+        with measure.boft_fbd("peft"):
+            assert boft_layer.get_fbd_cuda is own
+        assert boft_layer.get_fbd_cuda() is measure.TorchFastBlockDiag
+    assert boft_layer.get_fbd_cuda is own
+    with pytest.raises(ValueError, match="Unknown BOFT fbd mode 'cuda'; use one of torch, peft"):
+        with measure.boft_fbd("cuda"):
+            pass
+    assert boft_layer.get_fbd_cuda is own
+
+
+def test_torch_block_diagonal_stand_in_matches_dense():
+    """The stand-in's forward is ``torch.block_diag`` of each factor's blocks; its backward the diagonal blocks."""
+    import torch
+
+    x = torch.randn(2, 3, 4, 4)
+    (out,) = measure.TorchFastBlockDiag.forward(x)
+    for i in range(2):
+        assert torch.equal(out[i], torch.block_diag(*x[i]))
+    g = torch.randn(2, 12, 12)
+    (back,) = measure.TorchFastBlockDiag.backward(g, x)
+    assert back.shape == x.shape
+    for i in range(2):
+        for d in range(3):
+            assert torch.equal(back[i, d], g[i, 4 * d:4 * d + 4, 4 * d:4 * d + 4])

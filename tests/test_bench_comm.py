@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bench import comm
+from bench.options import parse_options
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "recipes" / "benchmark.py"
@@ -87,3 +89,24 @@ def test_metric_at_is_the_last_evaluation_reached():
     assert comm.metric_at(curve, 40) == 0.8
     assert comm.metric_at(curve, 59.5) == 0.8
     assert comm.metric_at(curve, 1000) == 0.9
+
+
+def test_quick_overrides_merge_mapping_options_key_by_key(tmp_path):
+    """``recipe`` (a ``merge`` option) takes --quick's entries key by key and the command line's on top; other options,
+    such as the compared settings, are replaced whole."""
+    config = tmp_path / "comm.yaml"
+    config.write_text(yaml.safe_dump({
+        "recipe": {"task": "smoke", "max_seq_length": 32, "learning_rate": 0.002, "smoke_data": {"n_train": 4000}},
+        "setting_specs": {"fp32": {"grad_compression": "none"}, "fp16": {"grad_compression": "fp16"},
+                          "int8": {"grad_compression": "int8"}},
+        "quick_overrides": {"recipe": {"smoke_data": {"n_train": 400, "n_validation": 100}},
+                            "setting_specs": {"fp32": {"grad_compression": "none"}}},
+    }))
+    options = parse_options(comm.CommOptions, "comm", ["--config", str(config), "--quick",
+                                                       "--recipe.learning_rate", "0.01"], None)
+    assert options.recipe == {"task": "smoke", "max_seq_length": 32, "learning_rate": 0.01,
+                              "smoke_data": {"n_train": 400, "n_validation": 100}}
+    assert options.setting_specs == {"fp32": {"grad_compression": "none"}}
+    with pytest.raises(SystemExit, match="setting 'bad' needs recipe options \\['grad_compresion'\\]"):
+        parse_options(comm.CommOptions, "comm", ["--config", str(config), "--setting_specs",
+                                                 "{bad: {grad_compresion: none}}"], None)

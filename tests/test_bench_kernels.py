@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from bench import kernels
 
@@ -47,3 +48,24 @@ def test_boft_stand_in_is_undone(bench_run):
 
     *_, peft_fbd = bench_run
     assert boft_layer.get_fbd_cuda is peft_fbd and peft_fbd.__module__ == "peft.tuners.boft.layer"
+
+
+def test_option_layers_config_device_quick_command_line(tmp_path):
+    """The config < device_overrides[cpu] < quick_overrides (with --quick) < the command line; the command line is
+    kept for the report, and a layer that sets an unknown option is an error naming it."""
+    config = tmp_path / "kernels.yaml"
+    config.write_text(yaml.safe_dump({"device": "cpu", "reps": 20, "warmup": 3, "hidden": [64],
+                                      "device_overrides": {"cpu": {"reps": 5, "warmup": 2}},
+                                      "quick_overrides": {"reps": 3, "hidden": [32, 48]}}))
+    plain = kernels.parse(["--config", str(config)])
+    assert (plain.reps, plain.warmup, plain.hidden) == (5, 2, [64])
+    quick = kernels.parse(["--config", str(config), "--quick"])
+    assert (quick.reps, quick.warmup, quick.hidden) == (3, 2, [32, 48])
+    argv = ["--config", str(config), "--quick", "--reps", "7", "--warmup", "1"]
+    flags = kernels.parse(argv)
+    assert (flags.reps, flags.warmup, flags.hidden, flags.argv) == (7, 1, [32, 48], argv)
+    config.write_text(yaml.safe_dump({"device": "cpu", "quick_overrides": {"repz": 3}}))
+    with pytest.raises(SystemExit, match="quick_overrides .* sets 'repz'.*did you mean reps"):
+        kernels.parse(["--config", str(config), "--quick"])
+    with pytest.raises(SystemExit, match="--methods: expected one of"):
+        kernels.parse(["--config", str(config), "--methods", "torch,fast"])

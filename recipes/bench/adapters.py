@@ -163,6 +163,7 @@ class AdaptersOptions(BenchOptions):
             if spec.get("boft_fbd", "torch") not in measure.BOFT_FBD_MODES:
                 raise ValueError(f"method_specs entry {spec['key']!r}: boft_fbd must be one of "
                                  f"{', '.join(measure.BOFT_FBD_MODES)}, got {spec['boft_fbd']!r}.")
+        resolve_devices(self.devices)  # --devices cuda without a GPU fails here, naming the fix
 
     def selected_methods(self) -> list[dict[str, Any]]:
         """The named entries (disabled ones too), or every enabled one; in method_specs order."""

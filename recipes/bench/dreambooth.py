@@ -92,6 +92,7 @@ class DreamboothOptions(BenchOptions):
         if self.unet not in self.unet_configs:
             raise ValueError(f"--unet: unknown {self.unet!r}; unet_configs has {sorted(self.unet_configs)}.")
         self.method_config = str(repo_path(self.method_config))
+        measure.resolve_device(self.device)  # --device cuda without a GPU fails here, naming the fix
 
 
 def unet_config(options: DreamboothOptions, device: torch.device) -> tuple[dict[str, Any], bool]:

@@ -107,6 +107,9 @@ class KernelsOptions(BenchOptions):
     sweep_peak_gbps: float = field(default=4800.0, metadata={"help": "The sweep's '% peak' bandwidth (GB/s)."})
     device_overrides: dict = field(default_factory=dict, metadata={"help": "Options per device type (cpu, cuda)."})
 
+    def __post_init__(self) -> None:
+        measure.resolve_device(self.device)  # --device cuda without a GPU fails here, naming the fix
+
 
 # ======================================================================================================================
 # Methods: each returns fn(x) -> y and the parameters whose gradients the backward computes
@@ -462,10 +465,15 @@ def plot(result: dict[str, Any], options: KernelsOptions) -> Any:
     return fig
 
 
+def parse(argv: Optional[Sequence[str]] = None) -> KernelsOptions:
+    """The options: configs/bench/kernels.yaml < device_overrides < quick_overrides < the command line."""
+    return parse_options(KernelsOptions, "kernels", argv, __doc__,
+                         device_of=lambda o: measure.resolve_device(o.device).type)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the benchmark (or the tile sweep); returns the report that is also written to ``kernels.json``."""
-    options = parse_options(KernelsOptions, "kernels", argv, __doc__,
-                            device_of=lambda o: measure.resolve_device(o.device).type)
+    options = parse(argv)
     device = measure.resolve_device(options.device)
     if options.sweep:
         if device.type != "cuda":

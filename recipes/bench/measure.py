@@ -54,7 +54,7 @@ def resolve_device(spec: str) -> torch.device:
     if spec not in get_args(DeviceName):
         raise ValueError(f"Unknown device {spec!r}; use one of {', '.join(get_args(DeviceName))}.")
     if spec == "cuda" and not torch.cuda.is_available():
-        raise ValueError("Device cuda asked for, but torch.cuda.is_available() is False; use --device cpu.")
+        raise ValueError("cuda asked for, but torch.cuda.is_available() is False: no CUDA GPU here; use cpu.")
     return torch.device(spec)
 
 
