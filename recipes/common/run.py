@@ -134,9 +134,9 @@ def reset_peak_memory(device: Union[torch.device, str]) -> None:
 
 
 def leave_process_group() -> None:
-    """End a multi-process run together: a process exiting while another still holds gloo's connections aborted once
-    in CI ("terminate called without an active exception", SIGABRT after the final results were written). A no-op
-    in a single process."""
+    """End a multi-process run together: a process that exits while another still holds gloo's connections can abort
+    ("terminate called without an active exception", SIGABRT after the final results are written). A no-op in a
+    single process."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
