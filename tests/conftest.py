@@ -40,6 +40,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.fixture
+def hub_downloads(monkeypatch) -> list[str]:
+    """The file names transformers asks the hub for during the test (the downloads still run; offline they fail)."""
+    import transformers.utils.hub
+
+    fetched: list[str] = []
+    download = transformers.utils.hub.hf_hub_download
+
+    def counting(*args, **kwargs):
+        fetched.append(kwargs["filename"] if "filename" in kwargs else args[1])
+        return download(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.utils.hub, "hf_hub_download", counting)
+    return fetched
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)

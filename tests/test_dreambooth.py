@@ -380,22 +380,12 @@ def test_adapter_errors_come_before_the_output_dir(assets: dict[str, Path], tmp_
 
 
 def test_model_that_cannot_be_fetched_is_one_line_after_one_fetch(assets: dict[str, Path], tmp_path: Path,
-                                                                   monkeypatch) -> None:
+                                                                   hub_downloads: list[str]) -> None:
     """A hub id that cannot be fetched (offline here; without a network the hub retries each fetch with messages):
     one config is asked for, not one per component, and the error is one line naming the option."""
-    import transformers.utils.hub
-
-    fetched = []
-    download = transformers.utils.hub.hf_hub_download
-
-    def counting(*args, **kwargs):
-        fetched.append(kwargs["filename"] if "filename" in kwargs else args[1])
-        return download(*args, **kwargs)
-
-    monkeypatch.setattr(transformers.utils.hub, "hf_hub_download", counting)
     message = error(assets, tmp_path / "out", "--pretrained_model_name_or_path", "no-such-org/no-such-model")
     assert message.startswith("dreambooth: error: --pretrained_model_name_or_path 'no-such-org/no-such-model': ")
-    assert fetched == ["config.json"]
+    assert hub_downloads == ["config.json"]
 
 
 def test_resolution_not_divisible_by_vae_factor(assets: dict[str, Path], tmp_path: Path) -> None:

@@ -465,23 +465,13 @@ def test_compression_in_one_process_warns_that_it_is_ignored(tmp_path, capfd):
     assert results["compression"] == {"method": "none", "world_size": 1} and results["comm_bytes_sent"] == 0
 
 
-def test_model_that_cannot_be_fetched_is_one_line_after_one_fetch(tmp_path, monkeypatch):
+def test_model_that_cannot_be_fetched_is_one_line_after_one_fetch(tmp_path, hub_downloads):
     """A hub name that cannot be fetched (offline here; without a network the hub retries each fetch with messages):
     its config is asked for once, not again by the tokenizer and the model, and the error is one line naming it."""
-    import transformers.utils.hub
-
-    fetched = []
-    download = transformers.utils.hub.hf_hub_download
-
-    def counting(*args, **kwargs):
-        fetched.append(kwargs["filename"] if "filename" in kwargs else args[1])
-        return download(*args, **kwargs)
-
-    monkeypatch.setattr(transformers.utils.hub, "hf_hub_download", counting)
     message = _error(tmp_path, "--model_config", "{}", "--base_pretrain_steps", "0", "--model_name_or_path",
                      "no-such-org/no-such-model")
     assert message.startswith("roberta_glue: error: --model_name_or_path 'no-such-org/no-such-model': ")
-    assert "\n" not in message and fetched == ["config.json"]
+    assert "\n" not in message and hub_downloads == ["config.json"]
     assert not (tmp_path / "err").exists()
 
 

@@ -313,7 +313,7 @@ class _Layout:
     def outputs(self, blocks: torch.Tensor) -> tuple[list[torch.Tensor], Optional[tuple]]:
         """Every member's rotation in its form's layout, and the broadcast factors of the grouped product (for the
         backward). Differentiable."""
-        b, m = self.block_size, self.n_factors
+        b = self.block_size
         if self.all_grouped:
             both = blocks.view(-1, b, b).index_select(0, self.gather).view(2, -1, b, b, b).transpose(2, 3)
             first = both[0].unsqueeze(1)  # [h, 1, i, l, j] = B_1[h b + l, i, j]
@@ -343,7 +343,7 @@ class _Layout:
 
     def outputs_vjp(self, blocks: torch.Tensor, factors: Optional[tuple], grads) -> torch.Tensor:
         """The blocks' gradient from the members' output gradients (``None`` for unused members)."""
-        b, m = self.block_size, self.n_factors
+        b = self.block_size
         if self.all_grouped:
             parts = [
                 g if g is not None else blocks.new_zeros(h, b * b, b * b) for g, h in zip(grads, self.group_counts)
