@@ -20,6 +20,8 @@ import importlib
 import sys
 from typing import Any, Optional, Sequence
 
+from common.extras import needs
+
 BENCHMARKS = ("adapters", "kernels", "glue", "dreambooth", "comm")
 
 
@@ -32,7 +34,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Any:
     name, rest = argv[0], argv[1:]
     if name not in BENCHMARKS:
         raise SystemExit(f"benchmark: error: unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}.")
-    return importlib.import_module(f"bench.{name}").main(rest)
+    with needs("bench", "benchmark"):
+        module = importlib.import_module(f"bench.{name}")
+    return module.main(rest)
 
 
 if __name__ == "__main__":

@@ -33,22 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from common import (
-    CommunicationArgs,
-    LoopSettings,
-    Recipe,
-    TrainLoop,
-    Trainables,
-    build_peft_config,
-    check_communication_args,
-    check_targets,
-    config_to_dict,
-    get_peft_model_checked,
-    naming_option,
-    parse_recipe_args,
-    run_recipe,
-)
-from common.dreambooth_data import check_identifier, list_images, open_rgb, set_scheduler
+from common.extras import needs
+
+with needs("dreambooth", "dreambooth"):  # a missing package is one line naming the extra that installs it
+    from common.args import config_to_dict, parse_recipe_args
+    from common.communication import CommunicationArgs, check_communication_args
+    from common.loop import LoopSettings, Recipe, TrainLoop, Trainables, naming_option, run_recipe
+    from common.methods import build_peft_config, check_targets, get_peft_model_checked
+    from common.dreambooth_data import check_identifier, list_images, open_rgb, set_scheduler
 
 NAME = "dreambooth"
 logger = logging.getLogger(NAME)

@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-
-from common.dreambooth_data import dreambooth_prompts, set_scheduler, write_manifest
-
 import torch
+
+from common.extras import needs
+
+with needs("dreambooth", "dreambooth_infer"):
+    from common.dreambooth_data import dreambooth_prompts, set_scheduler, write_manifest
 
 
 @dataclass
@@ -119,7 +121,7 @@ def load_pipeline(args: InferArgs) -> Any:
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     """Generate, save PNGs + manifest + tensor + grid; returns the output directory."""
     from common.diffusion import generate_images, image_grid
-    from common import parse_recipe_args
+    from common.args import parse_recipe_args
 
     args = resolve(parse_recipe_args(InferArgs, argv, description=__doc__.split("\n\n")[0]))
     pipe = load_pipeline(args)

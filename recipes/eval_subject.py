@@ -23,10 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-
-from common.dreambooth_data import load_images, open_rgb, read_manifest, strip_identifier
-
 import torch
+
+from common.extras import needs
+
+with needs("dreambooth", "eval_subject"):
+    from common.dreambooth_data import load_images, open_rgb, read_manifest, strip_identifier
 
 
 @dataclass
@@ -141,7 +143,8 @@ def markdown(scores: dict[str, Any]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    from common import parse_recipe_args, write_results
+    from common.args import parse_recipe_args
+    from common.run import write_results
 
     args = parse_recipe_args(EvalArgs, argv, description=__doc__.split("\n\n")[0])
     scores = evaluate(args)

@@ -26,40 +26,32 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-import datasets
-import transformers
-from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import set_seed
-from transformers import (
-    AutoConfig,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    PretrainedConfig,
-    PreTrainedTokenizerBase,
-    get_scheduler,
-)
+from common.extras import needs
 
-from common import (  # (importing gsoft registers GSOFT with PEFT)
-    METHODS,
-    CommunicationArgs,
-    LoopSettings,
-    Recipe,
-    TrainLoop,
-    Trainables,
-    apply_method,
-    check_communication_args,
-    config_to_dict,
-    format_metrics,
-    naming_option,
-    parse_recipe_args,
-    run_recipe,
-)
-from gsoft.tuner import TARGET_MODULES_MAPPING
+with needs("glue", "roberta_glue"):  # a missing package is one line naming the extra that installs it
+    import datasets
+    import transformers
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import set_seed
+    from transformers import (
+        AutoConfig,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        PretrainedConfig,
+        PreTrainedTokenizerBase,
+        get_scheduler,
+    )
 
-from common import glue_smoke
-from common.glue_data import encode_labels, load_raw_datasets
-from common.glue_tasks import TaskSpec, compute_metrics, predictions_from_logits
+    from gsoft.tuner import TARGET_MODULES_MAPPING
+
+    from common.args import config_to_dict, parse_recipe_args
+    from common.communication import CommunicationArgs, check_communication_args
+    from common.loop import LoopSettings, Recipe, TrainLoop, Trainables, format_metrics, naming_option, run_recipe
+    from common.methods import METHODS, apply_method
+    from common import glue_smoke
+    from common.glue_data import encode_labels, load_raw_datasets
+    from common.glue_tasks import TaskSpec, compute_metrics, predictions_from_logits
 
 NAME = "roberta_glue"
 logger = logging.getLogger(NAME)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 
-from common import METHODS
+from common.methods import METHODS
 
 
 def test_bench_glue_runs_every_method_and_writes_table_and_plot(tmp_path):

@@ -423,7 +423,7 @@ def test_eval_subject_tiny_models(assets: dict[str, Path], tmp_path: Path) -> No
     ])
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    from common import RESULTS_SCHEMA
+    from common.run import RESULTS_SCHEMA
 
     (run_dir / "results.json").write_text(json.dumps({k: 0 for k in RESULTS_SCHEMA}))
     scores = eval_subject.main(["--images_dir", str(samples), "--instance_data_dir", str(instance), "--clip_model",

@@ -3,11 +3,15 @@ README's main job) must be enough for, and what the package ships."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ("diffusers", "datasets", "einops", "triton", "sklearn", "scipy", "matplotlib")
@@ -27,11 +31,53 @@ def test_main_job_needs_only_the_glue_extra():
     that only the other extras bring hidden."""
     others = ("diffusers", "matplotlib", "PIL", "triton")
     hide = "; ".join(f"sys.modules[{name!r}] = None" for name in others)
-    code = (f"import sys; {hide}; import roberta_glue; from common import parse_recipe_args; "
+    code = (f"import sys; {hide}; import roberta_glue; from common.args import parse_recipe_args; "
             "args = parse_recipe_args(roberta_glue.GlueArgs, ['--config', 'configs/glue/smoke.yaml']); print(args.method)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT / "recipes")})
     assert proc.returncode == 0 and proc.stdout.strip().endswith("gsoft"), proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("script,args,extra,hidden", [
+    ("roberta_glue", ["--help"], "glue", "tokenizers"),
+    ("dreambooth", ["--help"], "dreambooth", "PIL"),
+    ("eval_subject", ["--help"], "dreambooth", "diffusers"),
+    ("benchmark", ["adapters", "--help"], "bench", "matplotlib"),
+])
+def test_a_missing_package_is_one_line_naming_the_extra(script, args, extra, hidden):
+    code = (f"import runpy, sys; sys.modules[{hidden!r}] = None; sys.argv = [{script!r}, *{args!r}]; "
+            f"runpy.run_path('recipes/{script}.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "recipes")})
+    assert proc.returncode == 1 and not proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stderr.strip() == (f"{script}: error: {hidden} is not installed; this script needs gsoft's [{extra}] "
+                                   f'extra: pip install -e ".[{extra}]" (from the repository root).'), proc.stderr[-3000:]
+
+
+def test_extras_table_matches_pyproject():
+    """common.extras names, per extra, import names whose distributions pyproject.toml puts in that extra."""
+    from common.extras import EXTRAS
+
+    optional = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+    def closure(extra: str) -> set[str]:
+        dists = set()
+        for spec in optional[extra]:
+            name = re.split(r"[\s<>=!~;]", spec, maxsplit=1)[0]
+            if name.startswith("gsoft["):
+                for inner in name[len("gsoft["):-1].split(","):
+                    dists |= closure(inner)
+            else:
+                dists.add(name.lower())
+        return dists
+
+    providers = importlib.metadata.packages_distributions()
+    for extra, modules in EXTRAS.items():
+        declared = closure(extra)
+        for module in modules:
+            assert {d.lower() for d in providers[module]} & declared, (extra, module, providers[module], declared)
+        assert len(declared) == len({d for m in modules for d in providers[m] if d.lower() in declared}), \
+            (extra, declared)
 
 
 def test_pyproject_lists_every_package_and_nothing_else():

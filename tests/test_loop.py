@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common import RESULTS_SCHEMA, LoopSettings, Recipe, TrainLoop, Trainables, naming_option, run_recipe
+from common.loop import LoopSettings, Recipe, TrainLoop, Trainables, naming_option, run_recipe
+from common.run import RESULTS_SCHEMA
 from common.loop import configure_logging, error_line
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common import build_peft_config
+from common.methods import build_peft_config
 import importlib
 
 from conftest import free_port

@@ -16,24 +16,19 @@ from conftest import tiny_roberta
 from safetensors import safe_open
 
 from gsoft import GSOFTConfig
-from common import (
-    METHODS,
-    MetricsLogger,
+from common.args import config_to_dict
+from common.checkpoint import load_checkpoint, resolve_checkpoint, resume_position, save_checkpoint
+from common.methods import METHODS, apply_method, build_peft_config
+from common.run import (
     StepTimer,
-    apply_method,
-    build_peft_config,
-    config_to_dict,
-    count_parameters,
-    load_checkpoint,
     accelerator_kwargs,
+    count_parameters,
     peak_memory_mb,
-    reset_peak_memory,
-    resume_position,
     prepare_output_dir,
-    resolve_checkpoint,
-    save_checkpoint,
+    reset_peak_memory,
     write_results,
 )
+from common.tracking import MetricsLogger
 
 
 @dataclasses.dataclass
@@ -54,7 +49,7 @@ class Options:
 
 
 def _parse(argv, tmp_path=None, yaml_text=None):
-    from common import parse_recipe_args
+    from common.args import parse_recipe_args
 
     if yaml_text is not None:
         path = tmp_path / "cfg.yaml"

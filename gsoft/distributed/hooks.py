@@ -6,6 +6,7 @@ processes. The hooks keep their state in a :class:`~gsoft.distributed.state.Comp
 """
 
 import logging
+import warnings
 from typing import Optional
 
 import torch
@@ -119,8 +120,9 @@ def register_compression(
         raise ValueError("compress='updates' (and local_steps > 1) averages parameters after optimizer steps: pass "
                          "the optimizer (register_compression(model, config, optimizer=optimizer)).")
     if config.compression_ratio is not None and method not in RATIO_METHODS:
-        logger.warning("compression_ratio=%s is not used by %s, which sends every coordinate (only %s select a "
-                       "fraction of them).", config.compression_ratio, method, ", ".join(RATIO_METHODS))
+        warnings.warn(f"compression_ratio={config.compression_ratio} is not used by {method}, which sends every "
+                      f"coordinate (only {', '.join(RATIO_METHODS)} select a fraction of them).", UserWarning,
+                      stacklevel=2)
     options = config.options()
     state = CompressionState(method=method, options=options, world_size=dist.get_world_size(group),
                              rank=dist.get_rank(group), group=group)
@@ -129,9 +131,9 @@ def register_compression(
 
     if method == "powersgd":
         if config.start_iter != config.powersgd_start_iter:
-            logger.warning("powersgd_start_iter %d raised to %d: torch's PowerSGD needs 2 vanilla all-reduce steps "
-                           "before error feedback starts (DDP rebuilds its buckets after the first).",
-                           config.powersgd_start_iter, config.start_iter)
+            warnings.warn(f"powersgd_start_iter {config.powersgd_start_iter} raised to {config.start_iter}: torch's "
+                          "PowerSGD needs 2 vanilla all-reduce steps before error feedback starts (DDP rebuilds its "
+                          "buckets after the first).", UserWarning, stacklevel=2)
         state.powersgd = torch_powersgd.PowerSGDState(
             process_group=group, matrix_approximation_rank=config.powersgd_rank, start_powerSGD_iter=config.start_iter,
             use_error_feedback=feedback_name == "ef", warm_start=feedback_name == "ef", random_seed=config.seed)
@@ -140,22 +142,22 @@ def register_compression(
     else:
         compressor = config.compressor()
         if compressor.biased and feedback_name == "none":
-            logger.warning("%s without error feedback is biased: expect a worse optimum than uncompressed "
-                           "training (error_feedback 'ef21' or 'ef' corrects it).", method)
+            warnings.warn(f"{method} without error feedback is biased: expect a worse optimum than uncompressed "
+                          "training (error_feedback 'ef21' or 'ef' corrects it).", UserWarning, stacklevel=2)
         state.feedback = build_feedback(feedback_name, compressor, beta=config.beta)
         hook = _compression_hook
         inner = getattr(optimizer, "optimizer", optimizer)
         if compress == "gradients" and compressor.biased and "adam" in type(inner).__name__.lower():
-            logger.warning("%s-compressed gradients under %s: the optimizer normalises every coordinate, so sparse "
-                           "or stale gradient estimates become full-size steps (measured: Top-K 1%% + EF21 stays "
-                           "near chance on the GLUE smoke task). compress='updates' compresses the "
-                           "optimizer's steps instead and reaches the uncompressed accuracy there.", method,
-                           type(inner).__name__)
+            warnings.warn(f"{method}-compressed gradients under {type(inner).__name__}: the optimizer normalises "
+                          "every coordinate, so sparse or stale gradient estimates become full-size steps (measured: "
+                          "Top-K 1% + EF21 stays near chance on the GLUE smoke task). compress='updates' compresses "
+                          "the optimizer's steps instead and reaches the uncompressed accuracy there.", UserWarning,
+                          stacklevel=2)
         if compress == "updates":
             state.local = LocalSteps(state, model.module, optimizer, config.local_steps, config.local_steps_schedule,
                                      config.seed)
             hook = _local_hook
-    logger.info("gradient compression: %s %s", method, options)
+    logger.info("gradient compression of %s: %s %s", type(model.module).__name__, method, options)
     try:
         model.register_comm_hook(state, hook)
     except RuntimeError as exc:

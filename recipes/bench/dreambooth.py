@@ -36,7 +36,8 @@ from typing import Any, Literal, Optional, Sequence
 import torch
 import yaml
 
-from common import METHODS, apply_method, count_parameters
+from common.methods import METHODS, apply_method
+from common.run import count_parameters
 from dreambooth import latent_loss
 
 from . import measure

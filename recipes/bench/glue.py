@@ -24,7 +24,8 @@ import torch
 import yaml
 
 import roberta_glue
-from common import METHODS, reset_peak_memory
+from common.methods import METHODS
+from common.run import reset_peak_memory
 
 from . import measure
 from .options import BenchOptions, option_flags, parse_options, repo_path
