@@ -45,10 +45,10 @@ with needs("glue", "roberta_glue"):  # a missing package is one line naming the 
 
     from gsoft.tuner import TARGET_MODULES_MAPPING
 
-    from common.args import config_to_dict, parse_recipe_args
+    from common.args import check_model_path, check_options, config_to_dict, option_error, parse_recipe_args
     from common.communication import CommunicationArgs, check_communication_args
     from common.loop import LoopSettings, Recipe, TrainLoop, Trainables, format_metrics, naming_option, run_recipe
-    from common.methods import METHODS, apply_method
+    from common.methods import METHODS, apply_method, target_modules_value
     from common import glue_smoke
     from common.glue_data import encode_labels, load_raw_datasets
     from common.glue_tasks import TaskSpec, compute_metrics, predictions_from_logits
@@ -58,6 +58,14 @@ logger = logging.getLogger(NAME)
 
 BASE_MODEL_DIR = "base_model"  # a model built from --model_config (and its tokenizer) is saved here, then loaded
 GSOFT_METHODS = ("gsoft", "double_gsoft")
+#: transformers' schedules that the recipe can drive: built from the warm-up and total steps alone, stepped without a
+#: metric (reduce_lr_on_plateau, greedy and the min-lr / warmup-stable-decay ones need more).
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
+#: Files of a saved tokenizer; a local model directory with none of them has no tokenizer of its own.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model")
+SEED_MAX = 2**32 - 1  # numpy's seed range, which accelerate's set_seed feeds
 
 
 @dataclass
@@ -89,7 +97,8 @@ class _GlueOptions:
     label_column: Optional[str] = field(default=None, metadata={"help": "Label column; null = the task's ('label')."})
     num_labels: Optional[int] = field(
         default=None,
-        metadata={"help": "Custom data: number of classes (1 = regression); null = inferred. GLUE tasks fix it."},
+        metadata={"help": "Custom data: number of classes (1 = regression); null = inferred. GLUE tasks fix it.",
+                  "min": 1},
     )
     smoke_data: dict = field(
         default_factory=dict,
@@ -98,15 +107,15 @@ class _GlueOptions:
     )
     max_train_samples: Optional[int] = field(
         default=None,
-        metadata={"help": "Use only the first N training examples (quick tries)."},
+        metadata={"help": "Use only the first N training examples (quick tries).", "min": 1},
     )
     max_eval_samples: Optional[int] = field(
         default=None,
-        metadata={"help": "Use only the first N examples of each evaluation split."},
+        metadata={"help": "Use only the first N examples of each evaluation split.", "min": 1},
     )
     max_seq_length: int = field(
         default=128,
-        metadata={"help": "Truncate inputs to this many tokens (batches are padded dynamically)."},
+        metadata={"help": "Truncate inputs to this many tokens (batches are padded dynamically).", "min": 1},
     )
     cache_dir: Optional[str] = field(
         default=None,
@@ -130,7 +139,7 @@ class _GlueOptions:
     base_pretrain_steps: int = field(
         default=0,
         metadata={"help": "With --model_config: first train the whole model this many steps on "
-                          "--base_pretrain_label_column (a stand-in for pretraining)."},
+                          "--base_pretrain_label_column (a stand-in for pretraining).", "min": 0},
     )
     base_pretrain_label_column: Optional[str] = field(
         default=None,
@@ -138,11 +147,11 @@ class _GlueOptions:
     )
     base_pretrain_learning_rate: float = field(
         default=1e-3,
-        metadata={"help": "Learning rate of the stand-in pretraining."},
+        metadata={"help": "Learning rate of the stand-in pretraining.", "above": 0},
     )
     classifier_dropout: Optional[float] = field(
         default=None,
-        metadata={"help": "Dropout of the classification head; null = the model config's."},
+        metadata={"help": "Dropout of the classification head; null = the model config's.", "min": 0, "below": 1},
     )
     # --- method ---
     method: str = field(default="gsoft", metadata={"help": f"One of {', '.join(METHODS)}."})
@@ -153,13 +162,13 @@ class _GlueOptions:
     )
     target_modules: Optional[list[str]] = field(
         default=None,
-        metadata={"help": "Layers to adapt; null = all attention and MLP linears (GSOFT's default for the "
-                          "architecture), the same for every method."},
+        metadata={"help": "Layers to adapt (names / suffixes, or one regex as a single item); null = all attention "
+                          "and MLP linears (GSOFT's default for the architecture), the same for every method."},
     )
     # --- optimisation ---
     learning_rate: float = field(
         default=8e-4,
-        metadata={"help": "Peak learning rate (AdamW) of methods not in --method_learning_rates."},
+        metadata={"help": "Peak learning rate (AdamW) of methods not in --method_learning_rates.", "above": 0},
     )
     method_learning_rates: dict = field(
         default_factory=dict,
@@ -168,36 +177,41 @@ class _GlueOptions:
     )
     weight_decay: float = field(
         default=0.0,
-        metadata={"help": "AdamW weight decay (not applied to biases, norms and 1-D scales)."},
+        metadata={"help": "AdamW weight decay (not applied to biases, norms and 1-D scales).", "min": 0},
     )
-    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
-    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
-    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
-    max_grad_norm: Optional[float] = field(default=1.0, metadata={"help": "Gradient clipping norm; null = none."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1.", "min": 0, "below": 1})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2.", "min": 0, "below": 1})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon.", "min": 0})
+    max_grad_norm: Optional[float] = field(default=1.0, metadata={"help": "Gradient clipping norm; null = none.",
+                                                                  "above": 0})
     num_train_epochs: float = field(
         default=3.0,
-        metadata={"help": "Training epochs (ignored when --max_steps is set)."},
+        metadata={"help": "Training epochs (--max_steps, when set, takes precedence).", "above": 0},
     )
     max_steps: Optional[int] = field(
         default=None,
-        metadata={"help": "Total optimizer steps; overrides --num_train_epochs."},
+        metadata={"help": "Total optimizer steps; overrides --num_train_epochs.", "min": 1},
     )
-    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps.", "min": 0})
     lr_scheduler_type: str = field(
         default="linear",
-        metadata={"help": "transformers scheduler name: linear, cosine, constant_with_warmup, ..."},
+        metadata={"help": "transformers' learning-rate schedule.", "choices": LR_SCHEDULERS},
     )
-    per_device_train_batch_size: int = field(default=32, metadata={"help": "Training batch size per process."})
-    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size per process."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Training batch size per process.",
+                                                                   "min": 1})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size per process.",
+                                                                  "min": 1})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step.",
+                                                                  "min": 1})
     mixed_precision: Optional[str] = field(
         default=None,
-        metadata={"help": "no, fp16 or bf16; null = accelerate launch's setting (the paper: fp16)."},
+        metadata={"help": "null = accelerate launch's setting (the paper: fp16).", "choices": ("no", "fp16", "bf16")},
     )
     seed: int = field(
         default=42,
         metadata={"help": "Seed of model head initialisation, data order, dropout, and the shared seed of the "
-                          "gradient compression (Rand-K coordinates, the geometric local-steps schedule)."},
+                          "gradient compression (Rand-K coordinates, the geometric local-steps schedule).",
+                  "min": 0, "max": SEED_MAX},
     )
     # --- run ---
     output_dir: str = field(
@@ -214,59 +228,52 @@ class _GlueOptions:
     )
     eval_steps: Optional[int] = field(
         default=None,
-        metadata={"help": "Evaluate every N optimizer steps; null = every epoch. Always at the end."},
+        metadata={"help": "Evaluate every N optimizer steps; null = every epoch. Always at the end.", "min": 1},
     )
     save_steps: Optional[int] = field(
         default=None,
-        metadata={"help": "Checkpoint every N steps; null = at every evaluation."},
+        metadata={"help": "Checkpoint every N steps; null = at every evaluation.", "min": 1},
     )
     checkpoints_total_limit: Optional[int] = field(
         default=2,
-        metadata={"help": "Keep only the newest N checkpoints; null = all."},
+        metadata={"help": "Keep only the newest N checkpoints; null = all.", "min": 1},
     )
     save_best: bool = field(
         default=True,
         metadata={"help": "Save the adapter with the best main metric to <output_dir>/best."},
     )
-    logging_steps: int = field(default=10, metadata={"help": "Log loss, learning rate and throughput every N steps."})
+    logging_steps: int = field(default=10, metadata={"help": "Log loss, learning rate and throughput every N steps.",
+                                                     "min": 1})
     report_to: str = field(
         default="tensorboard",
-        metadata={"help": "tensorboard (when installed; metrics.jsonl is always written) or none."},
+        metadata={"help": "tensorboard (when installed; metrics.jsonl is always written) or none.",
+                  "choices": ("tensorboard", "none")},
     )
     progress_bar: bool = field(default=True, metadata={"help": "tqdm progress bar on the main process."})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes.", "min": 0})
     torch_num_threads: Optional[int] = field(
         default=None,
-        metadata={"help": "CPU threads of torch per process; null = torch's default. Tiny models run fastest with 1."},
+        metadata={"help": "CPU threads of torch per process; null = torch's default. Tiny models run fastest with 1.",
+                  "min": 1},
     )
     stop_after_steps: Optional[int] = field(
         default=None,
-        metadata={"help": "Debugging: checkpoint and exit after N steps, as if interrupted (no results.json)."},
+        metadata={"help": "Debugging: checkpoint and exit after N steps, as if interrupted (no results.json).",
+                  "min": 1},
     )
 
     def __post_init__(self) -> None:
+        check_options(self)
         if self.method not in METHODS:
-            raise ValueError(f"--method {self.method!r} is not one of {', '.join(METHODS)}.")
-        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
-            raise ValueError(f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}.")
-        if self.report_to not in ("tensorboard", "none"):
-            raise ValueError(f"--report_to must be tensorboard or none, got {self.report_to!r}.")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "max_seq_length", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
-        for name in ("max_steps", "eval_steps", "save_steps", "stop_after_steps", "max_train_samples",
-                     "max_eval_samples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"--{name} must be >= 1 or null, got {value}.")
+            raise option_error("method", self.method, f"not one of {', '.join(METHODS)}")
         unknown = sorted(set(self.method_learning_rates) - set(METHODS))
         if unknown:
-            raise ValueError(
-                f"--method_learning_rates has unknown methods {unknown}; choose from {', '.join(METHODS)}."
-            )
-        if self.max_steps is None and not self.num_train_epochs > 0:
-            raise ValueError(f"--num_train_epochs must be > 0 (or set --max_steps), got {self.num_train_epochs}.")
+            raise option_error("method_learning_rates", self.method_learning_rates,
+                               f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        for method, rate in self.method_learning_rates.items():
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < float("inf"):
+                raise option_error("method_learning_rates", self.method_learning_rates,
+                                   f"the rate of {method} must be a number > 0, got {rate!r}")
         if self.base_pretrain_steps and not (self.model_config and self.base_pretrain_label_column):
             raise ValueError("--base_pretrain_steps needs --model_config and --base_pretrain_label_column.")
 
@@ -350,6 +357,28 @@ def model_config(args: GlueArgs, source: str, spec: TaskSpec) -> PretrainedConfi
     return AutoConfig.from_pretrained(source, cache_dir=args.cache_dir, **kwargs)
 
 
+MODEL_LOCATION = "pass a hub name such as roberta-base or a local directory saved with save_pretrained"
+
+
+def check_model_source(args: GlueArgs) -> None:
+    """Refuse a local model or tokenizer directory that does not exist, and a local model directory without tokenizer
+    files when no ``--tokenizer_name`` is given: transformers would otherwise build a tokenizer of a handful of
+    special tokens from the model config, and every input would become the same few ids."""
+    check_model_path(args.tokenizer_name, "--tokenizer_name", MODEL_LOCATION)
+    if args.model_config:
+        return
+    check_model_path(args.model_name_or_path, "--model_name_or_path", MODEL_LOCATION)
+    directory = Path(args.model_name_or_path).expanduser()
+    if args.tokenizer_name or not directory.is_dir():
+        return
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"--model_name_or_path {args.model_name_or_path!r}: no tokenizer files in this directory (none of "
+            f"{', '.join(TOKENIZER_FILES)}); pass --tokenizer_name (a hub name or directory), or save the model's "
+            "tokenizer there with tokenizer.save_pretrained."
+        )
+
+
 def load_tokenizer(args: GlueArgs, source: str, config: PretrainedConfig) -> PreTrainedTokenizerBase:
     """``--tokenizer_name``, or the tokenizer saved with the model at ``source`` (reusing its fetched config)."""
     if args.tokenizer_name and not args.model_config:
@@ -366,7 +395,7 @@ def load_model(args: GlueArgs, source: str, config: PretrainedConfig) -> torch.n
 def adapt(model: torch.nn.Module, args: GlueArgs) -> torch.nn.Module:
     """Apply ``--method``. All methods adapt the same layers (GSOFT's default for the architecture unless
     ``--target_modules``), and the task head is trained and saved with the adapter (``task_type="SEQ_CLS"``)."""
-    target_modules = args.target_modules
+    target_modules = target_modules_value(args.target_modules)
     if target_modules is None and args.method not in GSOFT_METHODS:
         target_modules = TARGET_MODULES_MAPPING.get(model.config.model_type)
     try:
@@ -427,6 +456,7 @@ class GlueRecipe(Recipe):
         """The data (and a hub model's config): their errors come before the output directory is claimed."""
         args = self.args
         transformers.utils.logging.set_verbosity_error()  # "newly initialized head" is expected here
+        check_model_source(args)
         with run.main_process_first():  # the main process downloads, the others read its cache
             raw, spec = load_raw_datasets(
                 args.task, train_file=args.train_file, validation_file=args.validation_file,

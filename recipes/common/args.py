@@ -2,13 +2,17 @@
 
 Why not plain argparse: recipes keep all their settings in YAML files (one per task or model) and users override a
 few on the command line, including nested per-method options (``--method_options.gsoft.block_size 16``). The
-dataclass stays the single place where an option is declared, typed and documented.
+dataclass stays the single place where an option is declared, typed, documented and bounded: a field's ``metadata``
+holds its help text and the values it allows (``min``, ``max``, ``above``, ``below``, ``choices``), which
+:func:`check_options` enforces from the dataclass's ``__post_init__``, so a bad value is refused when the options are
+made, before a recipe reads data or writes anything.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -102,9 +106,9 @@ def _coerce(value: Any, tp: Any, from_cli: bool) -> Any:
         except (TypeError, ValueError):
             raise _ArgError(f"expected a number, got {value!r}") from None
     if inner is str:
-        if isinstance(value, (dict, list)):
-            raise _ArgError(f"expected a string, got {value!r}")
-        return str(value)
+        if not isinstance(value, str):  # YAML reads 123, 1.5, no, on as numbers and booleans
+            raise _ArgError(f"expected a string, got {value!r}; quote it in YAML ('{value}') if it is meant as text")
+        return value
     if origin in (list, tuple):
         item_type = (typing.get_args(inner) or (Any,))[0]
         if from_cli and isinstance(value, str):
@@ -146,7 +150,9 @@ def _help_text(cls: type, prog: str, description: Optional[str]) -> str:
         default = field.default if field.default is not dataclasses.MISSING else (
             field.default_factory() if field.default_factory is not dataclasses.MISSING else "(required)"
         )
-        lines.append(f"  --{field.name} ({_type_name(hints[field.name])}, default: {default!r})")
+        allowed = _allowed_text(field.metadata)
+        lines.append(f"  --{field.name} ({_type_name(hints[field.name])}{', ' + allowed if allowed else ''}, "
+                     f"default: {default!r})")
         help_ = field.metadata.get("help", "")
         if help_:
             lines.append(f"        {help_}")
@@ -260,6 +266,85 @@ def parse_recipe_args(cls: type[T], argv: Optional[Sequence[str]] = None, descri
         return cls(**values)
     except (ValueError, TypeError) as exc:
         _fail(prog, str(exc))
+
+
+#: The ``metadata`` keys that bound an option, with the comparison each one states.
+_BOUNDS = {"min": ">=", "above": ">", "max": "<=", "below": "<"}
+
+
+def _choices(metadata: typing.Mapping[str, Any]) -> Optional[tuple[Any, ...]]:
+    choices = metadata.get("choices")
+    return tuple(choices() if callable(choices) else choices) if choices is not None else None
+
+
+def _allowed_text(metadata: typing.Mapping[str, Any]) -> str:
+    """``>= 0 and < 1``, ``> 0``, ``one of linear, cosine``: what a field's metadata allows ('' when unbounded)."""
+    choices = _choices(metadata)
+    if choices is not None:
+        return "one of " + ", ".join(str(c) for c in choices)
+    return " and ".join(f"{op} {metadata[key]}" for key, op in _BOUNDS.items() if key in metadata)
+
+
+def show_value(value: Any) -> str:
+    """An option's value as a user would type it: ``1e-08``, ``-1``, ``nan`` (floats in ``g`` format)."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def option_error(name: str, value: Any, problem: str) -> ValueError:
+    """The error of a refused option, ``--name value: problem`` (the recipe prefixes ``<recipe>: error:``)."""
+    return ValueError(f"--{name} {show_value(value)}: {problem}")
+
+
+def check_options(options: Any) -> None:
+    """Refuse option values outside the bounds their fields declare; call it first in ``__post_init__``.
+
+    A field's ``metadata`` may hold ``min`` / ``max`` (inclusive), ``above`` / ``below`` (exclusive) and
+    ``choices`` (a collection, or a function returning one, for choices read from a library). A bounded float must
+    be finite; a null value of an optional field passes. The error names the option and its value, says what is
+    allowed and gives the default: ``--warmup_steps -5: must be >= 0 (default: 0)``.
+    """
+    hints = typing.get_type_hints(type(options))
+    for field in dataclasses.fields(options):
+        metadata, value = field.metadata, getattr(options, field.name)
+        allowed = _allowed_text(metadata)
+        if value is None or not allowed:
+            continue
+        optional = _unwrap_optional(hints[field.name])[1]
+        fix = "" if field.default is dataclasses.MISSING else \
+            f" (default: {'null' if field.default is None else show_value(field.default)})"
+        choices = _choices(metadata)
+        if choices is not None:
+            if value not in choices:
+                close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                raise option_error(field.name, value, f"not one of {', '.join(map(str, choices))}{hint}{fix}")
+            continue
+        in_bounds = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and all(
+            _compare(value, op, metadata[key]) for key, op in _BOUNDS.items() if key in metadata
+        )
+        if not in_bounds:
+            finite = "a finite number " if isinstance(value, float) and not math.isfinite(value) else ""
+            raise option_error(field.name, value, f"must be {finite}{allowed}{' or null' if optional else ''}{fix}")
+
+
+def _compare(value: float, op: str, bound: float) -> bool:
+    return {">=": value >= bound, ">": value > bound, "<=": value <= bound, "<": value < bound}[op]
+
+
+def check_model_path(value: Optional[str], option: str, expects: str) -> None:
+    """Refuse a model location that is meant as a local directory but is none, before a library reads it as a hub id
+    (whose error, "Repo id must be in the form ...", hides the typo). A value is meant as a directory when it starts
+    with ``.``, ``~`` or ``/``, holds a backslash or more than one ``/`` (a hub id is ``org/name``), or its parent
+    directory exists. ``expects`` says what the option takes (the end of the message)."""
+    if not value:
+        return
+    path = Path(value).expanduser()
+    parent = path.parent
+    meant_as_path = (value.startswith((".", "~", "/")) or "\\" in value or value.count("/") > 1
+                     or (str(parent) not in (".", "") and parent.is_dir()))
+    if meant_as_path and not path.is_dir():
+        what = "is a file, not a directory" if path.exists() else "no such directory"
+        raise ValueError(f"{option} {value!r}: {what}; {expects}")
 
 
 def _deep_copy(value: Any) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 from peft import BOFTConfig, LoraConfig, OFTConfig, PeftConfig, get_peft_model
 from torch import nn
@@ -37,6 +37,29 @@ def _check_method(method: str) -> None:
         close = difflib.get_close_matches(str(method), METHODS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"Unknown method {method!r}{hint}; choose one of {', '.join(METHODS)}.")
+
+
+def target_modules_value(targets: Optional[Union[Sequence[str], str]]) -> Optional[Union[list[str], str]]:
+    """A recipe's list of layers as PEFT takes it: a single item that looks like a regex becomes a regex string (PEFT
+    full-matches a string against every layer name); otherwise the names or name suffixes as a list."""
+    if targets is None or isinstance(targets, str):
+        return targets
+    targets = list(targets)
+    return targets[0] if len(targets) == 1 and _is_regex(targets[0]) else targets
+
+
+def _is_regex(text: str) -> bool:
+    return any(c in text for c in "*+?[]()|\\^$")
+
+
+def _check_layer_names(key: str, value: Any) -> None:
+    """``target_modules`` / ``modules_to_save``: null, one regex string, or a list of layer names."""
+    if value is None or isinstance(value, str):
+        return
+    if isinstance(value, (list, tuple)) and all(isinstance(item, str) and item for item in value):
+        return
+    raise ValueError(f"{key} {value}: must be a list of layer names or one regex string, e.g. [query, value] or "
+                     "'.*\\.(query|value)'.")
 
 
 def build_peft_config(
@@ -77,7 +100,11 @@ def build_peft_config(
     for key in ("target_modules", "modules_to_save"):
         if key in options:
             kwargs[key] = options.pop(key)
-    return config_cls(**kwargs, **options)
+        _check_layer_names(key, kwargs[key])
+    try:
+        return config_cls(**kwargs, **options)
+    except TypeError as exc:  # a value of the wrong kind that the config class does not check itself
+        raise ValueError(f"{config_cls.__name__} options {options}: {exc}") from exc
 
 
 def check_targets(model: nn.Module, config: PeftConfig, option: str = "--target_modules", what: str = "model") -> None:
