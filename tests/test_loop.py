@@ -3,13 +3,16 @@
 Covers: a run writes results.json with the common keys, metrics and a summary; the evaluation and checkpoint
 intervals; --stop_after_steps then a resume equals the uninterrupted run bit for bit (dropout, mid-epoch, gradient
 accumulation); a resume from the final checkpoint; the scheduler stepping per optimizer step in both modes; gradient
-clipping; errors in the set-up as one line without a new output directory; logging once per message and process.
+clipping; errors in the set-up as one line without a new output directory; logging once per message and process;
+divergence (a non-finite loss, parameters or evaluation metric) stops the run with one line and saves nothing after
+it, and a checkpoint holding non-finite values is not resumed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -38,10 +41,18 @@ class LinearRecipe(Recipe):
 
     name = "linear"
 
-    def __init__(self, fail_in: Optional[str] = None, optimizer: str = "adamw", lr_decay: float = 0.9) -> None:
+    def __init__(self, fail_in: Optional[str] = None, optimizer: str = "adamw", lr_decay: float = 0.9,
+                 lr: Optional[float] = None, nan_loss_at: Optional[int] = None, inf_grad_at: Optional[int] = None,
+                 nan_metric_at: Optional[int] = None) -> None:
+        """``nan_loss_at`` / ``inf_grad_at``: the micro-step whose loss is NaN / whose gradients are inf (the loss
+        stays finite); ``nan_metric_at``: the optimizer step whose evaluation gives a NaN metric."""
         self.fail_in = fail_in
         self.optimizer_name = optimizer
         self.lr_decay = lr_decay
+        self.lr = lr
+        self.nan_loss_at = nan_loss_at
+        self.inf_grad_at = inf_grad_at
+        self.nan_metric_at = nan_metric_at
         self.micro_steps: list[int] = []
         self.evaluations: list[tuple[int, bool]] = []
         self.initial: dict[str, torch.Tensor] = {}
@@ -65,9 +76,9 @@ class LinearRecipe(Recipe):
         loader = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True,
                             generator=torch.Generator().manual_seed(0))
         if self.optimizer_name == "sgd":
-            optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=self.lr or 1.0)
         else:
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr or 1e-2)
         run.state["evaluations"] = 0
         return Trainables({"model": model}, optimizer, loader)
 
@@ -78,7 +89,13 @@ class LinearRecipe(Recipe):
     def loss(self, run: TrainLoop, batch: Any, micro_step: int) -> tuple[torch.Tensor, dict[str, float]]:
         self.micro_steps.append(micro_step)
         x, y = batch
-        return F.mse_loss(run.models["model"](x), y), {"micro_step": float(micro_step)}
+        prediction = run.models["model"](x)
+        if micro_step == self.inf_grad_at:
+            prediction.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+        loss = F.mse_loss(prediction, y)
+        if micro_step == self.nan_loss_at:
+            loss = loss * float("nan")
+        return loss, {"micro_step": float(micro_step)}
 
     @torch.no_grad()
     def evaluate(self, run: TrainLoop, step: int, final: bool) -> dict[str, float]:
@@ -88,7 +105,7 @@ class LinearRecipe(Recipe):
         model.eval()
         mse = F.mse_loss(model(self.data[0]), self.data[1]).item()
         model.train()
-        return {"mse": mse}
+        return {"mse": float("nan") if step == self.nan_metric_at else mse}
 
     def save(self, run: TrainLoop) -> None:
         state = run.accelerator.unwrap_model(run.models["model"]).state_dict()
@@ -313,3 +330,95 @@ def test_other_processes_log_errors_only():
     assert "an error" in proc.stderr
     for dropped in ("a warning", "a python warning", "a transformers notice", "a hub notice"):
         assert dropped not in proc.stderr, proc.stderr
+
+
+# ---- divergence ------------------------------------------------------------------------------------------------------
+def _all_finite(path: Path) -> bool:
+    return all(torch.isfinite(t).all() for t in load_file(str(path)).values())
+
+
+def _diverged(out: Path, recipe: LinearRecipe, **overrides: Any) -> str:
+    with pytest.raises(SystemExit) as info:
+        run_recipe(recipe, settings(out, **overrides))
+    message = str(info.value.code)
+    assert "\n" not in message and message.startswith("linear: error: "), message
+    assert not (out / "results.json").exists() and not (out / "model.safetensors").exists()
+    for name in checkpoints(out):
+        assert _all_finite(out / "checkpoints" / name / "model.safetensors"), name
+    return message
+
+
+def test_nan_loss_stops_at_the_next_check_and_names_its_step(tmp_path):
+    """NaN at micro-step 6 (optimizer step 4): checked without a device sync per micro-batch, found at the log of
+    step 5, reported as step 4; the checkpoint of step 3 is the last one and nothing is saved after it."""
+    out = tmp_path / "run"
+    message = _diverged(out, LinearRecipe(nan_loss_at=6), save_steps=3, logging_steps=5, eval_steps=0)
+    assert message.startswith("linear: error: the loss became NaN at step 4 (of 14; peak learning rate 0.01)"), message
+    assert "lower --learning_rate" in message
+    assert f"the last good checkpoint is {out / 'checkpoints' / 'step_00000003'}" in message
+    assert checkpoints(out) == ["step_00000003"]
+    assert math.isnan([r for r in metrics(out) if "loss" in r][-1]["loss"])  # the log line of step 5 is written
+
+
+def test_non_finite_gradients_stop_the_run(tmp_path):
+    """Inf gradients at step 3 with a finite loss: clipping turns them into NaN parameters, found at step 3."""
+    out = tmp_path / "run"
+    message = _diverged(out, LinearRecipe(inf_grad_at=4), logging_steps=1, save_steps=2, eval_steps=0)
+    assert message.startswith("linear: error: the trained parameters became NaN at step 3 (e.g. '0.weight', "), message
+    assert "the loss stayed finite" in message and "step_00000002" in message
+    assert checkpoints(out) == ["step_00000002"]
+
+
+def test_a_learning_rate_far_too_high_diverges_with_advice(tmp_path):
+    out = tmp_path / "run"
+    message = _diverged(out, LinearRecipe(optimizer="sgd", lr=1e4, lr_decay=1.0), max_grad_norm=None, save_steps=0,
+                        eval_steps=0)
+    assert "peak learning rate 10000" in message
+    assert "lower --learning_rate" in message and "clip the gradients with --max_grad_norm" in message
+    assert "no checkpoint was saved" in message
+
+
+def test_non_finite_evaluation_metric_stops_before_the_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    message = _diverged(out, LinearRecipe(nan_metric_at=6))
+    assert message.startswith("linear: error: the evaluation at step 6 gave mse = NaN"), message
+    assert checkpoints(out) == []  # step 6 is the first checkpoint: refused
+
+
+def _rewrite_manifest(checkpoint: Path) -> None:
+    """Make a hand-edited checkpoint consistent again, as one written with those values would be."""
+    if (checkpoint / "manifest.json").is_file():
+        from common.checkpoint import write_manifest
+
+        write_manifest(checkpoint, json.loads((checkpoint / "manifest.json").read_text())["num_processes"])
+
+
+@pytest.mark.parametrize("poisoned", ["model", "optimizer"])
+def test_resume_from_a_checkpoint_with_non_finite_values_is_refused(tmp_path, poisoned):
+    out = tmp_path / "run"
+    assert run_recipe(LinearRecipe(), settings(out, stop_after_steps=2)) is None
+    checkpoint = out / "checkpoints" / "step_00000002"
+    if poisoned == "model":
+        weights = load_file(str(checkpoint / "model.safetensors"))
+        weights["0.weight"][0, 0] = float("nan")
+        save_file(weights, str(checkpoint / "model.safetensors"))
+    else:
+        state = torch.load(checkpoint / "optimizer.bin", weights_only=True)
+        state["state"][0]["exp_avg_sq"][0, 0] = float("inf")
+        torch.save(state, checkpoint / "optimizer.bin")
+    _rewrite_manifest(checkpoint)
+    with pytest.raises(SystemExit) as info:
+        run_recipe(LinearRecipe(), settings(out, resume_from_checkpoint="latest"))
+    message = str(info.value.code)
+    assert message.startswith(f"linear: error: checkpoint {checkpoint} holds non-finite values"), message
+    assert ("'0.weight'" if poisoned == "model" else "optimizer state of '0.weight' (exp_avg_sq)") in message
+    assert not (out / "results.json").exists()
+
+
+def test_results_with_non_finite_values_are_not_written(tmp_path):
+    from common.run import write_results
+
+    row = {key: 1 for key in RESULTS_SCHEMA} | {"eval": {"accuracy": float("nan")}}
+    with pytest.raises(ValueError, match=r"eval\.accuracy = NaN"):
+        write_results(tmp_path, row)
+    assert not (tmp_path / "results.json").exists()

@@ -20,6 +20,16 @@ recipe, in this order:
 
 A configuration or data error anywhere in a run (``ValueError``, and ``OSError`` for files and downloads) ends it with
 one line, ``<recipe>: error: <message>``, and exit status 1.
+
+Divergence ends a run the same way (:class:`TrainingDiverged`), and nothing is saved from a diverged state. Every
+micro-batch's loss is checked on the device, without a sync: the first optimizer step whose loss was NaN or infinite
+is kept in a device tensor. At every logging, evaluation and checkpoint step and before the end, one small gather over
+the processes reads it together with whether every trained parameter is finite (non-finite gradients show there: the
+optimizer step turns them into NaN parameters). So a NaN costs at most ``logging_steps`` wasted steps, the error names
+the step where the loss first went wrong, and no checkpoint, ``best/`` adapter, final save or ``results.json`` comes
+from a diverged state. An evaluation metric that is NaN or infinite stops the run too, before anything is saved with
+it. A resumed checkpoint whose trained parameters or optimizer state are not finite is refused. With fp16, steps whose
+gradients overflow are still skipped by accelerate's gradient scaler (that is its normal working, not divergence).
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
@@ -41,7 +51,13 @@ from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import load_checkpoint, resolve_checkpoint, resume_position, save_checkpoint
+from .checkpoint import (
+    load_checkpoint,
+    newest_intact_checkpoint,
+    resolve_checkpoint,
+    resume_position,
+    save_checkpoint,
+)
 from .communication import (
     Communication,
     CommunicationArgs,
@@ -52,9 +68,13 @@ from .communication import (
 from .run import (
     StepTimer,
     accelerator_kwargs,
+    all_finite,
     count_parameters,
     discard_new_output_dir_on_error,
+    format_nonfinite,
     leave_process_group,
+    nonfinite_names,
+    nonfinite_numbers,
     peak_memory_mb,
     prepare_output_dir,
     write_results,
@@ -64,6 +84,11 @@ from .tracking import MetricsLogger, tensorboard_available
 #: The errors a run reports as one line: bad options or data (``ValueError``), missing files and failed downloads
 #: (``OSError``; transformers and diffusers raise it for a model they cannot fetch).
 RECIPE_ERRORS = (ValueError, OSError)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss, the trained parameters or an evaluation metric became NaN or infinite; the run stops with this as its
+    one error line, before anything is saved from that state."""
 
 
 @dataclass
@@ -184,6 +209,16 @@ class Recipe(abc.ABC):
     def summary(self, run: "TrainLoop", results: dict[str, Any]) -> str:
         """The end-of-run line printed by the main process (results, where the outputs are)."""
 
+    def divergence_advice(self, run: "TrainLoop") -> str:
+        """What to change when the run diverges, for its error line. The default names the options every recipe has;
+        a recipe may add its own (a more stable parametrisation, say)."""
+        advice = "lower --learning_rate"
+        if run.settings.max_grad_norm is None:
+            advice += " or clip the gradients with --max_grad_norm"
+        if run.accelerator.mixed_precision == "fp16":
+            advice += ", or train in bf16 or fp32 (--mixed_precision) instead of fp16"
+        return advice
+
 
 class TrainLoop:
     """One run of a :class:`Recipe` with :class:`LoopSettings`; :meth:`run` trains and returns the results."""
@@ -209,6 +244,9 @@ class TrainLoop:
         self._start_epoch = 0
         self._skip_batches = 0
         self._last_loss: Optional[torch.Tensor] = None
+        self._trained: list[tuple[str, nn.Parameter]] = []
+        self._losses = _LossWatch()
+        self._checked_step = 0
 
     # ---- the parts of a run ------------------------------------------------------------------------------------------
     def run(self) -> Optional[dict[str, Any]]:
@@ -257,6 +295,9 @@ class TrainLoop:
         self.comm = setup_communication(s.communication, acc, self.models, self.optimizer, seed=s.seed)
         self.recipe.on_prepared(self)
         counts = [count_parameters(acc.unwrap_model(m)) for m in self.models.values()]
+        self._trained = [(f"{model_name}.{name}" if len(self.models) > 1 else name, p)
+                         for model_name, model in self.models.items()
+                         for name, p in acc.unwrap_model(model).named_parameters() if p.requires_grad]
         self.trainable_params, self.total_params = sum(c[0] for c in counts), sum(c[1] for c in counts)
         self.logger.info("%s trainable of %s parameters; %d optimizer steps (%d per epoch)",
                          f"{self.trainable_params:,}", f"{self.total_params:,}", self.max_steps, self.steps_per_epoch)
@@ -264,16 +305,38 @@ class TrainLoop:
         # byte counters resume too; loaded after accelerate's own (main process) optimizer state, so theirs win
         if self.comm is not None:
             self.comm.register_for_checkpointing(acc)
-        checkpoint = resolve_checkpoint(self.output_dir, s.resume_from_checkpoint)
+        # verified (sizes and hashes) once, on the main process, which also logs why it skips a broken checkpoint
+        checkpoint = self._on_main_process(lambda: resolve_checkpoint(self.output_dir, s.resume_from_checkpoint))
         if checkpoint is not None:
             state = load_checkpoint(acc, checkpoint)
+            self._refuse_non_finite_state(checkpoint)
             self.step = int(state.pop("step"))
             state.pop("epoch", None)
             self.state.update(state)
             self._start_epoch, self._skip_batches = resume_position(self.step, len(self.train_loader),
                                                                     s.gradient_accumulation_steps)
+            self._checked_step = self.step
             self.logger.info("resumed from %s at step %d (epoch %d, skipping %d batches)", checkpoint, self.step,
                              self._start_epoch, self._skip_batches)
+
+    def _refuse_non_finite_state(self, checkpoint: Path) -> None:
+        """A checkpoint saved after its run diverged (its trained parameters or optimizer state hold NaN or inf) is
+        not resumed (collective: every process checks what it loaded)."""
+        names = {id(p): name for name, p in self._trained}
+        optimizer_state = ((f"optimizer state of {names.get(id(param), '<unnamed>')!r} ({key})", value)
+                           for param, state in self.optimizer.state.items()
+                           for key, value in state.items() if isinstance(value, torch.Tensor))
+        found = [repr(name) for name in nonfinite_names(self._trained)] + nonfinite_names(optimizer_state)
+        everywhere = [name for names_of_process in gather_object([found]) for name in names_of_process]
+        if not everywhere:
+            return
+        if not self.accelerator.is_main_process:
+            raise _MainProcessFailed()
+        raise ValueError(
+            f"checkpoint {checkpoint} holds non-finite values ({', '.join(dict.fromkeys(everywhere))}): its run had "
+            "diverged, so it is not resumed. Resume from an earlier checkpoint (--resume_from_checkpoint "
+            "<checkpoint dir>), or start again with --overwrite_output_dir and a lower --learning_rate."
+        )
 
     def _train(self) -> Optional[dict[str, Any]]:
         """The loop, then the end of the run; None when stopped early."""
@@ -346,21 +409,27 @@ class TrainLoop:
             self.optimizer.zero_grad(set_to_none=True)
         self._last_loss = loss.detach()
         self._window.add(self._last_loss, batch)
+        self._losses.add(self._last_loss, self.step + 1)
         return stats
 
     def _after_step(self, epoch: int, stats: dict[str, float]) -> Optional[str]:
         """Logging, evaluation and checkpoint of optimizer step ``self.step``; ``"stop"`` after ``stop_after_steps``."""
         s = self.settings
         stopping = s.stop_after_steps is not None and s.stop_after_steps <= self.step < self.max_steps
-        if self.step % s.logging_steps == 0 or self.step == self.max_steps or stopping:
+        logging_now = self.step % s.logging_steps == 0 or self.step == self.max_steps or stopping
+        evaluating = self.step == self.max_steps or self._every(self.step, self._eval_interval)
+        saving = self._every(self.step, self._save_interval) or stopping
+        if logging_now:
             record = {**self._window.flush(self.accelerator), "lr": self.scheduler.get_last_lr()[0],
                       "epoch": self.step / self.steps_per_epoch, **stats,
                       "comm_bytes_sent": self.comm.bytes_sent if self.comm is not None else 0}
-            self._metrics.log(record, self.step)
+            self._metrics.log(record, self.step)  # a diverged window's NaN loss is logged, then the run stops
             self._progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-        if self.step == self.max_steps or self._every(self.step, self._eval_interval):
+        if logging_now or evaluating or saving:
+            self._guard()
+        if evaluating:
             self._evaluate(final=self.step == self.max_steps)
-        if self._every(self.step, self._save_interval) or stopping:
+        if saving:
             save_checkpoint(self.accelerator, self.output_dir, self.step, {"epoch": epoch, **self.state},
                             total_limit=s.checkpoints_total_limit)
         if stopping:
@@ -376,6 +445,7 @@ class TrainLoop:
     def _finish(self, runtime: float, timer: StepTimer) -> dict[str, Any]:
         """State hashes, the recipe's save, results.json and the summary."""
         acc = self.accelerator
+        self._guard()
         hashes = gather_object([trainable_state_sha256(*(acc.unwrap_model(m) for m in self.models.values()))])
         if acc.is_main_process:
             self.recipe.save(self)
@@ -458,6 +528,78 @@ class TrainLoop:
         if scores:
             self._metrics.log({f"eval_{k}": v for k, v in scores.items()}, self.step)
             self.logger.info("step %d: %s", self.step, format_metrics(scores))
+        bad = [item for found in gather_object([nonfinite_numbers(scores or {})]) for item in found]
+        if bad:
+            self._stop_diverged(
+                f"the evaluation at step {self.step} gave {', '.join(dict.fromkeys(bad))} while the trained parameters "
+                "are finite (predictions for which the metric is undefined, e.g. constant ones)")
+
+    # ---- divergence --------------------------------------------------------------------------------------------------
+    def _guard(self) -> None:
+        """Stop a diverged run before anything is evaluated or saved from its state: the first non-finite loss (kept
+        on the device per micro-batch) or non-finite trained parameters, on any process. Collective: one gather of
+        two integers per process, the only device sync it adds."""
+        acc = self.accelerator
+        local = torch.stack([self._losses.first_step(acc.device),
+                             (~all_finite([p for _, p in self._trained], acc.device)).long()])
+        flags = acc.gather(local).view(-1, 2).tolist()
+        if not any(loss_step or bad for loss_step, bad in flags):
+            self._checked_step = self.step
+            return
+        details = gather_object([self._divergence_detail()])
+        losses = [d for d in details if d["loss_step"]]
+        if losses:
+            first = min(losses, key=lambda d: d["loss_step"])
+            what = (f"the loss became {format_nonfinite(first['loss'])} at step {first['loss_step']} "
+                    f"(of {self.max_steps}; peak learning rate {self._peak_learning_rate():g})")
+        else:
+            first = next(d for d in details if d["parameters"])
+            when = (f"at step {self.step}" if self._checked_step == self.step - 1
+                    else f"between steps {self._checked_step} and {self.step}")
+            what = (f"the trained parameters became {first['kind']} {when} (e.g. "
+                    f"{', '.join(repr(n) for n in first['parameters'])}) while the loss stayed finite (of "
+                    f"{self.max_steps}; peak learning rate {self._peak_learning_rate():g})")
+        self._stop_diverged(what)
+
+    def _divergence_detail(self) -> dict[str, Any]:
+        """What this process saw diverge (read only once the run is known to have diverged)."""
+        step, loss = self._losses.first()
+        parameters = nonfinite_names(self._trained)
+        first = dict(self._trained)[parameters[0]] if parameters else None
+        kind = "NaN" if first is not None and bool(torch.isnan(first).any()) else "inf"
+        return {"loss_step": step, "loss": loss, "parameters": parameters, "kind": kind}
+
+    def _peak_learning_rate(self) -> float:
+        return max(group.get("initial_lr", group["lr"]) for group in self.optimizer.param_groups)
+
+    def _stop_diverged(self, what: str) -> None:
+        """End the run on every process; the main process's error line says what diverged, what to change and which
+        checkpoint is the last good one (no checkpoint is ever saved from a diverged state)."""
+        self._close()
+        if not self.accelerator.is_main_process:
+            raise _MainProcessFailed()
+        last = newest_intact_checkpoint(self.output_dir)
+        where = f"the last good checkpoint is {last}" if last is not None else "no checkpoint was saved"
+        raise TrainingDiverged(f"{what}; {self.recipe.divergence_advice(self)}; {where}")
+
+    def _on_main_process(self, compute: Callable[[], Any]) -> Any:
+        """``compute()`` on the main process only, its (picklable) result sent to the others; when it fails there,
+        the others stop quietly and the main process's error is the run's one error line."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return compute()
+        message: list[Any] = [None]
+        if acc.is_main_process:
+            try:
+                message = [(True, compute())]
+            except BaseException:
+                broadcast_object_list([(False, None)], from_process=0)
+                raise
+        broadcast_object_list(message, from_process=0)
+        succeeded, value = message[0]
+        if not succeeded:
+            raise _MainProcessFailed()
+        return value
 
 
 class _MainProcessFailed(Exception):
@@ -469,6 +611,34 @@ def _main_process_succeeded(outcome: Optional[bool]) -> bool:
     message = [outcome]
     broadcast_object_list(message, from_process=0)
     return bool(message[0])
+
+
+class _LossWatch:
+    """The first optimizer step whose micro-batch loss was NaN or infinite, and that loss, as device tensors: updated
+    every micro-batch without a device sync, read at the loop's check points."""
+
+    def __init__(self) -> None:
+        self._step: Optional[torch.Tensor] = None  # 0 while every loss was finite
+        self._loss: Optional[torch.Tensor] = None
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        loss = loss.detach().float().sum()
+        if self._step is None or self._loss is None:
+            self._step = torch.zeros((), dtype=torch.long, device=loss.device)
+            self._loss = torch.zeros((), device=loss.device)
+        first = ~torch.isfinite(loss) & (self._step == 0)
+        self._step = torch.where(first, step, self._step)
+        self._loss = torch.where(first, loss, self._loss)
+
+    def first_step(self, device: torch.device) -> torch.Tensor:
+        """The step as a 0-dim tensor on ``device`` (0: none); no sync."""
+        return torch.zeros((), dtype=torch.long, device=device) if self._step is None else self._step.to(device)
+
+    def first(self) -> tuple[int, float]:
+        """``(step, loss)`` of the first non-finite loss, ``(0, 0.0)`` if none (a device sync)."""
+        if self._step is None or self._loss is None:
+            return 0, 0.0
+        return int(self._step), float(self._loss)
 
 
 class _Window:
@@ -568,11 +738,11 @@ def configure_logging(is_main_process: bool) -> None:
 # ---- the entry point -------------------------------------------------------------------------------------------------
 def run_recipe(recipe: Recipe, settings: LoopSettings) -> Optional[dict[str, Any]]:
     """Run ``recipe`` as a script does: its results (None when stopped early), and every process leaves the process
-    group together. A :data:`RECIPE_ERRORS` error becomes ``SystemExit("<recipe>: error: <message>")``: one line and
-    exit status 1, no traceback."""
+    group together. A :data:`RECIPE_ERRORS` error or :class:`TrainingDiverged` becomes ``SystemExit("<recipe>: error:
+    <message>")``: one line and exit status 1, no traceback."""
     try:
         results = TrainLoop(recipe, settings).run()
-    except RECIPE_ERRORS as exc:
+    except (*RECIPE_ERRORS, TrainingDiverged) as exc:
         raise SystemExit(error_line(recipe.name, exc)) from exc
     except _MainProcessFailed:
         raise SystemExit(1) from None  # the main process prints the error
@@ -603,6 +773,7 @@ __all__ = [
     "Recipe",
     "TrainLoop",
     "Trainables",
+    "TrainingDiverged",
     "batch_size",
     "configure_logging",
     "error_line",

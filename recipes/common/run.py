@@ -1,10 +1,11 @@
-"""Run bookkeeping shared by the recipes: output directories that protect earlier runs, one results.json schema,
-honest step timing and peak memory."""
+"""Run bookkeeping shared by the recipes: output directories that protect earlier runs, one results.json schema (never
+holding NaN), honest step timing and peak memory, and the finiteness checks of trained state."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import resource
 import shutil
@@ -13,7 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -241,11 +242,53 @@ def prepare_output_dir(
 
 
 def write_results(output_dir: Union[str, Path], results: dict[str, Any]) -> Path:
-    """Write ``results.json`` (flat, sorted keys) after checking the common keys of :data:`RESULTS_SCHEMA`."""
+    """Write ``results.json`` (flat, sorted keys) after checking the common keys of :data:`RESULTS_SCHEMA` and that
+    no number in it is NaN or infinite (the training loop stops a diverged run before; this is the last gate)."""
     missing = [key for key in RESULTS_SCHEMA if key not in results]
     if missing:
         raise ValueError(f"results are missing the common keys {missing} (see common.RESULTS_SCHEMA).")
+    bad = nonfinite_numbers(results)
+    if bad:
+        raise ValueError(f"results.json not written: it would hold non-finite values ({', '.join(bad[:5])}).")
     path = Path(output_dir) / RESULTS
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write_json(path, results)
     return path
+
+
+# ---- finiteness ------------------------------------------------------------------------------------------------------
+def format_nonfinite(value: float) -> str:
+    """``NaN``, ``inf`` or ``-inf`` for messages; other numbers as ``repr`` gives them."""
+    if math.isnan(value):
+        return "NaN"
+    return ("inf" if value > 0 else "-inf") if math.isinf(value) else repr(value)
+
+
+def nonfinite_numbers(value: Any, key: str = "") -> list[str]:
+    """``key = NaN`` for every NaN or infinite float in a nest of mappings and sequences (dotted keys)."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [f"{key or 'value'} = {format_nonfinite(value)}"]
+    if isinstance(value, Mapping):
+        return [bad for k, v in value.items() for bad in nonfinite_numbers(v, f"{key}.{k}" if key else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [bad for i, v in enumerate(value) for bad in nonfinite_numbers(v, f"{key}[{i}]")]
+    return []
+
+
+def all_finite(tensors: Iterable[torch.Tensor], device: Union[torch.device, str]) -> torch.Tensor:
+    """Whether every element of the floating-point ``tensors`` is finite, as a 0-dim bool tensor on ``device``,
+    without a device sync: a caller combines it with other flags and reads them together."""
+    flags = [torch.isfinite(t.detach()).all().to(device) for t in tensors if t.is_floating_point()]
+    return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=device)
+
+
+def nonfinite_names(named: Iterable[tuple[str, torch.Tensor]], limit: int = 3) -> list[str]:
+    """The names of the first ``limit`` floating-point tensors holding NaN or inf. One device sync per tensor: for
+    messages once something is known to be wrong, and for a one-off check such as a resumed state."""
+    found: list[str] = []
+    for name, tensor in named:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor.detach()).all()):
+            found.append(name)
+            if len(found) >= limit:
+                break
+    return found
