@@ -3,7 +3,8 @@
 - :mod:`.compressors`: fp16/bf16 casts, int8 (QSGD-style), 1-bit sign, Top-K, Rand-K (shared seed), GD-SEC's
   significant-component selection; pure functions of tensors and seeds with exact payload sizes.
 - :mod:`.feedback`: error feedback around any compressor (none / EF / EF21 / difference-with-reference).
-- :mod:`.transport`: all_reduce or all_gather of payloads, and the bytes they put on the wire.
+- :mod:`.transport`: all_reduce or all_gather of payloads, the bytes they put on the wire, and
+  :class:`CollectiveError` when a peer process is gone.
 - :mod:`.config`: :class:`CompressionConfig`, the settings (checked when made).
 - :mod:`.state`: :class:`CompressionState`, the counters and per-process state of one model (and its checkpoints).
 - :mod:`.hooks`: :func:`register_compression`, the DDP communication hooks (and torch's PowerSGD, counted).
@@ -33,10 +34,11 @@ from .config import (
 from .feedback import DifferenceFeedback, ErrorFeedback, Feedback, build_feedback, mean_decoded, simulate_round
 from .hooks import register_compression
 from .state import CompressionState
-from .transport import Exchange, allgather_wire_bytes, allreduce_wire_bytes
+from .transport import CollectiveError, Exchange, allgather_wire_bytes, allreduce_wire_bytes
 
 __all__ = [
     "Cast",
+    "CollectiveError",
     "CompressionConfig",
     "CompressionState",
     "Compressor",

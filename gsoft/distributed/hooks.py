@@ -20,7 +20,7 @@ from .config import CompressionConfig
 from .feedback import build_feedback
 from .local_steps import LocalSteps
 from .state import CompressionState
-from .transport import allreduce_wire_bytes, shared_seed
+from .transport import allreduce_wire_bytes, chained_result, collective_result, shared_seed
 
 # no ``from __future__ import annotations`` here: DDP checks the hooks' annotations at registration
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def _compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch
     state.count_bucket(bucket, step=True)
     if bucket.is_last():
         state.end_iteration()
-    return fut.then(lambda f: state.feedback.update(key, f.value()).to(buffer.dtype))
+    return fut.then(lambda f: state.feedback.update(key, chained_result(f)).to(buffer.dtype))
 
 
 def _local_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -69,8 +69,11 @@ def _powersgd_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fu
     buffer = bucket.buffer()
     if ps.iter < ps.start_powerSGD_iter:  # torch's vanilla all-reduce of the bucket
         split: tuple[int, ...] = (buffer.numel() * buffer.element_size(),)
+        operation = (f"PowerSGD's uncompressed all_reduce of a gradient bucket (before iteration "
+                     f"{ps.start_powerSGD_iter})")
     else:
         split = _powersgd_split(ps, bucket, buffer.element_size())
+        operation = f"PowerSGD's all_reduces of a gradient bucket (rank {ps.matrix_approximation_rank})"
     state.bytes_sent += sum(allreduce_wire_bytes(b, state.world_size) for b in split)
     state.payload_bytes += sum(split)
     state.count_bucket(bucket, step=True)
@@ -79,8 +82,9 @@ def _powersgd_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fu
         # torch's hook issues its Q all-reduce from a completion callback; with several buckets on gloo the two
         # processes can then issue collectives in different orders (gloo then fails with "Received data size doesn't
         # match" when an evaluation changes the timing). Waiting keeps one order, at the cost of overlap.
-        fut.wait()
-    return fut
+        collective_result(fut, operation, state.group)
+    # torch's callbacks read their futures: a failed all-reduce arrives here as an error, raised again with its name
+    return fut.then(lambda f: collective_result(f, operation, state.group))
 
 
 def _backend(group: Optional[dist.ProcessGroup]) -> str:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .state import CompressionState
-from .transport import shared_seed
+from .transport import chained_result, shared_seed
 
 KEY = "local_step_delta"
 
@@ -73,8 +73,9 @@ class LocalSteps:
             return
         state = self.state
         delta = self._flat() - self.reference
-        mean = state.start_round(KEY, delta, [p.numel() for p in self.params],
-                                 shared_seed(state.options["seed"], state.syncs, KEY)).wait()
+        mean = chained_result(state.start_round(KEY, delta, [p.numel() for p in self.params],
+                                                shared_seed(state.options["seed"], state.syncs, KEY),
+                                                what="local-step parameter delta"))
         self.reference += state.feedback.update(KEY, mean)
         offset = 0
         for p in self.params:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_powersgd
 
 from .feedback import Feedback
-from .transport import Exchange, allreduce_wire_bytes, shared_seed
+from .transport import Exchange, allreduce_wire_bytes, checked_collective, shared_seed
 
 
 class Averager(Protocol):
@@ -118,12 +118,14 @@ class CompressionState:
         self.feedback.states[key] = state
 
     def start_round(self, key: Hashable, x: torch.Tensor, sizes: list[int], seed: int,
-                    tensor_ids: Optional[Sequence[int]] = None) -> torch.futures.Future[torch.Tensor]:
+                    tensor_ids: Optional[Sequence[int]] = None, *,
+                    what: str = "gradient bucket") -> torch.futures.Future[torch.Tensor]:
         """One counted exchange of ``x`` (made of tensors of ``sizes``, named by ``tensor_ids``) through the feedback
         and compressor; the future holds the mean of every process's decoded message (gradient buckets and
-        local-step deltas alike)."""
+        local-step deltas alike), or a :class:`~gsoft.distributed.transport.CollectiveError` naming ``what``."""
         compressor = self.feedback.compressor_for(sizes, tensor_ids)
-        exchange = Exchange(compressor, x.numel(), group=self.group, shared_seed=seed)
+        exchange = Exchange(compressor, x.numel(), group=self.group, shared_seed=seed,
+                            label=f"the {what} of {len(sizes)} tensors, {self.method} compression")
         payload = self.feedback.message(key, x, sizes=sizes, tensor_ids=tensor_ids, shared_seed=seed,
                                         private_seed=shared_seed(seed, self.rank))
         fut = exchange.start(payload)
@@ -160,7 +162,8 @@ class CompressionState:
         if self.powersgd is not None:
             own["powersgd"] = {k: v for k, v in self.powersgd.__getstate__().items()}
         gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, own, group=self.group)
+        checked_collective("all_gather_object of every process's compression state (for a checkpoint)",
+                           lambda: dist.all_gather_object(gathered, own, group=self.group), self.group)
         return {"method": self.method, "options": self.options, "world_size": self.world_size, "ranks": gathered}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

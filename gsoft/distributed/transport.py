@@ -7,19 +7,86 @@ and scales, plus, for variable-size payloads, the exchanged counts and the paddi
 Bytes are counted per process as a ring algorithm sends them: ``all_reduce`` of ``B`` bytes sends
 ``2 (p - 1) / p * B``, ``all_gather`` of ``B`` bytes sends ``(p - 1) * B``. With two processes both are exactly
 the payload size, which the tests check and the benchmark compares with the interface counters.
+
+A collective that fails (a peer process exited, crashed or did not join within the process group's timeout) raises
+:class:`CollectiveError`, naming the operation and the backend's own error: every future's result is read before
+anything is decoded from the receive buffers, which then hold this process's own data or nothing.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import zlib
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .compressors import Compressor, Layout, Payload
 from .feedback import mean_decoded
+
+T = TypeVar("T")
+
+#: The words every :class:`CollectiveError` says (also how one is recognised inside torch's wrapped errors).
+PEER_GONE = "a peer process is gone"
+# torch's Future.then turns an exception raised in a callback into a RuntimeError with this prefix (once per link of
+# the chain) and appends the Python traceback after "\n\nAt:\n"
+_CALLBACK_PREFIX = re.compile(r"^(?:Got the following error when running the callback: \w+: )+")
+
+
+class CollectiveError(RuntimeError):
+    """A collective did not complete on this process: a peer process is gone (it exited or crashed) or did not join
+    within the process group's timeout. Raised instead of a result, which would be wrong (the receive buffers hold
+    this process's own data, or nothing)."""
+
+
+def _own_words(exc: BaseException) -> str:
+    """``exc``'s message without torch's callback prefixes and tracebacks."""
+    return _CALLBACK_PREFIX.sub("", str(exc)).split("\n\nAt:\n", 1)[0].strip()
+
+
+def collective_error(operation: str, exc: BaseException, group: Optional[dist.ProcessGroup] = None) -> CollectiveError:
+    """The error for ``operation`` having failed with ``exc`` (the backend's error). A :class:`CollectiveError`
+    passed along a callback chain comes back as itself, unwrapped."""
+    if isinstance(exc, CollectiveError):
+        return exc
+    if PEER_GONE in str(exc):
+        return CollectiveError(_own_words(exc))
+    return CollectiveError(
+        f"{operation} failed in process {dist.get_rank(group)} of {dist.get_world_size(group)}: {PEER_GONE} (it "
+        f"exited or crashed) or did not join the collective within the process group's timeout, so there is no "
+        f"correct result to return. The other processes' logs show the first error; restart every process (from "
+        f"the last checkpoint). Underlying error: {_own_words(exc)}")
+
+
+def collective_result(fut: torch.futures.Future, operation: str,
+                      group: Optional[dist.ProcessGroup] = None) -> Any:
+    """The result of the future of a collective (``operation``, for the error), or :class:`CollectiveError`."""
+    try:
+        return fut.wait()
+    except RuntimeError as exc:
+        raise collective_error(operation, exc, group) from exc
+
+
+def chained_result(fut: torch.futures.Future) -> Any:
+    """The result of a future whose chain holds collectives: a :class:`CollectiveError` from further up the chain is
+    raised as itself (torch hands it on as a prefixed RuntimeError); other errors as they are."""
+    try:
+        return fut.wait()
+    except RuntimeError as exc:
+        if PEER_GONE in str(exc):
+            raise CollectiveError(_own_words(exc)) from exc
+        raise
+
+
+def checked_collective(operation: str, call: Callable[[], T], group: Optional[dist.ProcessGroup] = None) -> T:
+    """``call()``, a blocking collective (``operation``, for the error); its failure raises
+    :class:`CollectiveError`."""
+    try:
+        return call()
+    except RuntimeError as exc:
+        raise collective_error(operation, exc, group) from exc
 
 
 def shared_seed(*parts: Any) -> int:
@@ -56,29 +123,36 @@ class Exchange:
     decoded payloads of all processes (summed in rank order, so every process gets the same bits)."""
 
     def __init__(self, compressor: Compressor, numel: int, *, group: Optional[dist.ProcessGroup] = None,
-                 shared_seed: int = 0):
+                 shared_seed: int = 0, label: str = "payload"):
         self.compressor = compressor
         self.numel = numel
         self.group = group
         self.shared_seed = shared_seed
+        self.label = label  # what is exchanged, for errors: "the gradient bucket of 4 tensors, topk compression"
         self.world_size = dist.get_world_size(group)
         self.bytes_sent = 0
         self.payload_bytes = 0
 
     def start(self, payload: Payload) -> torch.futures.Future:
-        c, world = self.compressor, self.world_size
+        c, world, group = self.compressor, self.world_size, self.group
         if c.summable:
             (tensor,) = payload
             self.payload_bytes = tensor.numel() * tensor.element_size()
             self.bytes_sent = allreduce_wire_bytes(self.payload_bytes, world)
-            work = dist.all_reduce(tensor, group=self.group, async_op=True)
-            return work.get_future().then(
-                lambda _: c.decompress((tensor,), self.numel, shared_seed=self.shared_seed) / world)
+            operation = f"all_reduce ({self.label}, {self.payload_bytes} bytes)"
+            work = dist.all_reduce(tensor, group=group, async_op=True)
+
+            def reduced(fut: torch.futures.Future) -> torch.Tensor:
+                collective_result(fut, operation, group)
+                return c.decompress((tensor,), self.numel, shared_seed=self.shared_seed) / world
+
+            return work.get_future().then(reduced)
 
         if c.variable_size:
             count = torch.tensor([c.count(payload)], dtype=torch.int32, device=payload[0].device)
             counts = [torch.empty_like(count) for _ in range(world)]
-            dist.all_gather(counts, count, group=self.group)
+            sizes_work = dist.all_gather(counts, count, group=group, async_op=True)
+            collective_result(sizes_work.get_future(), f"all_gather of the payload sizes ({self.label})", group)
             self.bytes_sent += allgather_wire_bytes(count.element_size(), world)
             sizes = [int(n) for n in torch.cat(counts).tolist()]
             payload = c.pad(payload, max(sizes))
@@ -90,10 +164,12 @@ class Exchange:
         buffer = pack(payload)
         self.payload_bytes = buffer.numel()
         self.bytes_sent += allgather_wire_bytes(buffer.numel(), world)
+        operation = f"all_gather ({self.label}, {buffer.numel()} bytes per process)"
         received = [torch.empty_like(buffer) for _ in range(world)]
-        work = dist.all_gather(received, buffer, group=self.group, async_op=True)
+        work = dist.all_gather(received, buffer, group=group, async_op=True)
 
-        def decode(_) -> torch.Tensor:
+        def decode(fut: torch.futures.Future) -> torch.Tensor:
+            collective_result(fut, operation, group)
             payloads = [tuple(t[:n] for t, (_, n) in zip(unpack(buf, full), layout))
                         for buf, layout in zip(received, layouts)]
             return mean_decoded(c, payloads, self.numel, shared_seed=self.shared_seed)
@@ -102,4 +178,4 @@ class Exchange:
 
     def run(self, payload: Payload) -> torch.Tensor:
         """Blocking :meth:`start`."""
-        return self.start(payload).wait()
+        return chained_result(self.start(payload))

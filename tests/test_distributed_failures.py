@@ -1,0 +1,161 @@
+"""gsoft.distributed when a peer process is gone: every collective path raises a clear error instead of returning.
+
+One spawn of two gloo processes covers every compression method and every collective path (DDP gradient hooks,
+PowerSGD, local-step averaging, the checkpoint gather). Each case gets its own process group, so a failed collective
+in one case leaves the others intact. Both processes build every case and take two good steps together, then:
+
+- ``silent``: process 1 stays alive but skips the collective; process 0's collective times out (a short per-group
+  timeout, set only after the set-up), as when a peer hangs or never joins;
+- ``exited``: process 1 exits; process 0's collective finds the connection closed (or times out), as when a peer
+  crashes or is killed.
+
+Process 0 records what each failing call did (raised, with which message, or returned); the tests read that.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import traceback
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from conftest import free_port
+from gsoft.distributed import CompressionConfig, register_compression
+
+WORLD = 2
+SET_UP_TIMEOUT = datetime.timedelta(seconds=300)  # set-up and coordination: generous on a loaded machine
+FAILING_TIMEOUT = datetime.timedelta(seconds=3)  # what a silent peer costs per case
+JOIN_TIMEOUT_S = 600
+PHASES = ("silent", "exited")
+GOOD_STEPS = 2  # DDP rebuilds its buckets in the second; PowerSGD compresses from the third (start_iter 2)
+
+#: case -> (method, CompressionConfig options, what process 0 calls, the collective the error must name)
+CASES: dict[str, tuple[str, dict[str, Any], str, str]] = {
+    "none": ("none", {}, "step", "all_reduce"),
+    "fp16": ("fp16", {}, "step", "all_reduce"),
+    "int8": ("int8", {}, "step", "all_gather"),
+    "sign": ("sign", {}, "step", "all_gather"),
+    "topk": ("topk", {"compression_ratio": 0.25}, "step", "all_gather"),
+    "randk": ("randk", {"compression_ratio": 0.25}, "step", "all_reduce"),
+    "gdsec": ("gdsec", {"compression_ratio": 0.25}, "step", "all_gather"),
+    "powersgd": ("powersgd", {"powersgd_start_iter": GOOD_STEPS}, "step", "PowerSGD"),
+    "powersgd_uncompressed": ("powersgd", {"powersgd_start_iter": 100}, "step", "PowerSGD"),
+    "updates": ("topk", {"compress": "updates"}, "step", "all_gather"),
+    "local_steps": ("int8", {"local_steps": 3}, "synchronize", "all_gather"),
+    "checkpoint": ("topk", {}, "state_dict", "all_gather_object"),
+}
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 2))
+    model[0].requires_grad_(False)
+    return model
+
+
+def _build(rank: int, method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """A DDP model with compression on its own process group, after two good steps together."""
+    group = dist.new_group(backend="gloo", timeout=SET_UP_TIMEOUT)
+    model = _model()
+    ddp = DDP(model, process_group=group)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    state = register_compression(ddp, CompressionConfig(method, **options), optimizer=opt, process_group=group)
+    case = {"group": group, "ddp": ddp, "opt": opt, "state": state}
+    for step in range(GOOD_STEPS):
+        _step(case, rank, step)
+    return case
+
+
+def _step(case: dict[str, Any], rank: int, step: int) -> None:
+    g = torch.Generator().manual_seed(100 * rank + step)
+    x = torch.randn(16, 8, generator=g)
+    loss = nn.functional.mse_loss(case["ddp"](x), torch.sin(x[:, :2]))
+    case["opt"].zero_grad()
+    loss.backward()
+    case["opt"].step()
+
+
+def _failing_call(case: dict[str, Any], action: str) -> Callable[[], Any]:
+    if action == "step":
+        return lambda: _step(case, 0, GOOD_STEPS)
+    if action == "synchronize":
+        return case["state"].synchronize
+    return case["state"].state_dict
+
+
+def _outcome(call: Callable[[], Any]) -> dict[str, Any]:
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001 - what was raised is the result
+        return {"raised": type(exc).__name__, "message": str(exc), "is_runtime_error": isinstance(exc, RuntimeError)}
+    return {"raised": None, "message": "returned without an error"}
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=SET_UP_TIMEOUT)
+    results: dict[str, Any] = {}
+    try:
+        built = {phase: {name: _build(rank, method, options) for name, (method, options, _, _) in CASES.items()}
+                 for phase in PHASES}
+        for phase in PHASES:
+            for case in built[phase].values():
+                case["group"].set_timeout(FAILING_TIMEOUT)
+        dist.barrier()
+        if rank == 1:
+            dist.barrier()  # silent: process 0's collectives in the "silent" groups time out meanwhile
+            os._exit(0)  # exited: the "exited" groups' connections close
+        for phase in PHASES:
+            results[phase] = {name: _outcome(_failing_call(built[phase][name], CASES[name][2])) for name in CASES}
+            if phase == "silent":
+                dist.barrier()
+    except Exception:  # noqa: BLE001 - reported by the tests
+        results["error"] = traceback.format_exc()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    os._exit(0)  # the default group lost its peer: nothing left to tear down cleanly
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("peer_gone")
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(rank, port, str(out))) for rank in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=JOIN_TIMEOUT_S)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert [p.exitcode for p in procs] == [0, 0], f"workers exited with {[p.exitcode for p in procs]}"
+    results = json.loads((out / "rank0.json").read_text())
+    assert "error" not in results, results["error"]
+    return results
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_gone_peer_raises_a_clear_error(outcomes, phase, name):
+    outcome = outcomes[phase][name]
+    message = outcome["message"]
+    assert outcome["raised"] is not None, f"{name}: the failed collective returned a result instead of raising"
+    assert outcome["is_runtime_error"], outcome
+    assert "a peer process is gone" in message, message
+    assert CASES[name][3] in message, message  # the operation
+    assert "process 0 of 2" in message, message
+    underlying = message.split("Underlying error: ", 1)
+    assert len(underlying) == 2 and underlying[1].strip(), message
+    if phase == "silent":
+        assert "Timed out" in underlying[1], message  # gloo's own words
