@@ -3,8 +3,8 @@
 Covers: a checkpoint is written atomically (a save that dies leaves no step directory) with a manifest of its files'
 sizes and sha256 written last; a truncated or altered model, optimizer, scheduler or trainer state, or a missing
 manifest, makes ``latest`` fall back to the newest intact checkpoint with a warning naming the broken one (and the
-resumed run still equals the uninterrupted one bit for bit); a broken checkpoint named explicitly, or no intact one
-under ``latest``, is one error line; a missing or damaged RNG state resumes with a warning that the resume is not
+resumed run still equals the uninterrupted one bit for bit); a broken checkpoint named explicitly, no intact one
+under ``latest``, or a file that matches its manifest but does not parse, is one error line; a missing or damaged RNG state resumes with a warning that the resume is not
 bit-identical; ``checkpoints_total_limit`` never keeps a broken checkpoint in place of an intact one.
 """
 
@@ -21,7 +21,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from common.checkpoint import MANIFEST, resolve_checkpoint, save_checkpoint
+from common.checkpoint import MANIFEST, resolve_checkpoint, save_checkpoint, write_manifest
 from common.loop import run_recipe
 from test_loop import LinearRecipe, checkpoints, settings
 
@@ -112,6 +112,16 @@ def test_a_broken_checkpoint_named_explicitly_is_one_line(stopped):
     assert message.startswith(f"linear: error: --resume_from_checkpoint {str(path)!r} is broken: model.safetensors "
                               "has "), message
     assert "'latest'" in message  # what to do instead
+
+
+def test_a_file_that_matches_its_manifest_but_does_not_parse_is_one_line(stopped):
+    """Damaged before the manifest was written (or the manifest rewritten by hand): the parser's error, in one line
+    naming the checkpoint."""
+    path = _step(stopped, 6)
+    _truncate(path / "optimizer.bin")
+    write_manifest(path, 1)
+    message = _error(stopped, str(path))
+    assert message.startswith(f"linear: error: checkpoint {path} could not be loaded: "), message
 
 
 def test_latest_without_an_intact_checkpoint_is_one_line(stopped):

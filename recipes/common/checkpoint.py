@@ -77,6 +77,9 @@ def _sha256(path: Path, sync: bool = False) -> str:
 
 
 def _sync_dir(path: Path) -> None:
+    """Flush a directory's entries (a rename) to the disk; POSIX only (Windows cannot open a directory)."""
+    if os.name != "posix":
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -344,6 +347,6 @@ def load_checkpoint(accelerator: Accelerator, path: Union[str, Path]) -> dict[st
             )
     try:
         accelerator.load_state(str(path), strict=False)
-    except (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError) as exc:
+    except (OSError, EOFError, RuntimeError, KeyError, pickle.UnpicklingError, SafetensorError) as exc:
         raise ValueError(f"checkpoint {path} could not be loaded: {type(exc).__name__}: {exc}") from exc
     return json.loads((path / TRAINER_STATE).read_text())
