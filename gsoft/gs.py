@@ -90,10 +90,31 @@ def auto_n_factors(n_blocks: int, block_size: int) -> int:
     return 1 + k
 
 
+#: Upper bound of ``n_factors`` whatever the layer: ``1 + ceil(log_b r)`` factors make a GS matrix dense, which is
+#: at most 64 for every block size >= 2 and dimension below 2^63. Each layer bounds it further by its own size
+#: (:func:`max_n_factors`); this bound refuses absurd values before any layer is built.
+MAX_N_FACTORS = 64
+
+
 def check_n_factors(n_factors: NFactors) -> None:
-    """``n_factors`` is an int >= 1 or ``"auto"``."""
-    if n_factors != "auto" and (not _is_int(n_factors) or n_factors < 1):
+    """``n_factors`` is an int in ``[1, MAX_N_FACTORS]`` or ``"auto"``."""
+    if n_factors == "auto":
+        return
+    if not _is_int(n_factors) or n_factors < 1:
         raise ValueError(f"n_factors must be an int >= 1 or 'auto', got {n_factors!r}.")
+    if n_factors > MAX_N_FACTORS:
+        raise ValueError(
+            f"n_factors={n_factors} is more than any layer can use: at most {MAX_N_FACTORS} (1 + log2 of the dimension "
+            "factors already make a GS matrix dense). Use n_factors='auto' (the fewest that give a dense matrix) or a "
+            "small int such as 2."
+        )
+
+
+def max_n_factors(n: int, block_size: int) -> int:
+    """Most GS factors that make sense for dimension ``n``: beyond ``1 + ceil(log2 n)`` factors (which make a GS
+    matrix of any block size dense) and beyond ``(n - 1) // (b - 1)`` (where it has more free parameters,
+    ``m n (b - 1) / 2``, than a dense ``n x n`` rotation, ``n (n - 1) / 2``), more factors only cost memory and time."""
+    return max(1 + (n - 1).bit_length(), (n - 1) // (block_size - 1))
 
 
 def resolve_n_factors(n_factors: NFactors, n_blocks: int, block_size: int, where: str = "") -> int:
@@ -101,11 +122,19 @@ def resolve_n_factors(n_factors: NFactors, n_blocks: int, block_size: int, where
     check_n_factors(n_factors)
     if n_factors == "auto":
         return auto_n_factors(n_blocks, block_size)
+    where = f" for {where}" if where else ""
     if n_factors > 1 and n_blocks == 1:
-        where = f" for {where}" if where else ""
         raise ValueError(
             f"n_factors={n_factors} needs at least 2 blocks, but block_size={block_size} covers the whole dimension"
             f"{where}: one factor is already a dense rotation. Use n_factors=1 or 'auto', or a smaller block_size."
+        )
+    limit = max_n_factors(n_blocks * block_size, block_size)
+    if n_factors > limit:
+        raise ValueError(
+            f"n_factors={n_factors} with block_size={block_size}{where} is more than this size can use: more than "
+            "1 + log2 of the dimension (which make any GS matrix dense) and more free parameters than a dense "
+            f"rotation. Use n_factors <= {limit}, or 'auto' "
+            f"(= {auto_n_factors(n_blocks, block_size)} here, the fewest that give a dense matrix)."
         )
     return n_factors
 
@@ -142,13 +171,32 @@ def skew_params(skew: torch.Tensor) -> torch.Tensor:
     return skew[..., rows, cols]
 
 
+#: Most terms of the ``cayley_neumann`` series. Its error is ``||K||_2^t``: at ``||K||_2 <= 1/2`` 53 terms already
+#: reach float64 precision, at ``||K||_2 >= 1`` no number of terms converges, and each term is one more batched
+#: matmul per rebuild, so more terms only cost time.
+MAX_NEUMANN_TERMS = 64
+
+
 def check_orthogonal_map(orthogonal_map: str, neumann_terms: int = 5) -> None:
     """``orthogonal_map`` is one of :data:`ORTHOGONAL_MAPS`; ``neumann_terms`` (used by ``cayley_neumann``) an int
-    >= 1."""
+    in ``[1, MAX_NEUMANN_TERMS]``."""
     if orthogonal_map not in ORTHOGONAL_MAPS:
         raise ValueError(f"Unknown orthogonal_map {orthogonal_map!r}; choose one of {ORTHOGONAL_MAPS}.")
-    if not _is_int(neumann_terms) or neumann_terms < 1:
-        raise ValueError(f"neumann_terms must be an int >= 1, got {neumann_terms!r}.")
+    if not _is_int(neumann_terms) or not 1 <= neumann_terms <= MAX_NEUMANN_TERMS:
+        raise ValueError(
+            f"neumann_terms must be an int in [1, {MAX_NEUMANN_TERMS}], got {neumann_terms!r}: the series' error is "
+            f"||K||^neumann_terms, so {MAX_NEUMANN_TERMS} terms reach float64 precision wherever it converges; use "
+            "orthogonal_map='cayley' for the exact map."
+        )
+
+
+def skew_norm_bound(params: torch.Tensor, block_size: int) -> torch.Tensor:
+    """An upper bound of the spectral norm of every skew-symmetric block, ``(..., b(b-1)/2)`` -> ``(...)``, within a
+    factor ``b^(1/8)`` of it: ``||K^4||_F^(1/4)`` (``K`` is normal, so ``||K^4||_2 = ||K||_2^4``). Two batched
+    matmuls, no decomposition; NaN where ``params`` has NaN, inf where ``K^4`` overflows."""
+    skew = skew_symmetric(_at_least_float32(params), block_size)
+    square = skew @ skew
+    return torch.linalg.matrix_norm(square @ square).pow(0.25)
 
 
 def orthogonal_from_skew(

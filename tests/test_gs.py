@@ -222,6 +222,29 @@ def test_resolve_n_factors_errors():
     assert gs.resolve_n_factors("auto", 1, 16) == 1
 
 
+def test_n_factors_upper_bounds():
+    with pytest.raises(ValueError, match=r"n_factors=65 is more than any layer can use: at most 64"):
+        gs.check_n_factors(65)
+    gs.check_n_factors(64)
+    # 64 = 8 blocks of 8: 1 + log2(64) = 7 factors make any GS matrix dense, 9 have a dense rotation's parameters
+    assert gs.max_n_factors(64, 8) == 9
+    assert gs.resolve_n_factors(9, 8, 8) == 9
+    with pytest.raises(ValueError, match=r"n_factors=10 with block_size=8 .*n_factors <= 9, or 'auto' \(= 2 here"):
+        gs.resolve_n_factors(10, 8, 8)
+    # large blocks: the log2 bound is the larger one (32 = 2 blocks of 16: 6 factors, not 2)
+    assert gs.max_n_factors(32, 16) == 6
+    for b in range(2, 40):
+        for r in range(1, 300):
+            assert gs.auto_n_factors(r, b) <= gs.max_n_factors(r * b, b), (r, b)
+
+
+def test_neumann_terms_bound():
+    gs.check_orthogonal_map("cayley_neumann", gs.MAX_NEUMANN_TERMS)
+    for bad in (0, gs.MAX_NEUMANN_TERMS + 1, 5.0, True):
+        with pytest.raises(ValueError, match=r"neumann_terms must be an int in \[1, 64\]"):
+            gs.check_orthogonal_map("cayley_neumann", bad)
+
+
 @pytest.mark.parametrize("r,b", [(8, 2), (4, 4), (16, 8), (12, 4)])
 def test_grouped_two_factor_path_equals_general_path(r, b, monkeypatch):
     """Two factors with b | r use dense b^2 groups; both paths must equal the dense reference."""

@@ -15,6 +15,9 @@ from .peft_type import GSOFTPeftType
 #: ``block_size`` when neither it nor ``n_blocks`` is given.
 DEFAULT_BLOCK_SIZE = 8
 
+#: The config's bool fields (``inference_mode`` is PEFT's): JSON or YAML strings such as "false" are refused.
+BOOL_FIELDS: tuple[str, ...] = ("double", "scaling", "fan_in_fan_out", "init_weights", "inference_mode")
+
 #: Which biases train (PEFT's ``bias`` option).
 Bias = Literal["none", "all", "gsoft_only"]
 BIASES: tuple[str, ...] = get_args(Bias)
@@ -125,7 +128,11 @@ class GSOFTConfig(PeftConfig):
     )
     layers_to_transform: Optional[Union[list[int], int]] = field(
         default=None,
-        metadata={"help": "Only adapt layers with these indices in the layer list (see layers_pattern)."},
+        metadata={
+            "help": "Only adapt layers with these indices in the layer list (see layers_pattern). Needs "
+            "target_modules as a list of names (or None, the architecture's default names); a regex string, "
+            "'all-linear' included, is refused, as in PEFT's LoRA."
+        },
     )
     layers_pattern: Optional[Union[list[str], str]] = field(
         default=None,
@@ -145,9 +152,24 @@ class GSOFTConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = GSOFTPeftType.GSOFT
-        if isinstance(self.target_modules, list):
+        for name in BOOL_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r} ({type(value).__name__}).")
+        for name in ("target_modules", "exclude_modules"):
+            _check_module_names(name, getattr(self, name))
+        _check_layers(self.layers_to_transform, self.layers_pattern)
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError(
+                f"`layers_to_transform` cannot be combined with a regex `target_modules` or 'all-linear' (got "
+                f"{self.target_modules!r}): PEFT applies layers_to_transform to module names matched by suffix only, "
+                "as LoRA does. Give target_modules as a list of "
+                "names (e.g. ['query', 'value']) or leave it None for the architecture's default names, or put the "
+                "layer indices into the regex and drop layers_to_transform."
+            )
+        if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
+        if isinstance(self.exclude_modules, (list, tuple)):
             self.exclude_modules = set(self.exclude_modules)
         if self.block_size is None and self.n_blocks is None:
             self.block_size = DEFAULT_BLOCK_SIZE
@@ -159,3 +181,40 @@ class GSOFTConfig(PeftConfig):
             raise ValueError(f"bias must be one of {BIASES}, got {self.bias!r}.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("`layers_pattern` only works together with `layers_to_transform`; set both.")
+
+
+def _check_module_names(name: str, value: object) -> None:
+    """``target_modules`` / ``exclude_modules``: None, one regex string, or a list (set, tuple) of names."""
+    if value is None or isinstance(value, str):
+        return
+    if isinstance(value, (list, set, tuple)) and all(isinstance(v, str) for v in value):
+        return
+    raise ValueError(
+        f"{name} must be a list of module names or one regex string, got {value!r} ({type(value).__name__}); e.g. "
+        "['query', 'value'] or r'.*\\.attention\\..*'."
+    )
+
+
+def _check_layers(layers_to_transform: object, layers_pattern: object) -> None:
+    """``layers_to_transform``: None, an int >= 0 or a list of them; ``layers_pattern``: None, a name or a list of
+    names, and only together with ``layers_to_transform``."""
+
+    def is_index(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if layers_to_transform is not None and not (
+        is_index(layers_to_transform)
+        or (isinstance(layers_to_transform, list) and all(is_index(v) for v in layers_to_transform))
+    ):
+        raise ValueError(
+            f"layers_to_transform must be an int >= 0 or a list of them (indices into the layer list), got "
+            f"{layers_to_transform!r}."
+        )
+    if layers_pattern is not None and not (
+        isinstance(layers_pattern, str)
+        or (isinstance(layers_pattern, list) and all(isinstance(v, str) for v in layers_pattern))
+    ):
+        raise ValueError(
+            f"layers_pattern must be the name (or a list of names) of the layer list, e.g. 'layer' or 'h', got "
+            f"{layers_pattern!r}."
+        )
