@@ -1001,7 +1001,7 @@ def test_loading_adapter_of_other_shape_raises(tmp_path) -> None:
     model = get_peft_model(tiny_mlp(), gsoft.GSOFTConfig(block_size=4, target_modules=["lin0", "lin1"]))
     model.save_pretrained(tmp_path)
     bigger = MLP((24, 48, 16))  # block_size=4 still fits, but the skew tensors have other shapes
-    match = r"GSOFT adapter does not fit this model: 'base_model\.model\.lin0\.gsoft_in\.default\.skew' has shape \(2, 4, 6\)"
+    match = r"GSOFT adapter does not fit this model: 'base_model\.model\.lin0\.gsoft_in\.skew' has shape \(2, 4, 6\)"
     with pytest.raises(ValueError, match=match):
         PeftModel.from_pretrained(bigger, tmp_path)
 

@@ -34,8 +34,10 @@ class GSOrthogonal(nn.Module):
         orthogonal_map: gs.OrthogonalMap,
         neumann_terms: int,
         backend: plan.Backend = "auto",
+        name: str = "",
     ) -> None:
         super().__init__()
+        self.name = name or f"GS rotation n={n} block_size={block_size}"  # for warnings, e.g. 'lin0.gsoft_in.default'
         self.n = n
         self.block_size = block_size
         self.n_blocks = n // block_size
@@ -136,7 +138,8 @@ class GSOFTLayer(BaseTunerLayer):
         for side, n in sides.items():
             b, r = gs.resolve_blocks(n, config.block_size, config.n_blocks, where=f"{side}_features={n} of {where}")
             m = gs.resolve_n_factors(config.n_factors, r, b, where=f"{side}_features={n} of {where}")
-            module = GSOrthogonal(n, b, m, config.orthogonal_map, config.neumann_terms, config.backend)
+            name = f"{layer_name or self._layer_name}.gsoft_{side}.{adapter_name}"
+            module = GSOrthogonal(n, b, m, config.orthogonal_map, config.neumann_terms, config.backend, name)
             getattr(self, f"gsoft_{side}")[adapter_name] = module
             settings[side] = {"n": n, "block_size": b, "n_factors": m, "dense": gs.is_dense(n, b, m)}
         if config.scaling:
@@ -169,7 +172,10 @@ class GSOFTLayer(BaseTunerLayer):
 
     # -- merging -------------------------------------------------------------------------------------------------------
     def _merge_one(self, weight: torch.Tensor, adapter: str, inverse: bool = False) -> torch.Tensor:
-        """``s * Q_out W Q_in`` for a weight viewed as ``(out, in, ...)``; ``inverse=True`` undoes it."""
+        """``s * Q_out W Q_in`` for a weight viewed as ``(out, in, ...)``; ``inverse=True`` undoes it.
+
+        Returns a new tensor and changes nothing; raises a ``ValueError`` when ``inverse=True`` cannot undo the merge.
+        """
         rot_in, rot_out = self.gsoft_in[adapter], self.gsoft_out[adapter] if adapter in self.gsoft_out else None
         scale = self.gsoft_scale[adapter] if adapter in self.gsoft_scale else None
         dtype = rot_in.skew.dtype if rot_in.skew.dtype in (torch.float32, torch.float64) else torch.float32
@@ -183,13 +189,33 @@ class GSOFTLayer(BaseTunerLayer):
                 w = w * scale.to(dtype).view(shape_s)
             return w
         if scale is not None:
-            if (scale == 0).any():
-                raise ValueError(f"Cannot unmerge adapter '{adapter}': its scaling vector has zeros.")
+            zeros = (scale == 0).nonzero().flatten().tolist()
+            if zeros:
+                shown = ", ".join(map(str, zeros[:8])) + (", ..." if len(zeros) > 8 else "")
+                raise self._unmerge_error(
+                    adapter,
+                    f"its magnitude vector gsoft_scale is 0 at index {shown}, so merging erased those rows of the base "
+                    "weight and they cannot be recovered",
+                )
             w = w / scale.to(dtype).view(shape_s)
         # Undo with the true inverse, not the transpose: 'cayley_neumann' blocks are only approximately orthogonal.
-        if rot_out is not None:
-            w = gs.gs_apply(w, gs.inverse_transpose_blocks(rot_out.blocks().to(dtype)), dim=0, transpose=True)
-        return gs.gs_apply(w, gs.inverse_transpose_blocks(rot_in.blocks().to(dtype)), dim=1)
+        try:
+            if rot_out is not None:
+                w = gs.gs_apply(w, gs.inverse_transpose_blocks(rot_out.blocks().to(dtype)), dim=0, transpose=True)
+            return gs.gs_apply(w, gs.inverse_transpose_blocks(rot_in.blocks().to(dtype)), dim=1)
+        except torch.linalg.LinAlgError as exc:
+            raise self._unmerge_error(
+                adapter,
+                f"a rotation block is singular ({exc}); orthogonal_map='cayley_neumann' far outside its range gives such "
+                "blocks, and merging with them erased part of the base weight",
+            ) from exc
+
+    def _unmerge_error(self, adapter: str, why: str) -> ValueError:
+        return ValueError(
+            f"Cannot unmerge adapter '{adapter}' from layer '{self._layer_name}': {why}. The layer stays merged (its "
+            "output is unchanged). Keep the merged weights (merge_and_unload()), or reload the base model's weights to "
+            "get the unadapted layer back."
+        )
 
     def _set_weight_out_in(self, new_out_in: torch.Tensor) -> None:
         weight = self.get_base_layer().weight
@@ -197,7 +223,12 @@ class GSOFTLayer(BaseTunerLayer):
         weight.data.copy_(new.to(weight.dtype))
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Fold active (or the given) adapters into the base weight: zero inference overhead."""
+        """Fold active (or the given) adapters into the base weight: zero inference overhead.
+
+        Every merge is computed into a new tensor and checked before it is written: NaN or inf in the result raises
+        a ``ValueError`` and leaves the weight and ``merged_adapters`` as they were, with or without ``safe_merge``
+        (which therefore adds nothing here).
+        """
         adapter_names = check_adapters_to_merge(self, adapter_names)
         for adapter in adapter_names:
             if adapter not in self.gsoft_in:
@@ -205,25 +236,34 @@ class GSOFTLayer(BaseTunerLayer):
             base_weight = self.get_base_layer().weight
             with torch.no_grad():
                 merged = self._merge_one(self._weight_out_in(base_weight.data), adapter)
-                if safe_merge and not torch.isfinite(merged).all():
+                if not torch.isfinite(merged).all():
                     raise ValueError(
-                        f"NaN or inf in the merged weights of adapter '{adapter}'; the adapter seems broken. "
-                        "The base weights were left unchanged."
+                        f"NaN or inf in the merged weight of adapter '{adapter}' in layer '{self._layer_name}'; the "
+                        "adapter (or the base weight) holds non-finite values. The base weight was left unchanged."
                     )
                 self._set_weight_out_in(merged)
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
+        """Undo the merges, last first. Each one is written only once it succeeded: a failure raises with this layer
+        still merged with the adapters not yet undone (``merged_adapters`` always describes the weight)."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
         while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            if adapter not in self.gsoft_in:
-                continue
-            with torch.no_grad():
-                base_weight = self.get_base_layer().weight
-                self._set_weight_out_in(self._merge_one(self._weight_out_in(base_weight.data), adapter, inverse=True))
+            adapter = self.merged_adapters[-1]
+            if adapter in self.gsoft_in:
+                with torch.no_grad():
+                    base_weight = self.get_base_layer().weight
+                    restored = self._merge_one(self._weight_out_in(base_weight.data), adapter, inverse=True)
+                    if not torch.isfinite(restored).all():
+                        raise self._unmerge_error(
+                            adapter,
+                            "the unmerged weight would hold NaN or inf (a near-zero entry of the magnitude vector "
+                            "gsoft_scale or a near-singular rotation block)",
+                        )
+                    self._set_weight_out_in(restored)
+            self.merged_adapters.pop()
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """The merged weight minus the current base weight (in the base layer's layout), for inspection."""

@@ -15,18 +15,21 @@ from .peft_type import PREFIX
 
 logger = logging.getLogger("gsoft")
 
-_ROBERTA_LIKE = r".*\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+#: The attention and MLP projections of every encoder layer of BERT-style models (``encoder.layer.<i>.<name>``).
+_BERT_LAYER = ["attention.output.dense", "intermediate.dense", "output.dense"]
+_ROBERTA_LIKE = ["attention.self.query", "attention.self.key", "attention.self.value", *_BERT_LAYER]
 _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _DIFFUSERS_UNET = ["to_q", "to_k", "to_v", "to_out.0"]
 
 #: Default target modules per ``config.model_type`` (transformers) or ``config._class_name`` (diffusers): every
 #: attention and MLP projection, as in the paper's GLUE setup; the attention projections of diffusers UNets, as in its
-#: DreamBooth setup. A string is a full-match regex.
-TARGET_MODULES_MAPPING: dict[str, Any] = {
+#: DreamBooth setup. Each is a list of module names (suffix match), never a regex, so that ``layers_to_transform``
+#: applies to the defaults too (PEFT ignores it for a regex).
+TARGET_MODULES_MAPPING: dict[str, list[str]] = {
     "bert": _ROBERTA_LIKE,
     "roberta": _ROBERTA_LIKE,
     "xlm-roberta": _ROBERTA_LIKE,
-    "deberta-v2": r".*\.layer\.\d+\.(attention\.self\.(query_proj|key_proj|value_proj)|attention\.output\.dense|intermediate\.dense|output\.dense)",
+    "deberta-v2": ["attention.self.query_proj", "attention.self.key_proj", "attention.self.value_proj", *_BERT_LAYER],
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
@@ -145,21 +148,45 @@ class GSOFTModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: GSOFTConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """Check GSOFT tensor shapes before PEFT's load_state_dict, with an error that says what differs."""
+        """Check the GSOFT tensors of an adapter before PEFT's ``load_state_dict``, which would cast any dtype, drop
+        keys the model has no place for and copy NaN. The hook of every PEFT load path (``PeftModel.from_pretrained``,
+        ``load_adapter``, ``set_peft_model_state_dict``); it raises before anything is loaded."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         own = model.state_dict()
         for key, value in remapped.items():
-            if PREFIX not in key or key not in own or own[key].shape == value.shape:
+            part = next((p for p in key.split(".") if p in GSOFTLayer.adapter_layer_names), None)
+            if part is None:
                 continue
-            what = (
-                "(n_factors, n_blocks, block_size*(block_size-1)/2)" if key.endswith(".skew") else "(out_features,)"
-            )
-            raise ValueError(
-                f"The GSOFT adapter does not fit this model: '{key}' has shape {tuple(value.shape)} in the adapter "
-                f"file but {tuple(own[key].shape)} here, both {what}. The adapter was trained for other layer sizes "
-                "or with another block_size / n_blocks / n_factors; load it into the model it was trained on, or "
-                "make sure its adapter_config.json matches the file."
-            )
+            name = cls._remove_adapter_name_from_key(key, adapter_name) if key in own else key  # as in the file
+            if key not in own:
+                raise ValueError(
+                    f"The GSOFT adapter has '{name}', which this model has no place for: {_why_no_place(part, config)}. "
+                    "Loading it would silently drop a trained tensor. Fix adapter_config.json (or the GSOFTConfig) "
+                    "to match the adapter file, or use the file that matches the config."
+                )
+            if not value.is_floating_point():
+                raise ValueError(
+                    f"The GSOFT adapter's '{name}' has dtype {value.dtype}; GSOFT tensors are floating point (float32, "
+                    "bfloat16, float16 or float64). The file is corrupt or not a GSOFT adapter; re-save it from the "
+                    "trained model."
+                )
+            if own[key].shape != value.shape:
+                what = (
+                    "(n_factors, n_blocks, block_size*(block_size-1)/2)"
+                    if key.endswith(".skew")
+                    else "(out_features,)"
+                )
+                raise ValueError(
+                    f"The GSOFT adapter does not fit this model: '{name}' has shape {tuple(value.shape)} in the adapter "
+                    f"file but {tuple(own[key].shape)} here, both {what}. The adapter was trained for other layer "
+                    "sizes or with another block_size / n_blocks / n_factors; load it into the model it was trained "
+                    "on, or make sure its adapter_config.json matches the file."
+                )
+            if not torch.isfinite(value).all():
+                raise ValueError(
+                    f"The GSOFT adapter's '{name}' holds NaN or inf: the training that wrote it diverged, or the file "
+                    "is corrupt. Use an earlier checkpoint (or retrain with a lower learning rate)."
+                )
         return remapped
 
     def _post_injection_hook(self, model: nn.Module, config: GSOFTConfig, adapter_name: str) -> None:
@@ -180,6 +207,18 @@ class GSOFTModel(BaseTuner):
                 adapter_name,
                 listing,
             )
+
+
+def _why_no_place(part: str, config: GSOFTConfig) -> str:
+    """Why a GSOFT tensor of an adapter file has no parameter in the model, in terms of the config's fields."""
+    if part == "gsoft_scale" and not config.scaling:
+        return "the config has scaling=False, so no layer has a magnitude vector gsoft_scale"
+    if part == "gsoft_out" and not config.double:
+        return "the config has double=False, so no layer has an output rotation gsoft_out"
+    return (
+        "the layer is not adapted under this config (target_modules, exclude_modules, layers_to_transform) or does "
+        "not exist in this model"
+    )
 
 
 def count_trainable_parameters(model: nn.Module) -> int:

@@ -21,10 +21,18 @@ rebuilds the batched rotations under autograd and returns every skew's gradient 
 Each rotation comes in the layout of its form on its device (:func:`gsoft.plan.matrix_form`): block-diagonal blocks
 ``(k, c, c)`` for "blocks" (one factor), "groups" (two grouped factors) and "dense" (``k = 1``), the factors' blocks
 ``(m, r, b, b)`` for "factors".
+
+``orthogonal_map="cayley_neumann"`` is orthogonal only while every skew block's spectral norm stays well below 1 (its
+series diverges from 1 on). Each rebuild of such a group bounds the norms (:func:`gsoft.gs.skew_norm_bound`: a
+handful of batched ops over the skew entries, no decomposition) and warns once per rotation and process when a bound
+reaches 1. On a CPU the result is read at once; on CUDA it is copied to pinned host memory without blocking and read
+at a later rebuild, once its event has completed (at most one check in flight per group), so the check never waits
+for the device. Other maps pay nothing.
 """
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Optional, Protocol
@@ -40,6 +48,7 @@ class Member(Protocol):
     """What this module reads of a rotation: :class:`gsoft.tuner.layer.GSOrthogonal` is one."""
 
     skew: torch.Tensor  # (n_factors, n_blocks, b (b - 1) / 2) free skew entries
+    name: str  # for warnings, e.g. 'lin0.gsoft_in.default'
     n_blocks: int
     block_size: int
     n_factors: int
@@ -180,6 +189,76 @@ def _rebuild(requester: Member, cache: _Cache, need_graph: bool) -> None:
             other.update(_state_key(module, other), out, None)
     if cache.values is None and not need_graph:
         cache.values = cache.graph.detach()
+    if requester.orthogonal_map == "cayley_neumann" and (graph_members or value_members):
+        _check_neumann_range(group, [m for m, _ in graph_members + value_members])
+
+
+# -- cayley_neumann's range ----------------------------------------------------------------------------------------
+#: The cayley_neumann rotations already warned about, by name: once per rotation and process.
+_NEUMANN_WARNED: set[str] = set()
+#: Per group, the range check whose copy to the host is still in flight (CUDA only).
+_NEUMANN_PENDING: dict[tuple, "_RangeCheck"] = {}
+
+
+@dataclass
+class _RangeCheck:
+    """The per-block spectral norm bounds of one build of a cayley_neumann group, on (or on their way to) the host."""
+
+    names: list[str]
+    n_blocks: tuple[int, ...]
+    bounds: torch.Tensor  # (sum of n_blocks,), the largest bound over each block's factors
+    done: Optional["torch.cuda.Event"]  # None when ``bounds`` are already on the host
+
+    def ready(self) -> bool:
+        return self.done is None or self.done.query()
+
+    def report(self) -> None:
+        """Warn for every rotation with a block whose bound is >= 1 (or NaN) and that was not warned about yet."""
+        if bool((self.bounds < 1).all()):
+            return
+        for name, part in zip(self.names, self.bounds.split(self.n_blocks)):
+            if name in _NEUMANN_WARNED or bool((part < 1).all()):
+                continue
+            _NEUMANN_WARNED.add(name)
+            norm = "nan (its skew entries hold NaN)" if bool(part.isnan().any()) else f"{part.max().item():.3g}"
+            warnings.warn(
+                f"GSOFT rotation '{name}' (orthogonal_map='cayley_neumann') has skew-symmetric blocks of spectral "
+                f"norm up to about {norm}: its truncated Neumann series converges only for norms below 1 and is "
+                "accurate only well below, so the rotation is no longer orthogonal and training may diverge. Use "
+                "orthogonal_map='cayley' (exact, same parameters) or a lower learning rate. Shown once per rotation.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+
+def _check_neumann_range(group: tuple, members: list[Member]) -> None:
+    """Bound the skew blocks' norms of the rebuilt ``members`` of a cayley_neumann group and report (module doc)."""
+    pending = _NEUMANN_PENDING.get(group)
+    if pending is not None:
+        if not pending.ready():
+            return  # the previous build's check is still on its way: skip this one
+        del _NEUMANN_PENDING[group]
+        pending.report()
+    if all(m.name in _NEUMANN_WARNED for m in members):
+        return
+    with torch.no_grad():
+        skews = [m.skew.detach() for m in members]
+        flat = torch.cat(skews, dim=1) if len(skews) > 1 else skews[0]
+        bounds = gs.skew_norm_bound(flat, members[0].block_size).amax(0)
+    done = None
+    if bounds.device.type == "cuda":
+        host = torch.empty(bounds.shape, dtype=bounds.dtype, pin_memory=True)
+        host.copy_(bounds, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        bounds = host
+    elif bounds.device.type != "cpu":
+        bounds = bounds.cpu()
+    check = _RangeCheck([m.name for m in members], tuple(m.n_blocks for m in members), bounds, done)
+    if check.ready():
+        check.report()
+    else:
+        _NEUMANN_PENDING[group] = check
 
 
 class _Build(torch.autograd.Function):
