@@ -36,11 +36,19 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from common.extras import needs
 
 with needs("dreambooth", "dreambooth"):  # a missing package is one line naming the extra that installs it
-    from common.args import config_to_dict, parse_recipe_args
+    from common.args import check_options, config_to_dict, parse_recipe_args
     from common.communication import CommunicationArgs, check_communication_args
     from common.loop import LoopSettings, Recipe, TrainLoop, Trainables, naming_option, run_recipe
-    from common.methods import build_peft_config, check_targets, get_peft_model_checked
-    from common.dreambooth_data import check_identifier, list_images, open_rgb, set_scheduler
+    from common.methods import build_peft_config, check_targets, get_peft_model_checked, target_modules_value
+    from common.dreambooth_data import (
+        PRECISIONS,
+        check_identifier,
+        check_model_dir,
+        check_scheduler_name,
+        list_images,
+        open_rgb,
+        set_scheduler,
+    )
 
 NAME = "dreambooth"
 logger = logging.getLogger(NAME)
@@ -50,6 +58,10 @@ UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
 VALIDATION_DIR = "validation"
 FINAL_IMAGES = "final_images.pt"  # the last validation images as a float tensor (N, 3, H, W) in [0, 1]
+#: diffusers' learning-rate schedules that the recipe can drive from its options (piecewise_constant needs a rules
+#: string it does not pass).
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+SEED_MAX = 2**32 - 1  # numpy's seed range, which accelerate's set_seed feeds
 
 
 @dataclass
@@ -76,7 +88,8 @@ class _DreamBoothOptions:
                   "(null disables the check)."},
     )
     resolution: int = field(
-        default=512, metadata={"help": "Training image side in pixels; must be divisible by the VAE's factor (8 for SD)."}
+        default=512,
+        metadata={"help": "Training image side in pixels; must be divisible by the VAE's factor (8 for SD).", "min": 1},
     )
     center_crop: bool = field(
         default=False, metadata={"help": "Center-crop after resizing (default: a random crop per epoch, like diffusers)."}
@@ -92,13 +105,16 @@ class _DreamBoothOptions:
     class_prompt: Optional[str] = field(
         default=None, metadata={"help": "Prompt of the class images, without the identifier: 'a photo of dog'."}
     )
-    num_class_images: int = field(default=100, metadata={"help": "Class images wanted for prior preservation."})
-    prior_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the prior-preservation loss."})
-    sample_batch_size: int = field(default=4, metadata={"help": "Batch size when generating class images."})
-    class_inference_steps: int = field(default=50, metadata={"help": "Sampling steps per generated class image."})
+    num_class_images: int = field(default=100, metadata={"help": "Class images wanted for prior preservation.",
+                                                         "min": 1})
+    prior_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the prior-preservation loss.", "min": 0})
+    sample_batch_size: int = field(default=4, metadata={"help": "Batch size when generating class images.", "min": 1})
+    class_inference_steps: int = field(default=50, metadata={"help": "Sampling steps per generated class image.",
+                                                             "min": 1})
     prior_generation_precision: Optional[str] = field(
         default=None,
-        metadata={"help": "dtype of the class-image pipeline: fp32, fp16 or bf16 (default: fp16 on a GPU, else fp32)."},
+        metadata={"help": "dtype of the class-image pipeline (default: fp16 on a GPU, else fp32).",
+                  "choices": PRECISIONS},
     )
     # ---- method -----------------------------------------------------------------------------------------------------
     method: str = field(
@@ -125,69 +141,79 @@ class _DreamBoothOptions:
         metadata={"help": "Per-method options for the text encoder (default: the same as method_options)."},
     )
     # ---- optimisation -----------------------------------------------------------------------------------------------
-    train_batch_size: int = field(default=4, metadata={"help": "Instance images per device and micro-batch."})
-    max_train_steps: int = field(default=3000, metadata={"help": "Optimizer steps (after gradient accumulation)."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    train_batch_size: int = field(default=4, metadata={"help": "Instance images per device and micro-batch.",
+                                                       "min": 1})
+    max_train_steps: int = field(default=3000, metadata={"help": "Optimizer steps (after gradient accumulation).",
+                                                         "min": 1})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step.",
+                                                                  "min": 1})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations to save memory."})
-    learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate (AdamW)."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate (AdamW).", "above": 0})
     scale_lr: bool = field(
         default=False, metadata={"help": "Multiply the learning rate by batch size x accumulation x processes."}
     )
     lr_scheduler: str = field(
-        default="constant",
-        metadata={"help": "linear | cosine | cosine_with_restarts | polynomial | constant | constant_with_warmup."},
+        default="constant", metadata={"help": "diffusers' learning-rate schedule.", "choices": LR_SCHEDULERS}
     )
-    lr_warmup_steps: int = field(default=0, metadata={"help": "Warm-up steps of the learning-rate schedule."})
-    lr_num_cycles: int = field(default=1, metadata={"help": "Cycles of cosine_with_restarts."})
-    lr_power: float = field(default=1.0, metadata={"help": "Power of the polynomial schedule."})
-    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
-    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
-    adam_weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay."})
-    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
+    lr_warmup_steps: int = field(default=0, metadata={"help": "Warm-up steps of the learning-rate schedule.", "min": 0})
+    lr_num_cycles: int = field(default=1, metadata={"help": "Cycles of cosine_with_restarts.", "min": 1})
+    lr_power: float = field(default=1.0, metadata={"help": "Power of the polynomial schedule.", "above": 0})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1.", "min": 0, "below": 1})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2.", "min": 0, "below": 1})
+    adam_weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay.", "min": 0})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon.", "min": 0})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables).", "min": 0})
     mixed_precision: Optional[str] = field(
-        default=None, metadata={"help": "no | fp16 | bf16 (default: accelerate's config). Adapters train in fp32."}
+        default=None, metadata={"help": "Default: accelerate's config. Adapters train in fp32.",
+                                "choices": ("no", "fp16", "bf16")}
     )
     seed: int = field(
         default=0,
         metadata={"help": "Seed of every random draw (data order, noise, validation), and the shared seed of the "
-                  "gradient compression (Rand-K coordinates, the geometric local-steps schedule)."},
+                  "gradient compression (Rand-K coordinates, the geometric local-steps schedule).",
+                  "min": 0, "max": SEED_MAX},
     )
-    dataloader_num_workers: int = field(default=0, metadata={"help": "Data-loader worker processes."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Data-loader worker processes.", "min": 0})
     # ---- validation, logging, checkpoints ---------------------------------------------------------------------------
     validation_prompts: list[str] = field(
         default_factory=list,
         metadata={"help": "Prompts sampled every validation_steps and at the end (default: the instance prompt)."},
     )
-    num_validation_images: int = field(default=4, metadata={"help": "Images per validation prompt."})
-    validation_steps: int = field(default=500, metadata={"help": "Validate every N optimizer steps (0: only at the end)."})
-    validation_inference_steps: int = field(default=25, metadata={"help": "Sampling steps of validation images."})
-    validation_guidance_scale: float = field(default=7.5, metadata={"help": "Classifier-free guidance of validation."})
+    num_validation_images: int = field(default=4, metadata={"help": "Images per validation prompt.", "min": 1})
+    validation_steps: int = field(default=500, metadata={"help": "Validate every N optimizer steps (0: only at the end).",
+                                                         "min": 0})
+    validation_inference_steps: int = field(default=25, metadata={"help": "Sampling steps of validation images.",
+                                                                  "min": 1})
+    validation_guidance_scale: float = field(default=7.5, metadata={"help": "Classifier-free guidance of validation.",
+                                                                    "min": 0})
     validation_scheduler: Optional[str] = field(
         default="DPMSolverMultistepScheduler",
         metadata={"help": "diffusers scheduler class for validation sampling (null: the model's own)."},
     )
     output_dir: str = field(default="outputs/dreambooth", metadata={"help": "Where adapters, images, logs go."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete an existing run in output_dir first."})
-    logging_steps: int = field(default=10, metadata={"help": "Log loss / lr every N steps to metrics.jsonl."})
+    logging_steps: int = field(default=10, metadata={"help": "Log loss / lr every N steps to metrics.jsonl.", "min": 1})
     report_to: Optional[str] = field(
-        default="tensorboard", metadata={"help": "tensorboard (used when installed) or null."}
+        default="tensorboard", metadata={"help": "tensorboard (used when installed), none or null.",
+                                         "choices": ("tensorboard", "none")}
     )
-    checkpointing_steps: int = field(default=500, metadata={"help": "Save a resumable checkpoint every N steps (0: never)."})
-    checkpoints_total_limit: Optional[int] = field(default=None, metadata={"help": "Keep only the newest N checkpoints."})
+    checkpointing_steps: int = field(default=500, metadata={"help": "Save a resumable checkpoint every N steps (0: never).",
+                                                            "min": 0})
+    checkpoints_total_limit: Optional[int] = field(default=None, metadata={"help": "Keep only the newest N checkpoints.",
+                                                                           "min": 1})
     resume_from_checkpoint: Optional[str] = field(
         default=None, metadata={"help": "'latest' or a checkpoints/step_* directory of output_dir."}
     )
     stop_after_steps: Optional[int] = field(
         default=None,
         metadata={"help": "Stop after this many steps (with a checkpoint), leaving the run resumable: for jobs with a "
-                  "time limit, and for tests."},
+                  "time limit, and for tests.", "min": 1},
     )
     progress_bar: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
     cpu_threads: Optional[int] = field(
         default=None,
         metadata={"help": "CPU threads of torch per process (torch.set_num_threads; null: torch's default). 1 is much "
-                  "faster for tiny models on a busy machine, where OpenMP threads wait for each other."},
+                  "faster for tiny models on a busy machine, where OpenMP threads wait for each other.", "min": 1},
     )
     smoke_assets: bool = field(
         default=False,
@@ -196,6 +222,7 @@ class _DreamBoothOptions:
     )
 
     def __post_init__(self) -> None:
+        check_options(self)
         if not self.pretrained_model_name_or_path:
             raise ValueError("--pretrained_model_name_or_path is required (a hub id or a local model directory).")
         if not self.instance_data_dir or not self.instance_prompt:
@@ -208,16 +235,7 @@ class _DreamBoothOptions:
         if self.with_prior_preservation:
             if not self.class_data_dir or not self.class_prompt:
                 raise ValueError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
-        if self.resolution <= 0 or self.train_batch_size <= 0 or self.max_train_steps <= 0:
-            raise ValueError("resolution, train_batch_size and max_train_steps must be positive.")
-        for name in ("gradient_accumulation_steps", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
-        for name in ("validation_steps", "checkpointing_steps", "max_grad_norm"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be >= 0 (0 disables it), got {getattr(self, name)}.")
-        if self.stop_after_steps is not None and self.stop_after_steps < 1:
-            raise ValueError(f"--stop_after_steps must be >= 1 or null, got {self.stop_after_steps}.")
+        check_scheduler_name(self.validation_scheduler, "--validation_scheduler")
 
 
 @dataclass
@@ -333,6 +351,7 @@ def load_components(args: DreamBoothArgs) -> dict[str, Any]:
     from transformers import AutoTokenizer, CLIPTextModel
 
     path, kw = args.pretrained_model_name_or_path, {"revision": args.revision}
+    check_model_dir(path, "--pretrained_model_name_or_path")
     with naming_option("--pretrained_model_name_or_path", path):
         config = CLIPTextModel.config_class.from_pretrained(path, subfolder="text_encoder", **kw)
     return {
@@ -361,20 +380,13 @@ def check_resolution(resolution: int, vae: Any) -> None:
 
 def peft_config(args: DreamBoothArgs, targets: Sequence[str], options: Optional[dict]) -> Any:
     """The PEFT config of ``--method`` for these targets (``common.build_peft_config``); a single item that
-    looks like a regex is passed as a regex (PEFT full-matches a string)."""
-    target_modules: Any = targets[0] if len(targets) == 1 and _is_regex(targets[0]) else list(targets)
-    return build_peft_config(args.method, target_modules, options=dict(options or {}))
-
-
-def _is_regex(text: str) -> bool:
-    return any(c in text for c in "*+?[]()|\\^$")
+    looks like a regex is passed as a regex (``common.target_modules_value``)."""
+    return build_peft_config(args.method, target_modules_value(targets), options=dict(options or {}))
 
 
 def _dtype(name: Optional[str], default: torch.dtype) -> torch.dtype:
-    table = {None: default, "no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if name not in table:
-        raise ValueError(f"Unknown precision {name!r}; use fp32, fp16 or bf16.")
-    return table[name]
+    """The torch dtype of a ``PRECISIONS`` name (checked with the options); ``default`` for None."""
+    return {None: default, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: Sequence[str], device: torch.device) -> torch.Tensor:

@@ -26,7 +26,19 @@ import torch
 from common.extras import needs
 
 with needs("dreambooth", "dreambooth_infer"):
-    from common.dreambooth_data import dreambooth_prompts, set_scheduler, write_manifest
+    from common.args import check_options, parse_recipe_args
+    from common.dreambooth_data import (
+        DREAMBOOTH_PROMPTS,
+        PRECISIONS,
+        check_model_dir,
+        check_scheduler_name,
+        dreambooth_prompts,
+        set_scheduler,
+        write_manifest,
+    )
+    from common.loop import RECIPE_ERRORS, error_line
+
+NAME = "dreambooth_infer"
 
 
 @dataclass
@@ -44,20 +56,28 @@ class InferArgs:
     no_adapter: bool = field(default=False, metadata={"help": "Sample the base model only (a reference)."})
     prompts: list[str] = field(default_factory=list, metadata={"help": "Prompts (comma list or YAML list)."})
     prompt_set: Optional[str] = field(
-        default=None, metadata={"help": "object | live: the DreamBooth paper's 25 evaluation prompts for the subject."}
+        default=None, metadata={"help": "The DreamBooth paper's 25 evaluation prompts for the subject.",
+                                "choices": tuple(DREAMBOOTH_PROMPTS)}
     )
     identifier: Optional[str] = field(default=None, metadata={"help": "Subject token for --prompt_set (default: the run's)."})
     class_noun: Optional[str] = field(default=None, metadata={"help": "Class noun for --prompt_set, e.g. dog."})
-    num_images_per_prompt: int = field(default=4, metadata={"help": "Images per prompt."})
-    seed: Optional[int] = field(default=None, metadata={"help": "Image i uses seed + i (default: the run's seed)."})
-    num_inference_steps: Optional[int] = field(default=None, metadata={"help": "Sampling steps (default: the run's validation steps)."})
-    guidance_scale: Optional[float] = field(default=None, metadata={"help": "Classifier-free guidance scale."})
+    num_images_per_prompt: int = field(default=4, metadata={"help": "Images per prompt.", "min": 1})
+    seed: Optional[int] = field(default=None, metadata={"help": "Image i uses seed + i (default: the run's seed).",
+                                                       "min": 0})
+    num_inference_steps: Optional[int] = field(default=None, metadata={"help": "Sampling steps (default: the run's validation steps).",
+                                                                      "min": 1})
+    guidance_scale: Optional[float] = field(default=None, metadata={"help": "Classifier-free guidance scale.", "min": 0})
     scheduler: Optional[str] = field(default=None, metadata={"help": "diffusers scheduler class (default: the run's validation scheduler)."})
-    resolution: Optional[int] = field(default=None, metadata={"help": "Image side (default: the training resolution)."})
-    batch_size: int = field(default=4, metadata={"help": "Images per pipeline call."})
-    dtype: Optional[str] = field(default=None, metadata={"help": "fp32 | fp16 | bf16 (default: fp16 on a GPU, else fp32)."})
+    resolution: Optional[int] = field(default=None, metadata={"help": "Image side (default: the training resolution).",
+                                                             "min": 1})
+    batch_size: int = field(default=4, metadata={"help": "Images per pipeline call.", "min": 1})
+    dtype: Optional[str] = field(default=None, metadata={"help": "Default: fp16 on a GPU, else fp32.",
+                                                        "choices": PRECISIONS})
     device: Optional[str] = field(default=None, metadata={"help": "cuda, cpu, ... (default: cuda when available)."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Where images go (default: adapter_dir/samples)."})
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 _FROM_RUN = {  # InferArgs field -> run_config.json key of the training run
@@ -95,6 +115,8 @@ def resolve(args: InferArgs) -> InferArgs:
         if not args.adapter_dir:
             raise ValueError("--output_dir is needed with --no_adapter.")
         args.output_dir = str(Path(args.adapter_dir) / "samples")
+    check_model_dir(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+    check_scheduler_name(args.scheduler, "--scheduler")
     return args
 
 
@@ -106,7 +128,7 @@ def load_pipeline(args: InferArgs) -> Any:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {None: torch.float16 if device.startswith("cuda") else torch.float32, "fp32": torch.float32,
-             "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+             "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]  # PRECISIONS, checked with the options
     low_precision = {"torch_dtype": dtype} if dtype != torch.float32 else {}
     pipe = StableDiffusionPipeline.from_pretrained(
         args.pretrained_model_name_or_path, revision=args.revision, safety_checker=None,
@@ -119,11 +141,19 @@ def load_pipeline(args: InferArgs) -> Any:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
-    """Generate, save PNGs + manifest + tensor + grid; returns the output directory."""
-    from common.diffusion import generate_images, image_grid
-    from common.args import parse_recipe_args
+    """Generate, save PNGs + manifest + tensor + grid; returns the output directory. A bad option, adapter or model
+    ends the script with one line, ``dreambooth_infer: error: <message>``."""
+    args = parse_recipe_args(InferArgs, argv, description=__doc__.split("\n\n")[0], prog=NAME)
+    try:
+        return generate(resolve(args))
+    except RECIPE_ERRORS as exc:
+        raise SystemExit(error_line(NAME, exc)) from exc
 
-    args = resolve(parse_recipe_args(InferArgs, argv, description=__doc__.split("\n\n")[0]))
+
+def generate(args: InferArgs) -> Path:
+    """Sample the resolved options' prompts and write the images, manifest, tensor and grid."""
+    from common.diffusion import generate_images, image_grid
+
     pipe = load_pipeline(args)
     images = generate_images(
         pipe, args.prompts, seed=args.seed, num_images_per_prompt=args.num_images_per_prompt,

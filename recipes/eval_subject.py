@@ -28,7 +28,13 @@ import torch
 from common.extras import needs
 
 with needs("dreambooth", "eval_subject"):
+    from common.args import check_model_path, check_options, parse_recipe_args
     from common.dreambooth_data import load_images, open_rgb, read_manifest, strip_identifier
+    from common.loop import RECIPE_ERRORS, error_line
+    from common.run import write_results
+
+NAME = "eval_subject"
+MODEL_LOCATION = "pass a hub id or a local model directory saved with save_pretrained, or null to skip the metric"
 
 
 @dataclass
@@ -46,7 +52,7 @@ class EvalArgs:
     dino_model: Optional[str] = field(
         default="facebook/dino-vits16", metadata={"help": "DINO ViT model (hub id or directory); null skips DINO."}
     )
-    batch_size: int = field(default=32, metadata={"help": "Images per embedding batch."})
+    batch_size: int = field(default=32, metadata={"help": "Images per embedding batch.", "min": 1})
     device: Optional[str] = field(default=None, metadata={"help": "cuda, cpu, ... (default: cuda when available)."})
     output_json: Optional[str] = field(default=None, metadata={"help": "Where the scores go (default: images_dir/eval.json)."})
     results_json: Optional[str] = field(
@@ -54,8 +60,11 @@ class EvalArgs:
     )
 
     def __post_init__(self) -> None:
+        check_options(self)
         if not self.images_dir or not self.instance_data_dir:
             raise ValueError("--images_dir and --instance_data_dir are required.")
+        check_model_path(self.clip_model, "--clip_model", MODEL_LOCATION)
+        check_model_path(self.dino_model, "--dino_model", MODEL_LOCATION)
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -143,10 +152,17 @@ def markdown(scores: dict[str, Any]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    from common.args import parse_recipe_args
-    from common.run import write_results
+    """Score the samples, print the table, write the JSON; a bad option, file or model ends the script with one
+    line, ``eval_subject: error: <message>``."""
+    args = parse_recipe_args(EvalArgs, argv, description=__doc__.split("\n\n")[0], prog=NAME)
+    try:
+        return score(args)
+    except RECIPE_ERRORS as exc:
+        raise SystemExit(error_line(NAME, exc)) from exc
 
-    args = parse_recipe_args(EvalArgs, argv, description=__doc__.split("\n\n")[0])
+
+def score(args: EvalArgs) -> dict[str, Any]:
+    """The scores of :func:`evaluate`, printed and written to ``--output_json`` (and ``--results_json``)."""
     scores = evaluate(args)
     print(markdown(scores))
     out = Path(args.output_json or Path(args.images_dir) / "eval.json")

@@ -68,7 +68,8 @@ def launch2(assets: dict[str, Path], out: Path, *extra: str) -> dict:
            "false", "--pretrained_model_name_or_path", str(assets["model"]), "--instance_data_dir",
            str(assets["instance"]), "--output_dir", str(out), "--progress_bar", "false", *FAST, *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    # The timeout guards against a hung process group; it is not a time limit (a loaded machine is slow).
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     results_file = out / "results.json"
     return json.loads(results_file.read_text()) if results_file.is_file() else {}

@@ -52,7 +52,13 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _launch(args: list[str], *, processes: int = 1, timeout: int = 240, check: bool = True) -> subprocess.CompletedProcess:
+# A guard against a hung process group, not a time limit: on a loaded 2-core machine a 2-process run of the full smoke
+# config takes several minutes.
+LAUNCH_TIMEOUT_S = 900
+
+
+def _launch(args: list[str], *, processes: int = 1, timeout: int = LAUNCH_TIMEOUT_S,
+            check: bool = True) -> subprocess.CompletedProcess:
     cmd = [str(ACCELERATE), "launch", "--num_processes", str(processes), "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no"]
     if processes > 1:
@@ -255,9 +261,10 @@ def test_topk_two_processes_reach_the_uncompressed_accuracy(ddp_topk, ddp_uncomp
 
 def test_topk_gradients_two_processes_stay_equal_and_send_the_expected_bytes(tmp_path):
     """--compress gradients (the DDP hook, EF21): replicas equal and per-tensor Top-K bytes every step. Its accuracy
-    is not asserted: under AdamW it stays near chance on this task (README), which the library warns about."""
+    is not asserted (under AdamW it stays near chance on this task, README, which the library warns about), so the
+    shrunken smoke task is enough."""
     out = tmp_path / "run"
-    proc = _launch([*DDP_SMOKE, "--output_dir", str(out), "--max_steps", "20", "--grad_compression", "topk",
+    proc = _launch([*TINY, "--output_dir", str(out), "--max_steps", "20", "--grad_compression", "topk",
                     "--compression_ratio", "0.01", "--error_feedback", "ef21"], processes=2)
     results = json.loads((out / "results.json").read_text())
     assert results["rank_state_sha256"][0] == results["rank_state_sha256"][1]

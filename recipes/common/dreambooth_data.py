@@ -1,13 +1,17 @@
 """Pieces shared by ``dreambooth.py`` (training), ``dreambooth_infer.py`` (sampling) and ``eval_subject.py``
 (metrics): reading subject images with errors that name the bad file, the identifier check, the standard DreamBooth
-prompt list, and swapping a pipeline's sampler by name."""
+prompt list, the model-directory check, and swapping a pipeline's sampler by name."""
 
 from __future__ import annotations
 
+import difflib
+import functools
 import json
 import re
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
+
+from .args import check_model_path
 
 
 PathLike = Union[str, Path]
@@ -16,6 +20,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 #: File written next to generated images by dreambooth_infer.py: one {"file", "prompt", "index", "seed"} per image.
 MANIFEST = "manifest.jsonl"
+
+#: The sub-directories of a Stable Diffusion model in the diffusers layout that the scripts load.
+SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SD_LOCATION = ("pass a local Stable Diffusion 1.x/2.x directory in the diffusers layout (unet/, vae/, text_encoder/, "
+               "tokenizer/, scheduler/) or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
+#: Names of the dtypes a pipeline can run in.
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 # The 25 evaluation prompts of the DreamBooth paper (Ruiz et al., 2023; google/dreambooth dataset README):
 # "{0}" is the identifier ("sks"), "{1}" the class noun ("dog"). Objects and live subjects share the first ten and the
@@ -97,6 +108,36 @@ def strip_identifier(prompt: str, identifier: Optional[str]) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+def check_model_dir(value: str, option: str) -> None:
+    """Refuse a Stable Diffusion location meant as a local directory that does not exist, or a directory without the
+    diffusers layout, naming what is missing (a hub id passes: the hub reports its own errors)."""
+    check_model_path(value, option, SD_LOCATION)
+    directory = Path(value).expanduser()
+    if directory.is_dir():
+        missing = [f"{name}/" for name in SD_SUBFOLDERS if not (directory / name).is_dir()]
+        if missing:
+            raise ValueError(f"{option} {value!r}: not a Stable Diffusion model in the diffusers layout: no "
+                             f"{', '.join(missing)}; {SD_LOCATION}")
+
+
+@functools.lru_cache(maxsize=None)
+def diffusers_schedulers() -> tuple[str, ...]:
+    """The scheduler classes diffusers exports (read from its lazy namespace, so none is imported here)."""
+    import diffusers
+
+    return tuple(sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and not n.startswith("Flax")))
+
+
+def check_scheduler_name(name: Optional[str], option: str) -> None:
+    """Refuse a sampler name that is not a diffusers scheduler class, before any model is loaded."""
+    if name is None or name in diffusers_schedulers():
+        return
+    close = difflib.get_close_matches(name, diffusers_schedulers(), n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise ValueError(f"{option} {name}: not a diffusers scheduler class; {hint}use e.g. DPMSolverMultistepScheduler, "
+                     "DDIMScheduler or EulerDiscreteScheduler, or null for the model's own.")
+
+
 def list_images(directory: PathLike, option: str, *, allow_empty: bool = False) -> list[Path]:
     """Image files of ``directory`` (sorted, hidden files skipped); a missing or empty directory is an error that
     names ``option`` and the directory."""
@@ -133,10 +174,8 @@ def set_scheduler(pipe: Any, name: Optional[str]) -> Any:
         return pipe
     import diffusers
 
-    cls = getattr(diffusers, name, None)
-    if cls is None or not hasattr(cls, "from_config"):
-        raise ValueError(f"Unknown diffusers scheduler {name!r} (e.g. DPMSolverMultistepScheduler, DDIMScheduler).")
-    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    check_scheduler_name(name, "scheduler")
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
     return pipe
 
 
