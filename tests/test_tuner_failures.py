@@ -346,3 +346,30 @@ def test_neumann_norm_bound_is_an_upper_bound() -> None:
     exact = torch.linalg.matrix_norm(gs.skew_symmetric(skew, 4), ord=2)
     assert bound.shape == exact.shape == (3, 20)
     assert (bound >= exact * (1 - 1e-5)).all() and (bound <= exact * 4 ** (1 / 8) * (1 + 1e-5)).all()
+
+
+def test_cayley_neumann_check_in_flight_is_read_at_a_later_rebuild(monkeypatch) -> None:
+    """The CUDA path's bookkeeping, on the CPU: a check whose copy has not completed is kept, read at the next rebuild
+    once complete, and no second check starts while one is in flight."""
+    from gsoft.tuner import rotations
+
+    answers = iter([False, False, True])  # the first check: not done at launch, nor at the next rebuild, then done
+    monkeypatch.setattr(rotations._RangeCheck, "ready", lambda self: next(answers))
+    rotation = GSOrthogonal(16, 4, 2, "cayley_neumann", 5, name="deferred.gsoft_in.default")
+    x = torch.randn(3, 16)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            rotation.skew.fill_(0.5)
+        rotation(x)  # launches the check: in flight
+        assert _neumann_warnings(record) == [] and len(rotations._NEUMANN_PENDING) == 1
+        with torch.no_grad():
+            rotation.skew.mul_(1.01)
+        rotation(x)  # still in flight: nothing reported, no second check
+        assert _neumann_warnings(record) == [] and len(rotations._NEUMANN_PENDING) == 1
+        with torch.no_grad():
+            rotation.skew.mul_(1.01)
+        rotation(x)  # done: reported; the rotation is warned about, so no new check starts
+    messages = _neumann_warnings(record)
+    assert len(messages) == 1 and "deferred.gsoft_in.default" in messages[0], messages
+    assert rotations._NEUMANN_PENDING == {}
