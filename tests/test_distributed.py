@@ -850,6 +850,20 @@ def test_register_twice(single_group):
     assert len(opt._optimizer_step_post_hooks) == hooks
 
 
+def test_checkpointed_state_of_another_world_size_or_method_refused(single_group):
+    ddp, opt = _ddp1()
+    state = register_compression(ddp, CompressionConfig("topk", local_steps=2), optimizer=opt)
+    saved = state.state_dict()
+    two = dict(saved, world_size=2, ranks=saved["ranks"] * 2)  # what two processes would have written
+    with pytest.raises(ValueError, match="written by 2 processes and this run has 1: .* Resume with 2 processes, or "
+                                         "start a new run"):
+        state.load_state_dict(two)
+    with pytest.raises(ValueError, match="is for method='randk', compress='updates', error_feedback='ef' and this "
+                                         "run has method='topk'"):
+        state.load_state_dict(dict(saved, method="randk"))
+    state.load_state_dict(saved)  # the matching one loads
+
+
 def test_per_tensor_gives_every_tensor_its_share():
     """A bucket mixing a large-gradient head with a small-gradient adapter (the GLUE smoke task: ~200x): one Top-K
     over the bucket would send only the head; per tensor each gets ceil(ratio * n_i) and its own int8 scales."""

@@ -1,4 +1,6 @@
-"""gsoft.distributed when a peer process is gone: every collective path raises a clear error instead of returning.
+"""Failures of data-parallel runs: a peer process that is gone, and a resume with another number of processes.
+
+A gone peer: every collective path of gsoft.distributed raises a clear error instead of returning a result.
 
 One spawn of two gloo processes covers every compression method and every collective path (DDP gradient hooks,
 PowerSGD, local-step averaging, the checkpoint gather). Each case gets its own process group, so a failed collective
@@ -10,6 +12,9 @@ in one case leaves the others intact. Both processes build every case and take t
   crashes or is killed.
 
 Process 0 records what each failing call did (raised, with which message, or returned); the tests read that.
+
+Another number of processes: a one-process and a two-process accelerate run, set up as the recipes set them up, each
+resume the other's checkpoint (``common.checkpoint``) and must be refused with one clear error.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import time
 import traceback
 from typing import Any, Callable
 
@@ -159,3 +165,113 @@ def test_a_gone_peer_raises_a_clear_error(outcomes, phase, name):
     assert len(underlying) == 2 and underlying[1].strip(), message
     if phase == "silent":
         assert "Timed out" in underlying[1], message  # gloo's own words
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# resuming with another number of processes: the recipes' checkpoints (common.checkpoint) through accelerate
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _wait_for(flag: str) -> None:
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    while not os.path.exists(flag):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{flag} did not appear")
+        time.sleep(0.2)
+
+
+def _accelerate_run(rank: int, world: int, port: int, out_dir: str, resume: str, save: str) -> None:
+    """One process of a ``world``-process accelerate run set up as the recipes set it up (prepare, then
+    ``setup_communication`` and ``register_for_checkpointing``): resume the checkpoint ``resume`` once its
+    ``<resume>.ready`` flag is there (what the resume raised goes to ``<out_dir>/resume<world>_<rank>.json``), take a
+    step, save a checkpoint as ``save`` and flag it ready."""
+    from accelerate import Accelerator
+
+    from common.checkpoint import load_checkpoint, save_checkpoint
+    from common.communication import CommunicationArgs, setup_communication
+
+    torch.set_num_threads(1)
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                          WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    acc = Accelerator(cpu=True)
+    assert acc.num_processes == world, acc.num_processes
+    model = _model()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model, opt = acc.prepare(model, opt)
+    comm = setup_communication(CommunicationArgs(grad_compression="topk", compress="updates"), acc, model, opt, seed=0)
+    if comm is not None:
+        comm.register_for_checkpointing(acc)
+    if world == 1:  # the one-process run saves first; the two-process run resumes it meanwhile
+        _save_and_flag(acc, save, rank)
+    _wait_for(f"{resume}.ready")
+    outcome = _outcome(lambda: load_checkpoint(acc, resume))
+    outcome["is_value_error"] = outcome["raised"] == "ValueError"
+    with open(os.path.join(out_dir, f"resume{world}_{rank}.json"), "w") as f:
+        json.dump(outcome, f)
+    if world > 1:
+        _save_and_flag(acc, save, rank)
+    acc.end_training()
+
+
+def _save_and_flag(acc: Any, save: str, rank: int) -> None:
+    from common.checkpoint import save_checkpoint
+
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(rank))
+    model, opt = acc._models[0], acc._optimizers[0]
+    acc.backward(nn.functional.mse_loss(model(x), torch.sin(x[:, :2])))
+    opt.step()
+    path = save_checkpoint(acc, save, 1, {})
+    if acc.is_main_process:
+        open(f"{path}.ready", "w").close()
+
+
+@pytest.fixture(scope="module")
+def resumes(tmp_path_factory) -> dict[str, Any]:
+    """A one-process and a two-process run at once, each resuming the other's checkpoint: what each resume raised."""
+    out = tmp_path_factory.mktemp("world_size")
+    checkpoint = "checkpoints/step_00000001"
+    one, two = str(out / "one" / checkpoint), str(out / "two" / checkpoint)
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_accelerate_run, args=(0, 1, port, str(out), two, str(out / "one")))]
+    procs += [ctx.Process(target=_accelerate_run, args=(rank, 2, port, str(out), one, str(out / "two")))
+              for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=JOIN_TIMEOUT_S)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert [p.exitcode for p in procs] == [0, 0, 0], f"workers exited with {[p.exitcode for p in procs]}"
+    return {name: json.loads((out / f"{name}.json").read_text()) for name in ("resume2_0", "resume2_1", "resume1_0")}
+
+
+@pytest.mark.parametrize("name, written, running", [("resume1_0", 2, 1), ("resume2_0", 1, 2), ("resume2_1", 1, 2)])
+def test_resuming_with_another_number_of_processes_is_refused(resumes, name, written, running):
+    outcome = resumes[name]
+    message = outcome["message"]
+    assert outcome["is_value_error"], outcome
+    assert f"was written by {written} process{'es' if written > 1 else ''} and this run has {running}" in message
+    assert f"Resume with {written} process" in message and f"--num_processes {written}" in message, message
+    assert "--overwrite_output_dir" in message and "another --output_dir" in message, message
+
+
+def test_checkpoint_processes_reads_the_manifest_or_counts_rng_states(tmp_path):
+    from common.checkpoint import MANIFEST
+    from common.communication import check_checkpoint_processes, checkpoint_processes
+
+    assert checkpoint_processes(tmp_path) is None  # nothing says: nothing to refuse
+    check_checkpoint_processes(tmp_path, 3)
+    for rank in range(3):  # a checkpoint accelerate wrote directly: one RNG state per process
+        (tmp_path / f"random_states_{rank}.pkl").write_bytes(b"")
+    assert checkpoint_processes(tmp_path) == 3
+    with pytest.raises(ValueError, match="written by 3 processes and this run has 2"):
+        check_checkpoint_processes(tmp_path, 2)
+    (tmp_path / MANIFEST).write_text(json.dumps({"files": {}, "num_processes": 4}))  # the manifest is the record
+    assert checkpoint_processes(tmp_path) == 4
+    (tmp_path / MANIFEST).write_text(json.dumps({"files": {}, "num_processes": "4"}))
+    with pytest.raises(ValueError, match="num_processes is '4', not a number of processes"):
+        checkpoint_processes(tmp_path)

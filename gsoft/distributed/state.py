@@ -167,11 +167,19 @@ class CompressionState:
         return {"method": self.method, "options": self.options, "world_size": self.world_size, "ranks": gathered}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("method") != self.method or state.get("world_size") != self.world_size:
+        saved_world = state.get("world_size")
+        if saved_world != self.world_size:
             raise ValueError(
-                f"checkpointed gradient compression ({state.get('method')!r} on {state.get('world_size')} "
-                f"processes) does not match this run ({self.method!r} on {self.world_size}); resume with the same "
-                f"--grad_compression and number of processes."
+                f"the checkpointed compression state was written by {saved_world} processes and this run has "
+                f"{self.world_size}: it holds each process's own error-feedback buffers, local-step reference and "
+                f"optimizer state, which cannot be split or merged over another number of processes. Resume with "
+                f"{saved_world} processes, or start a new run."
+            )
+        saved, mine = _shape(state.get("method"), state.get("options") or {}), _shape(self.method, self.options)
+        if saved != mine:
+            raise ValueError(
+                f"the checkpointed compression state is for {saved} and this run has {mine}: resume with the same "
+                f"settings (the recipes' --grad_compression, --compress, --error_feedback), or start a new run."
             )
         own = state["ranks"][self.rank]
         for k, v in own["counters"].items():
@@ -187,3 +195,8 @@ class CompressionState:
             group = self.powersgd.process_group
             self.powersgd.__setstate__(own["powersgd"])
             self.powersgd.process_group = group
+
+
+def _shape(method: Any, options: dict[str, Any]) -> str:
+    """The settings that decide what a checkpointed compression state holds."""
+    return f"method={method!r}, compress={options.get('compress')!r}, error_feedback={options.get('error_feedback')!r}"

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import torch
@@ -39,7 +42,12 @@ from gsoft.distributed import (
     register_compression,
 )
 
+from .checkpoint import MANIFEST
+
 logger = logging.getLogger(__name__)
+#: accelerate's per-process RNG state files: every process of a save writes its own
+_RNG_STATE = re.compile(r"^random_states_(\d+)\.pkl$")
+_GUARDED = "_gsoft_world_size_guard"
 
 
 @dataclass
@@ -147,9 +155,61 @@ class Communication:
     def register_for_checkpointing(self, accelerator: Any) -> None:
         """Checkpoints carry every state (error-feedback buffers, local-step references, each process's optimizer
         state with ``--compress updates``, byte counters): call before ``load_checkpoint``. The states are
-        registered one by one (a one-model run writes one custom checkpoint file, as a bare state would)."""
+        registered one by one (a one-model run writes one custom checkpoint file, as a bare state would). They hold
+        one entry per process, so a checkpoint resumes only with as many processes as wrote it
+        (:func:`refuse_other_world_sizes`, which :func:`setup_communication` installs)."""
         for state in self.states.values():
             accelerator.register_for_checkpointing(state)
+
+
+def checkpoint_processes(path: Union[str, Path]) -> Optional[int]:
+    """How many processes wrote the checkpoint at ``path``: the count in its manifest (``common.checkpoint`` writes
+    one), or else the number of per-process RNG state files accelerate writes (``random_states_<i>.pkl``); None when
+    it has neither."""
+    path = Path(path)
+    manifest = path / MANIFEST
+    if manifest.is_file():
+        try:
+            written = json.loads(manifest.read_text())["num_processes"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{manifest} is unreadable ({type(exc).__name__}: {exc}); resume from another "
+                             "checkpoint.") from exc
+        if isinstance(written, bool) or not isinstance(written, int) or written < 1:
+            raise ValueError(f"{manifest}: num_processes is {written!r}, not a number of processes; resume from "
+                             "another checkpoint.")
+        return written
+    ranks = [int(m.group(1)) for p in path.iterdir() if (m := _RNG_STATE.match(p.name))] if path.is_dir() else []
+    return max(ranks) + 1 if ranks else None
+
+
+def check_checkpoint_processes(path: Union[str, Path], num_processes: int) -> None:
+    """Refuse to resume a checkpoint written by another number of processes: it holds one communication state per
+    process (error-feedback buffers, local-step references, with ``--compress updates`` each process's own optimizer
+    state) and one RNG state per process, and neither can be split or merged. A one-process run keeps no
+    communication state, so it has nowhere to put the others', and a multi-process run finds none in a one-process
+    checkpoint."""
+    written = checkpoint_processes(path)
+    if written is None or written == num_processes:
+        return
+    launch = (f"{written} processes (accelerate launch --multi_gpu --num_processes {written} ...)" if written > 1
+              else "1 process (python or accelerate launch --num_processes 1)")
+    raise ValueError(
+        f"checkpoint {path} was written by {written} process{'es' if written > 1 else ''} and this run has "
+        f"{num_processes}: each process's communication state (error-feedback buffers, local-step references, its own "
+        f"optimizer state with --compress updates) and RNG state are saved separately and cannot be split or merged. "
+        f"Resume with {launch}, or start a new run: drop --resume_from_checkpoint and pass --overwrite_output_dir "
+        f"(which deletes this run's checkpoints) or another --output_dir."
+    )
+
+
+def refuse_other_world_sizes(accelerator: Any) -> None:
+    """Make ``accelerator.load_state`` check the checkpoint's number of processes first
+    (:func:`check_checkpoint_processes`), before it loads anything; once per accelerator."""
+    if getattr(accelerator, _GUARDED, False):
+        return
+    accelerator.register_load_state_pre_hook(
+        lambda models, input_dir: check_checkpoint_processes(input_dir, accelerator.num_processes))
+    setattr(accelerator, _GUARDED, True)
 
 
 def setup_communication(
@@ -166,7 +226,11 @@ def setup_communication(
 
     Several models may share ``optimizer``: with ``--compress updates`` each state adds its own step post-hook to it,
     which averages only its own model's parameters; all processes run the hooks in registration order, so the
-    collectives match and the replicas stay identical (tests/test_dreambooth.py checks it)."""
+    collectives match and the replicas stay identical (tests/test_dreambooth.py checks it).
+
+    With one process or several, ``accelerator.load_state`` then refuses a checkpoint written by another number of
+    processes (:func:`refuse_other_world_sizes`)."""
+    refuse_other_world_sizes(accelerator)
     if accelerator.num_processes == 1:
         if args.grad_compression != "none" or args.local_steps > 1:
             logger.warning("--grad_compression %s --local_steps %d: a single process has nothing to communicate, "
