@@ -259,19 +259,20 @@ def test_resuming_with_another_number_of_processes_is_refused(resumes, name, wri
     assert "--overwrite_output_dir" in message and "another --output_dir" in message, message
 
 
-def test_checkpoint_processes_reads_the_manifest_or_counts_rng_states(tmp_path):
+def test_checkpoint_processes_come_from_the_manifest(tmp_path):
     from common.checkpoint import MANIFEST
     from common.communication import check_checkpoint_processes, checkpoint_processes
 
-    assert checkpoint_processes(tmp_path) is None  # nothing says: nothing to refuse
+    assert checkpoint_processes(tmp_path) is None  # no manifest: load_checkpoint refuses it on its own
     check_checkpoint_processes(tmp_path, 3)
-    for rank in range(3):  # a checkpoint accelerate wrote directly: one RNG state per process
-        (tmp_path / f"random_states_{rank}.pkl").write_bytes(b"")
+    (tmp_path / MANIFEST).write_text(json.dumps({"files": {}, "num_processes": 3}))
     assert checkpoint_processes(tmp_path) == 3
+    check_checkpoint_processes(tmp_path, 3)
     with pytest.raises(ValueError, match="written by 3 processes and this run has 2"):
         check_checkpoint_processes(tmp_path, 2)
-    (tmp_path / MANIFEST).write_text(json.dumps({"files": {}, "num_processes": 4}))  # the manifest is the record
-    assert checkpoint_processes(tmp_path) == 4
     (tmp_path / MANIFEST).write_text(json.dumps({"files": {}, "num_processes": "4"}))
     with pytest.raises(ValueError, match="num_processes is '4', not a number of processes"):
+        checkpoint_processes(tmp_path)
+    (tmp_path / MANIFEST).write_text("{")
+    with pytest.raises(ValueError, match="is unreadable"):
         checkpoint_processes(tmp_path)

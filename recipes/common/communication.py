@@ -24,7 +24,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -45,8 +44,6 @@ from gsoft.distributed import (
 from .checkpoint import MANIFEST
 
 logger = logging.getLogger(__name__)
-#: accelerate's per-process RNG state files: every process of a save writes its own
-_RNG_STATE = re.compile(r"^random_states_(\d+)\.pkl$")
 _GUARDED = "_gsoft_world_size_guard"
 
 
@@ -164,22 +161,19 @@ class Communication:
 
 def checkpoint_processes(path: Union[str, Path]) -> Optional[int]:
     """How many processes wrote the checkpoint at ``path``: the count in its manifest (``common.checkpoint`` writes
-    one), or else the number of per-process RNG state files accelerate writes (``random_states_<i>.pkl``); None when
-    it has neither."""
-    path = Path(path)
-    manifest = path / MANIFEST
-    if manifest.is_file():
-        try:
-            written = json.loads(manifest.read_text())["num_processes"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{manifest} is unreadable ({type(exc).__name__}: {exc}); resume from another "
-                             "checkpoint.") from exc
-        if isinstance(written, bool) or not isinstance(written, int) or written < 1:
-            raise ValueError(f"{manifest}: num_processes is {written!r}, not a number of processes; resume from "
-                             "another checkpoint.")
-        return written
-    ranks = [int(m.group(1)) for p in path.iterdir() if (m := _RNG_STATE.match(p.name))] if path.is_dir() else []
-    return max(ranks) + 1 if ranks else None
+    one with every save and refuses to resume a checkpoint without it), or None when it has no manifest."""
+    manifest = Path(path) / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        written = json.loads(manifest.read_text())["num_processes"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{manifest} is unreadable ({type(exc).__name__}: {exc}); resume from another "
+                         "checkpoint.") from exc
+    if isinstance(written, bool) or not isinstance(written, int) or written < 1:
+        raise ValueError(f"{manifest}: num_processes is {written!r}, not a number of processes; resume from another "
+                         "checkpoint.")
+    return written
 
 
 def check_checkpoint_processes(path: Union[str, Path], num_processes: int) -> None:
