@@ -34,7 +34,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from conftest import free_port
-from gsoft.distributed import CompressionConfig, register_compression
+from gsoft.distributed import CompressionConfig, collective_failure, register_compression
+from gsoft.distributed.transport import PEER_GONE
 
 WORLD = 2
 SET_UP_TIMEOUT = datetime.timedelta(seconds=300)  # set-up and coordination: generous on a loaded machine
@@ -165,6 +166,11 @@ def test_a_gone_peer_raises_a_clear_error(outcomes, phase, name):
     assert len(underlying) == 2 and underlying[1].strip(), message
     if phase == "silent":
         assert "Timed out" in underlying[1], message  # gloo's own words
+    # what a script prints: the error without torch's callback prefixes and tracebacks, starting with the operation
+    failure = collective_failure(RuntimeError(message))
+    assert failure is not None and str(failure).startswith(CASES[name][3]), str(failure)
+    assert "\nAt:\n" not in str(failure) and PEER_GONE in str(failure)
+    assert collective_failure(RuntimeError("CUDA out of memory")) is None
 
 
 # ------------------------------------------------------------------------------------------------------------------

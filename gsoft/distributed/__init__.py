@@ -34,7 +34,7 @@ from .config import (
 from .feedback import DifferenceFeedback, ErrorFeedback, Feedback, build_feedback, mean_decoded, simulate_round
 from .hooks import register_compression
 from .state import CompressionState
-from .transport import CollectiveError, Exchange, allgather_wire_bytes, allreduce_wire_bytes
+from .transport import CollectiveError, Exchange, allgather_wire_bytes, allreduce_wire_bytes, collective_failure
 
 __all__ = [
     "Cast",
@@ -60,6 +60,7 @@ __all__ = [
     "allreduce_wire_bytes",
     "build_compressor",
     "build_feedback",
+    "collective_failure",
     "mean_decoded",
     "register_compression",
     "resolve_compress",

@@ -46,14 +46,21 @@ def _own_words(exc: BaseException) -> str:
     return _CALLBACK_PREFIX.sub("", str(exc)).split("\n\nAt:\n", 1)[0].strip()
 
 
-def collective_error(operation: str, exc: BaseException, group: Optional[dist.ProcessGroup] = None) -> CollectiveError:
-    """The error for ``operation`` having failed with ``exc`` (the backend's error). A :class:`CollectiveError`
-    passed along a callback chain comes back as itself, unwrapped."""
+def collective_failure(exc: BaseException) -> Optional[CollectiveError]:
+    """The :class:`CollectiveError` that ``exc`` is or carries, unwrapped (torch hands one on through future callbacks
+    and DDP's backward as a RuntimeError with prefixes and tracebacks); None for any other error. A script catches
+    RuntimeError around its training loop and asks this, to print the failure as one line."""
     if isinstance(exc, CollectiveError):
         return exc
-    if PEER_GONE in str(exc):
+    if isinstance(exc, RuntimeError) and PEER_GONE in str(exc):
         return CollectiveError(_own_words(exc))
-    return CollectiveError(
+    return None
+
+
+def collective_error(operation: str, exc: BaseException, group: Optional[dist.ProcessGroup] = None) -> CollectiveError:
+    """The error for ``operation`` having failed with ``exc`` (the backend's error), or the
+    :class:`CollectiveError` that ``exc`` already carries (:func:`collective_failure`)."""
+    return collective_failure(exc) or CollectiveError(
         f"{operation} failed in process {dist.get_rank(group)} of {dist.get_world_size(group)}: {PEER_GONE} (it "
         f"exited or crashed) or did not join the collective within the process group's timeout, so there is no "
         f"correct result to return. The other processes' logs show the first error; restart every process (from "
@@ -71,13 +78,14 @@ def collective_result(fut: torch.futures.Future, operation: str,
 
 def chained_result(fut: torch.futures.Future) -> Any:
     """The result of a future whose chain holds collectives: a :class:`CollectiveError` from further up the chain is
-    raised as itself (torch hands it on as a prefixed RuntimeError); other errors as they are."""
+    raised as itself (:func:`collective_failure`); other errors as they are."""
     try:
         return fut.wait()
     except RuntimeError as exc:
-        if PEER_GONE in str(exc):
-            raise CollectiveError(_own_words(exc)) from exc
-        raise
+        failure = collective_failure(exc)
+        if failure is None or failure is exc:
+            raise
+        raise failure from exc
 
 
 def checked_collective(operation: str, call: Callable[[], T], group: Optional[dist.ProcessGroup] = None) -> T:
