@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from common.extras import needs
 
 with needs("dreambooth", "dreambooth"):  # a missing package is one line naming the extra that installs it
-    from common.args import check_options, config_to_dict, parse_recipe_args
+    from common.args import MIXED_PRECISIONS, SEED_RANGE, check_options, config_to_dict, parse_recipe_args
     from common.communication import CommunicationArgs, check_communication_args
     from common.loop import LoopSettings, Recipe, TrainLoop, Trainables, naming_option, run_recipe
     from common.methods import build_peft_config, check_targets, get_peft_model_checked, target_modules_value
@@ -61,7 +61,6 @@ FINAL_IMAGES = "final_images.pt"  # the last validation images as a float tensor
 #: diffusers' learning-rate schedules that the recipe can drive from its options (piecewise_constant needs a rules
 #: string it does not pass).
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-SEED_MAX = 2**32 - 1  # numpy's seed range, which accelerate's set_seed feeds
 
 
 @dataclass
@@ -165,13 +164,13 @@ class _DreamBoothOptions:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables).", "min": 0})
     mixed_precision: Optional[str] = field(
         default=None, metadata={"help": "Default: accelerate's config. Adapters train in fp32.",
-                                "choices": ("no", "fp16", "bf16")}
+                                "choices": MIXED_PRECISIONS}
     )
     seed: int = field(
         default=0,
         metadata={"help": "Seed of every random draw (data order, noise, validation), and the shared seed of the "
                   "gradient compression (Rand-K coordinates, the geometric local-steps schedule).",
-                  "min": 0, "max": SEED_MAX},
+                  **SEED_RANGE},
     )
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data-loader worker processes.", "min": 0})
     # ---- validation, logging, checkpoints ---------------------------------------------------------------------------

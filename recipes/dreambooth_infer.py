@@ -26,7 +26,7 @@ import torch
 from common.extras import needs
 
 with needs("dreambooth", "dreambooth_infer"):
-    from common.args import check_options, parse_recipe_args
+    from common.args import SEED_RANGE, check_options, parse_recipe_args
     from common.dreambooth_data import (
         DREAMBOOTH_PROMPTS,
         PRECISIONS,
@@ -63,7 +63,7 @@ class InferArgs:
     class_noun: Optional[str] = field(default=None, metadata={"help": "Class noun for --prompt_set, e.g. dog."})
     num_images_per_prompt: int = field(default=4, metadata={"help": "Images per prompt.", "min": 1})
     seed: Optional[int] = field(default=None, metadata={"help": "Image i uses seed + i (default: the run's seed).",
-                                                       "min": 0})
+                                                       **SEED_RANGE})
     num_inference_steps: Optional[int] = field(default=None, metadata={"help": "Sampling steps (default: the run's validation steps).",
                                                                       "min": 1})
     guidance_scale: Optional[float] = field(default=None, metadata={"help": "Classifier-free guidance scale.", "min": 0})

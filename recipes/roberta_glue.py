@@ -45,7 +45,15 @@ with needs("glue", "roberta_glue"):  # a missing package is one line naming the 
 
     from gsoft.tuner import TARGET_MODULES_MAPPING
 
-    from common.args import check_model_path, check_options, config_to_dict, option_error, parse_recipe_args
+    from common.args import (
+        MIXED_PRECISIONS,
+        SEED_RANGE,
+        check_model_path,
+        check_options,
+        config_to_dict,
+        option_error,
+        parse_recipe_args,
+    )
     from common.communication import CommunicationArgs, check_communication_args
     from common.loop import LoopSettings, Recipe, TrainLoop, Trainables, format_metrics, naming_option, run_recipe
     from common.methods import METHODS, apply_method, target_modules_value
@@ -65,7 +73,6 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 #: Files of a saved tokenizer; a local model directory with none of them has no tokenizer of its own.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
                    "sentencepiece.bpe.model", "tokenizer.model")
-SEED_MAX = 2**32 - 1  # numpy's seed range, which accelerate's set_seed feeds
 
 
 @dataclass
@@ -205,13 +212,13 @@ class _GlueOptions:
                                                                   "min": 1})
     mixed_precision: Optional[str] = field(
         default=None,
-        metadata={"help": "null = accelerate launch's setting (the paper: fp16).", "choices": ("no", "fp16", "bf16")},
+        metadata={"help": "null = accelerate launch's setting (the paper: fp16).", "choices": MIXED_PRECISIONS},
     )
     seed: int = field(
         default=42,
         metadata={"help": "Seed of model head initialisation, data order, dropout, and the shared seed of the "
                           "gradient compression (Rand-K coordinates, the geometric local-steps schedule).",
-                  "min": 0, "max": SEED_MAX},
+                  **SEED_RANGE},
     )
     # --- run ---
     output_dir: str = field(

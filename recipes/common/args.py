@@ -268,6 +268,11 @@ def parse_recipe_args(cls: type[T], argv: Optional[Sequence[str]] = None, descri
         _fail(prog, str(exc))
 
 
+#: The bounds of a seed option: numpy's seed range, which accelerate's ``set_seed`` feeds.
+SEED_RANGE = {"min": 0, "max": 2**32 - 1}
+#: accelerate's mixed-precision modes, the choices of a ``mixed_precision`` option.
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+
 #: The ``metadata`` keys that bound an option, with the comparison each one states.
 _BOUNDS = {"min": ">=", "above": ">", "max": "<=", "below": "<"}
 
