@@ -88,6 +88,12 @@ class LinearRecipe(Recipe):
 
     def loss(self, run: TrainLoop, batch: Any, micro_step: int) -> tuple[torch.Tensor, dict[str, float]]:
         self.micro_steps.append(micro_step)
+        if self.fail_in == "collective" and micro_step == 2:  # as DDP's backward hands on a dead peer's error
+            raise RuntimeError("Got the following error when running the callback: CollectiveError: all_reduce "
+                               "failed in process 0 of 2: a peer process is gone (it exited or crashed) ...\n\nAt:\n"
+                               "  transport.py(80): collective_result")
+        if self.fail_in == "runtime" and micro_step == 2:
+            raise RuntimeError("an unrelated bug")
         x, y = batch
         prediction = run.models["model"](x)
         if micro_step == self.inf_grad_at:
@@ -249,6 +255,15 @@ def test_set_up_errors_are_one_line_without_a_new_output_dir(tmp_path, where):
         run_recipe(LinearRecipe(fail_in=where), settings(out))
     assert info.value.code == f"linear: error: --option 7 does not fit in {where}: use 8"
     assert not out.exists()
+
+
+def test_a_dead_peer_is_one_line_and_other_runtime_errors_pass_through(tmp_path):
+    with pytest.raises(SystemExit) as info:
+        run_recipe(LinearRecipe(fail_in="collective"), settings(tmp_path / "a"))
+    assert info.value.code == ("linear: error: all_reduce failed in process 0 of 2: a peer process is gone (it exited "
+                               "or crashed) ...")
+    with pytest.raises(RuntimeError, match="an unrelated bug"):
+        run_recipe(LinearRecipe(fail_in="runtime"), settings(tmp_path / "b"))
 
 
 def test_set_up_error_keeps_an_earlier_run(tmp_path):

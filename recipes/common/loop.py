@@ -51,6 +51,8 @@ from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather
 from torch import nn
 from torch.utils.data import DataLoader
 
+from gsoft.distributed import collective_failure
+
 from .checkpoint import (
     load_checkpoint,
     newest_intact_checkpoint,
@@ -739,13 +741,21 @@ def configure_logging(is_main_process: bool) -> None:
 def run_recipe(recipe: Recipe, settings: LoopSettings) -> Optional[dict[str, Any]]:
     """Run ``recipe`` as a script does: its results (None when stopped early), and every process leaves the process
     group together. A :data:`RECIPE_ERRORS` error or :class:`TrainingDiverged` becomes ``SystemExit("<recipe>: error:
-    <message>")``: one line and exit status 1, no traceback."""
+    <message>")``: one line and exit status 1, no traceback; so does a collective that failed because a peer process
+    is gone (:func:`gsoft.distributed.collective_failure`)."""
     try:
         results = TrainLoop(recipe, settings).run()
     except (*RECIPE_ERRORS, TrainingDiverged) as exc:
         raise SystemExit(error_line(recipe.name, exc)) from exc
     except _MainProcessFailed:
         raise SystemExit(1) from None  # the main process prints the error
+    except RuntimeError as exc:
+        # A peer process died or hung: every surviving process says so in one line. No leave_process_group here:
+        # its barrier needs the peer that is gone.
+        failure = collective_failure(exc)
+        if failure is None:
+            raise
+        raise SystemExit(error_line(recipe.name, failure)) from exc
     leave_process_group()
     return results
 
