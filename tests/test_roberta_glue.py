@@ -492,3 +492,15 @@ def test_output_dir_holding_another_run_is_refused(tmp_path):
     again = _run(tmp_path, "out", "--max_steps", "2", "--base_pretrain_steps", "0", "--learning_rate", "1e-3",
                  "--overwrite_output_dir")
     assert again["train_steps"] == 2
+
+
+def test_divergence_with_cayley_neumann_names_the_exact_map(tmp_path):
+    """A learning rate far too high under the truncated Neumann series: one line naming the step, with the exact map
+    among the fixes, and nothing saved from the diverged state."""
+    message = _error(tmp_path, "--max_steps", "12", "--base_pretrain_steps", "0", "--learning_rate", "50",
+                     "--method_options", "{gsoft: {orthogonal_map: cayley_neumann}}", "--eval_steps", "4",
+                     "--logging_steps", "2")
+    assert message.startswith("roberta_glue: error: the ") and " became " in message and " at step " in message
+    assert "lower --learning_rate or use the exact Cayley map (orthogonal_map: cayley in method_options)" in message
+    assert "\n" not in message
+    assert not (tmp_path / "err" / "results.json").exists() and not (tmp_path / "err" / "adapter").exists()

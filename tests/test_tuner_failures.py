@@ -287,6 +287,16 @@ def test_layers_to_transform_of_wrong_type(value) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # cayley_neumann outside its range
 # ----------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _fresh_neumann_reports():
+    """The range check reports each rotation once per process, by name; tests reuse names (lin0, ...)."""
+    from gsoft.tuner import rotations
+
+    rotations._NEUMANN_WARNED.clear()
+    rotations._NEUMANN_PENDING.clear()
+    yield
+
+
 def _neumann_warnings(record) -> list[str]:
     return [str(w.message) for w in record if issubclass(w.category, UserWarning) and "cayley_neumann" in str(w.message)]
 
@@ -311,6 +321,21 @@ def test_cayley_neumann_far_from_its_range_warns_once_per_layer() -> None:
     assert "learning rate" in messages[0]
     norm = float(re.search(r"spectral norm up to about ([0-9.]+)", messages[0]).group(1))
     assert norm >= 1.0
+
+
+def test_cayley_neumann_out_of_range_in_many_layers_is_one_warning() -> None:
+    config = gsoft.GSOFTConfig(block_size=4, target_modules=["lin0", "lin1"], orthogonal_map="cayley_neumann")
+    model = get_peft_model(tiny_mlp(), config)
+    layers = gsoft_layers(model)
+    with torch.no_grad():
+        layers["lin0"].gsoft_in["default"].skew.fill_(0.5)
+        layers["lin1"].gsoft_in["default"].skew.fill_(0.7)  # the worse one
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        run(model, mlp_inputs())
+    messages = _neumann_warnings(record)
+    assert len(messages) == 1, messages
+    assert "lin1.gsoft_in.default' (and 1 other rotation of this model)" in messages[0]
 
 
 def test_cayley_neumann_in_range_does_not_warn() -> None:

@@ -213,22 +213,29 @@ class _RangeCheck:
         return self.done is None or self.done.query()
 
     def report(self) -> None:
-        """Warn for every rotation with a block whose bound is >= 1 (or NaN) and that was not warned about yet."""
+        """One warning for the rotations of this build with a block whose bound is >= 1 (or NaN) that were not
+        warned about yet: the worst one by name, and how many others (a diverging run has them in every layer)."""
         if bool((self.bounds < 1).all()):
             return
-        for name, part in zip(self.names, self.bounds.split(self.n_blocks)):
-            if name in _NEUMANN_WARNED or bool((part < 1).all()):
-                continue
-            _NEUMANN_WARNED.add(name)
-            norm = "nan (its skew entries hold NaN)" if bool(part.isnan().any()) else f"{part.max().item():.3g}"
-            warnings.warn(
-                f"GSOFT rotation '{name}' (orthogonal_map='cayley_neumann') has skew-symmetric blocks of spectral "
-                f"norm up to about {norm}: its truncated Neumann series converges only for norms below 1 and is "
-                "accurate only well below, so the rotation is no longer orthogonal and training may diverge. Use "
-                "orthogonal_map='cayley' (exact, same parameters) or a lower learning rate. Shown once per rotation.",
-                UserWarning,
-                stacklevel=2,
-            )
+        out = [(name, part) for name, part in zip(self.names, self.bounds.split(self.n_blocks))
+               if name not in _NEUMANN_WARNED and not bool((part < 1).all())]
+        if not out:
+            return
+        _NEUMANN_WARNED.update(name for name, _ in out)
+        name, part = max(out, key=lambda item: float("inf") if bool(item[1].isnan().any()) else item[1].max().item())
+        norm = "nan (its skew entries hold NaN)" if bool(part.isnan().any()) else f"{part.max().item():.3g}"
+        others = ""
+        if len(out) > 1:
+            others = f" (and {len(out) - 1} other rotation{'s' if len(out) > 2 else ''} of this model)"
+        warnings.warn(
+            f"GSOFT rotation '{name}'{others} (orthogonal_map='cayley_neumann') has skew-symmetric blocks of "
+            f"spectral norm up to about {norm}: its truncated Neumann series converges only for norms below 1 and is "
+            "accurate only well below, so the rotation is no longer orthogonal and training may diverge. Use "
+            "orthogonal_map='cayley' (exact, same parameters) or a lower learning rate. Each rotation is reported "
+            "once per process.",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def _check_neumann_range(group: tuple, members: list[Member]) -> None:

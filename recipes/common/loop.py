@@ -215,6 +215,10 @@ class Recipe(abc.ABC):
         """What to change when the run diverges, for its error line. The default names the options every recipe has;
         a recipe may add its own (a more stable parametrisation, say)."""
         advice = "lower --learning_rate"
+        if any(getattr(config, "orthogonal_map", None) == "cayley_neumann"
+               for model in run.models.values()
+               for config in getattr(run.accelerator.unwrap_model(model), "peft_config", {}).values()):
+            advice += " or use the exact Cayley map (orthogonal_map: cayley in method_options)"
         if run.settings.max_grad_norm is None:
             advice += " or clip the gradients with --max_grad_norm"
         if run.accelerator.mixed_precision == "fp16":
