@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from torch import nn
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -38,6 +39,22 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def run_spawned(jobs: list[tuple[Callable[..., None], tuple]], timeout_s: float = 600) -> list[int]:
+    """Start every ``(target, args)`` in a spawned process, wait for all (``timeout_s`` each is only a hang guard: a
+    busy 2-core machine is slow), kill what still runs, and return the exit codes."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=args) for target, args in jobs]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout_s)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return [p.exitcode for p in procs]
 
 
 @pytest.fixture

@@ -24,11 +24,10 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from conftest import free_port
+from conftest import free_port, run_spawned
 from gsoft.distributed import (
     METHODS,
     Cast,
@@ -575,18 +574,8 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_ddp_worker, args=(rank, port, str(out))) for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    codes = [p.exitcode for p in procs]
+    codes = run_spawned([(_ddp_worker, (rank, port, str(out))) for rank in range(WORLD)])
     assert codes == [0, 0], f"DDP workers exited with {codes}"
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 

@@ -29,11 +29,10 @@ from typing import Any, Callable
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from conftest import free_port
+from conftest import free_port, run_spawned
 from gsoft.distributed import CompressionConfig, collective_failure, register_compression
 from gsoft.distributed.transport import PEER_GONE
 
@@ -135,18 +134,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("peer_gone")
-    ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, port, str(out))) for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=JOIN_TIMEOUT_S)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert [p.exitcode for p in procs] == [0, 0], f"workers exited with {[p.exitcode for p in procs]}"
+    codes = run_spawned([(_worker, (rank, port, str(out))) for rank in range(WORLD)], JOIN_TIMEOUT_S)
+    assert codes == [0, 0], f"workers exited with {codes}"
     results = json.loads((out / "rank0.json").read_text())
     assert "error" not in results, results["error"]
     return results
@@ -193,7 +183,7 @@ def _accelerate_run(rank: int, world: int, port: int, out_dir: str, resume: str,
     step, save a checkpoint as ``save`` and flag it ready."""
     from accelerate import Accelerator
 
-    from common.checkpoint import load_checkpoint, save_checkpoint
+    from common.checkpoint import load_checkpoint
     from common.communication import CommunicationArgs, setup_communication
 
     torch.set_num_threads(1)
@@ -238,20 +228,11 @@ def resumes(tmp_path_factory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("world_size")
     checkpoint = "checkpoints/step_00000001"
     one, two = str(out / "one" / checkpoint), str(out / "two" / checkpoint)
-    ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_accelerate_run, args=(0, 1, port, str(out), two, str(out / "one")))]
-    procs += [ctx.Process(target=_accelerate_run, args=(rank, 2, port, str(out), one, str(out / "two")))
-              for rank in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=JOIN_TIMEOUT_S)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert [p.exitcode for p in procs] == [0, 0, 0], f"workers exited with {[p.exitcode for p in procs]}"
+    jobs = [(_accelerate_run, (0, 1, port, str(out), two, str(out / "one")))]
+    jobs += [(_accelerate_run, (rank, 2, port, str(out), one, str(out / "two"))) for rank in range(2)]
+    codes = run_spawned(jobs, JOIN_TIMEOUT_S)
+    assert codes == [0, 0, 0], f"workers exited with {codes}"
     return {name: json.loads((out / f"{name}.json").read_text()) for name in ("resume2_0", "resume2_1", "resume1_0")}
 
 
