@@ -918,8 +918,11 @@ def test_compress_target_defaults_and_errors():
         resolve_compress("gradients", 4)
     with pytest.raises(ValueError, match="unknown compress 'weights'"):
         resolve_compress("weights", 1)
-    assert resolve_error_feedback("topk", "auto", "gradients") == "ef21"
+    # never plain EF21 on (stochastic) gradients: auto is EF for both targets
+    assert resolve_error_feedback("topk", "auto", "gradients") == "ef"
+    assert resolve_error_feedback("sign", "auto", "gradients") == "ef"
     assert resolve_error_feedback("topk", "auto", "updates") == "ef"
+    assert resolve_error_feedback("topk", "ef21", "gradients") == "ef21"
     assert resolve_error_feedback("int8", "auto", "updates") == "none"
 
 
@@ -945,3 +948,47 @@ def test_config_checks_every_option_when_made():
     assert CompressionConfig("powersgd", powersgd_start_iter=1).options()["powersgd_start_iter"] == 2
     assert CompressionConfig("powersgd", error_feedback="none", powersgd_start_iter=1).start_iter == 1
     assert CompressionConfig("int8").options()["chunk_size"] == 1024 and CompressionConfig("int8").ratio is None
+
+
+def _ddp_adamw() -> tuple[DDP, torch.optim.Optimizer]:
+    model = _model()
+    return DDP(model), torch.optim.AdamW(_trainable(model), lr=1e-3)
+
+
+def test_adam_with_biased_compressor_defaults_to_updates_with_ef(single_group, monkeypatch):
+    """compress unset + AdamW + a biased compressor: the updates are compressed with EF, said once per process."""
+    from gsoft.distributed import hooks
+
+    monkeypatch.setattr(hooks, "_ANNOUNCED", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ddp, opt = _ddp_adamw()
+        state = register_compression(ddp, CompressionConfig("topk"), optimizer=opt)
+        register_compression(_ddp_adamw()[0], CompressionConfig("topk"), optimizer=_ddp_adamw()[1])
+    notices = [w for w in caught if "compressing the optimizer's updates" in str(w.message)]
+    assert len(notices) == 1 and "compress='updates', error_feedback='ef'" in str(notices[0].message)
+    assert not [w for w in caught if "compressed gradients under" in str(w.message)]
+    assert state.options["compress"] == "updates" and state.options["error_feedback"] == "ef"
+    assert state.local is not None and state.summary()["compress"] == "updates"
+
+
+def test_sgd_or_explicit_gradients_keep_gradients(single_group, monkeypatch):
+    """SGD keeps the gradient hook (with EF under auto); an explicit compress='gradients' under AdamW is kept, with
+    its warning; unbiased compressors under AdamW stay on gradients."""
+    from gsoft.distributed import hooks
+
+    monkeypatch.setattr(hooks, "_ANNOUNCED", set())
+    ddp, opt = _ddp1()
+    state = register_compression(ddp, CompressionConfig("topk"), optimizer=opt)
+    assert state.options["compress"] == "gradients" and state.options["error_feedback"] == "ef"
+    assert state.local is None
+    ddp, opt = _ddp_adamw()
+    with pytest.warns(UserWarning, match="topk-compressed gradients under AdamW"):
+        state = register_compression(ddp, CompressionConfig("topk", compress="gradients"), optimizer=opt)
+    assert state.options["compress"] == "gradients" and state.local is None
+    ddp, opt = _ddp_adamw()
+    assert register_compression(ddp, CompressionConfig("int8"), optimizer=opt).options["compress"] == "gradients"
+    assert not hooks._ANNOUNCED
+    config = CompressionConfig("sign")
+    assert config.for_optimizer(_ddp_adamw()[1]).target == "updates" and config.target == "gradients"
+    assert config.for_optimizer(None) is config

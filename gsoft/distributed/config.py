@@ -6,7 +6,7 @@ a backend that all-reduces it) and on the optimizer (``compress="updates"`` need
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from .compressors import (
@@ -46,11 +46,21 @@ def resolve_compress(compress: Optional[str], local_steps: int) -> str:
     return compress
 
 
+def is_adaptive(optimizer: Any) -> bool:
+    """Whether ``optimizer`` (or the torch optimizer an accelerate wrapper holds) is Adam-type (Adam, AdamW, NAdam,
+    RAdam, Adamax, 8-bit and fused variants): it normalises each coordinate by its own second moment."""
+    if optimizer is None:
+        return False
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return "adam" in type(inner).__name__.lower()
+
+
 def resolve_error_feedback(method: str, error_feedback: str, compress: str = "gradients") -> str:
-    """``auto``: for gradients, EF21 for the biased compressors (exact convergence under heterogeneous data); for
-    updates, classic EF (the sum of what is applied equals the sum of the optimizer's steps: with it Top-K 1% under
-    AdamW reaches the uncompressed accuracy on the GLUE smoke task, with EF21 it does not); the torch hook's own
-    error feedback for PowerSGD; nothing for the unbiased ones; gdsec is its own (reference) scheme."""
+    """``auto``: classic EF for the biased compressors, for gradients and updates alike. For updates the sum of what
+    is applied equals the sum of the optimizer's steps (with it Top-K 1% under AdamW reaches the uncompressed
+    accuracy on the GLUE smoke task, with EF21 it does not); for stochastic gradients plain EF21 diverges
+    (Fatkhullin et al., NeurIPS 2023: it needs momentum) while EF converges. The torch hook's own error feedback for
+    PowerSGD; nothing for the unbiased ones; gdsec is its own scheme (reference and error correction)."""
     if error_feedback not in ERROR_FEEDBACKS:
         raise ValueError(f"unknown error_feedback {error_feedback!r}; choose one of {', '.join(ERROR_FEEDBACKS)}")
     if method == "gdsec":
@@ -65,7 +75,7 @@ def resolve_error_feedback(method: str, error_feedback: str, compress: str = "gr
         return "ef" if error_feedback == "auto" else error_feedback
     if error_feedback == "auto":
         if build_compressor(method).biased:
-            return "ef" if compress == "updates" else "ef21"
+            return "ef"
         return "none"
     return error_feedback
 
@@ -92,7 +102,8 @@ class CompressionConfig:
     #: are averaged after every ``local_steps`` optimizer steps. Updates suit adaptive optimizers: AdamW normalises
     #: each coordinate, so a sparse or stale compressed gradient becomes full-size steps in stale directions, while a
     #: compressed update keeps the optimizer's own step sizes. None: ``updates`` when ``local_steps > 1``, else
-    #: ``gradients``.
+    #: ``gradients``, except that :func:`gsoft.distributed.register_compression` picks ``updates`` for a biased
+    #: compressor under an Adam-type optimizer (:meth:`for_optimizer`). An explicit value is kept.
     compress: Optional[str] = None
     #: H >= 1 optimizer steps between averages of the updates (1 = communicate every step).
     local_steps: int = 1
@@ -133,6 +144,20 @@ class CompressionConfig:
                 raise ValueError(f"powersgd_start_iter must be an integer >= 0, got {self.powersgd_start_iter!r}")
         else:
             build_feedback(feedback, self.compressor(), beta=self.beta)  # the compressor's and scheme's own checks
+
+    def adaptive_default(self, optimizer: Any) -> bool:
+        """Whether ``compress`` is unset and :meth:`for_optimizer` turns it into ``updates`` for ``optimizer``: a biased
+        compressor (sign, topk, randk) under an Adam-type optimizer (:func:`is_adaptive`), one step per round. Such
+        an optimizer normalises each coordinate, so sparse or stale gradient estimates become full-size steps in
+        stale directions (Top-K 1% + EF21 gradients stay near chance on the GLUE smoke task); compressed updates
+        with EF keep its step sizes and reach the uncompressed accuracy there. gdsec is a gradient method and
+        powersgd compresses gradients inside torch's hook: they stay on gradients."""
+        return (self.compress is None and self.local_steps == 1 and self.method not in ("gdsec", "powersgd")
+                and self.compressor().biased and is_adaptive(optimizer))
+
+    def for_optimizer(self, optimizer: Any) -> "CompressionConfig":
+        """This config with ``compress='updates'`` when :meth:`adaptive_default` says so, else itself."""
+        return replace(self, compress="updates") if self.adaptive_default(optimizer) else self
 
     @property
     def target(self) -> str:

@@ -16,7 +16,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_p
 from torch.nn.parallel import DistributedDataParallel
 
 from .compressors import RATIO_METHODS
-from .config import CompressionConfig
+from .config import CompressionConfig, is_adaptive
 from .feedback import build_feedback
 from .local_steps import LocalSteps
 from .state import CompressionState
@@ -87,6 +87,17 @@ def _powersgd_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fu
     return fut.then(lambda f: collective_result(f, operation, state.group))
 
 
+#: The notices this process has given (each is given once per process).
+_ANNOUNCED: set[str] = set()
+
+
+def _announce_once(message: str) -> None:
+    """``message`` as a UserWarning, the first time this process sees it."""
+    if message not in _ANNOUNCED:
+        _ANNOUNCED.add(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
 def _backend(group: Optional[dist.ProcessGroup]) -> str:
     return str(dist.get_backend(group)).lower()
 
@@ -102,8 +113,9 @@ def register_compression(
     says (:class:`~gsoft.distributed.config.CompressionConfig`).
 
     ``optimizer``: needed when ``config.target`` is ``updates`` (its steps trigger the averaging; call
-    ``state.synchronize()`` before evaluating or saving), and read for a warning about adaptive optimizers under
-    compressed gradients. ``process_group``: the group to communicate in (default: the global one).
+    ``state.synchronize()`` before evaluating or saving). With ``compress`` unset, an Adam-type optimizer and a biased
+    compressor, the updates are compressed (:meth:`CompressionConfig.for_optimizer`, said once per process); an
+    explicit ``compress='gradients'`` is kept, with a warning. ``process_group``: the group to communicate in (default: the global one).
     """
     if not isinstance(config, CompressionConfig):
         raise TypeError(f"register_compression takes a CompressionConfig, got {type(config).__name__}: "
@@ -114,6 +126,13 @@ def register_compression(
             f"accelerate, pass the model that accelerator.prepare returns when launched with several processes "
             f"(accelerate launch --multi_gpu --num_processes N); a single process has nothing to communicate."
         )
+    if config.adaptive_default(optimizer):
+        config = config.for_optimizer(optimizer)
+        _announce_once(f"{config.method} under {type(getattr(optimizer, 'optimizer', optimizer)).__name__} with compress "
+                       f"unset: compressing the optimizer's updates with error feedback "
+                       f"(compress='updates', error_feedback={config.feedback!r}), not its gradients; an Adam-type "
+                       f"optimizer turns sparse or stale compressed gradients into full-size steps. Pass "
+                       f"compress='gradients' (--compress gradients) to compress gradients anyway.")
     method, compress, feedback_name = config.method, config.target, config.feedback
     group = process_group
     backend = _backend(group)
@@ -150,8 +169,8 @@ def register_compression(
                           "training (error_feedback 'ef21' or 'ef' corrects it).", UserWarning, stacklevel=2)
         state.feedback = build_feedback(feedback_name, compressor, beta=config.beta)
         hook = _compression_hook
-        inner = getattr(optimizer, "optimizer", optimizer)
-        if compress == "gradients" and compressor.biased and "adam" in type(inner).__name__.lower():
+        if compress == "gradients" and compressor.biased and is_adaptive(optimizer):
+            inner = getattr(optimizer, "optimizer", optimizer)
             warnings.warn(f"{method}-compressed gradients under {type(inner).__name__}: the optimizer normalises "
                           "every coordinate, so sparse or stale gradient estimates become full-size steps (measured: "
                           "Top-K 1% + EF21 stays near chance on the GLUE smoke task). compress='updates' compresses "

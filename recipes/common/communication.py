@@ -66,15 +66,17 @@ class CommunicationArgs:
     )
     error_feedback: str = field(
         default="auto",
-        metadata={"help": f"{' | '.join(ERROR_FEEDBACKS)}: auto = ef21 for sign/topk/randk gradients and ef for their "
-                          "updates, ef for powersgd, gdsec's own reference scheme for gdsec, none for the rest."},
+        metadata={"help": f"{' | '.join(ERROR_FEEDBACKS)}: auto = ef for sign/topk/randk (gradients or updates) and "
+                          "powersgd, gdsec's own scheme (reference and error correction) for gdsec, none for the "
+                          "rest. ef21 is plain EF21, which diverges on stochastic gradients."},
     )
     compress: Optional[str] = field(
         default=None,
         metadata={"help": f"{' or '.join(TARGETS)}: what --grad_compression compresses. gradients: each "
                           "gradient bucket, every step (DDP hook). updates: each process takes its own AdamW step "
                           "and the parameter deltas are averaged, compressed with error feedback, every "
-                          "--local_steps steps. Default: updates when --local_steps > 1, else gradients. With "
+                          "--local_steps steps. Default: updates when --local_steps > 1 or when a biased "
+                          "method (sign, topk, randk) runs under AdamW (said once at startup), else gradients. With "
                           "AdamW, Top-K 1% needs updates: as gradients (EF21) it stayed near chance on the GLUE "
                           "smoke task (README)."},
     )
