@@ -201,7 +201,7 @@ def parse_recipe_args(cls: type[T], argv: Optional[Sequence[str]] = None, descri
 
     Bad input exits with ``<prog>: error: <message>`` naming the option: unknown keys (with close matches), wrong
     types, a missing or unreadable config file, a value the dataclass refuses. ``prog`` defaults to the script's file
-    name; recipes pass their name, the prefix of their other errors too (``common.run_recipe``).
+    name; recipes pass their name, the prefix of their other errors too (``common.loop.run_recipe``).
     """
     prog = prog or _script_name() or cls.__name__
     argv = list(sys.argv[1:] if argv is None else argv)

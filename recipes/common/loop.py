@@ -6,7 +6,7 @@ evaluation does (GLUE metrics, DreamBooth validation images), what it saves, and
 onto one :class:`LoopSettings`. :func:`run_recipe` then owns everything a user expects to behave the same way in every
 recipe, in this order:
 
-1. the ``Accelerator`` (``common.accelerator_kwargs``), logging (INFO on the main process, ERROR on the others, each
+1. the ``Accelerator`` (``common.run.accelerator_kwargs``), logging (INFO on the main process, ERROR on the others, each
    library's messages printed once) and the torch thread count;
 2. :meth:`Recipe.load`, before anything is written, then the output directory (``prepare_output_dir``);
 3. set-up, which removes a directory it created when it fails: :meth:`Recipe.build`, ``accelerator.prepare``, the
@@ -130,9 +130,9 @@ class LoopSettings:
     stop_after_steps: Optional[int] = None
     """Checkpoint and stop after N steps, as if interrupted (no results.json; resume with ``latest``)."""
     resume_from_checkpoint: Optional[str] = None
-    """'latest' or a checkpoint directory (``common.resolve_checkpoint``)."""
+    """'latest' or a checkpoint directory (``common.checkpoint.resolve_checkpoint``)."""
     overwrite_output_dir: bool = False
-    """Replace an output directory that holds another run (``common.prepare_output_dir``)."""
+    """Replace an output directory that holds another run (``common.run.prepare_output_dir``)."""
     tensorboard: bool = True
     """Also log to tensorboard, when it is installed."""
     logging_dir: str = "tensorboard"

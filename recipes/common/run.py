@@ -246,7 +246,7 @@ def write_results(output_dir: Union[str, Path], results: dict[str, Any]) -> Path
     no number in it is NaN or infinite (the training loop stops a diverged run before; this is the last gate)."""
     missing = [key for key in RESULTS_SCHEMA if key not in results]
     if missing:
-        raise ValueError(f"results are missing the common keys {missing} (see common.RESULTS_SCHEMA).")
+        raise ValueError(f"results are missing the common keys {missing} (see common.run.RESULTS_SCHEMA).")
     bad = nonfinite_numbers(results)
     if bad:
         raise ValueError(f"results.json not written: it would hold non-finite values ({', '.join(bad[:5])}).")
