@@ -76,8 +76,8 @@ def _expected_bytes(name: str, n: int, ratio: float) -> int:
         return 8 * _k(n, ratio)
     if name == "randk":
         return 4 * _k(n, ratio)
-    if name == "gdsec":  # the largest possible payload
-        return 8 * _k(n, ratio)
+    if name == "gdsec":  # the largest possible payload: every component (no cap)
+        return 8 * n
     raise AssertionError(name)
 
 
@@ -213,26 +213,20 @@ def set_sorted(t: torch.Tensor) -> torch.Tensor:
     return t.sort().values
 
 
-def test_significant_respects_threshold_and_cap():
+def test_significant_sends_every_component_above_the_cutoff_and_no_more():
+    """No cap on the count: every component above the cutoff, and nothing for a vector that is all below it."""
     n = 1000
     x = _x(n) * 0.01
-    x[[3, 50, 700]] = torch.tensor([5.0, -2.0, 0.6])  # 0.6 >= 0.1 * 5, the noise (|x| < 0.05) is not
-    c = Significant(ratio=0.1, threshold=0.1)
+    x[[3, 50, 700]] = torch.tensor([5.0, -2.0, 0.6])
+    c = Significant(cutoff=0.5)
     values, index = c.compress(x)
     assert sorted(index.tolist()) == [3, 50, 700] and torch.equal(values, x[index.long()])
     out = c.decompress((values, index), n)
     assert torch.equal(out[[3, 50, 700]], x[[3, 50, 700]]) and out.count_nonzero() == 3
-    # everything above the threshold: the cap k = ceil(ratio n) keeps the k largest
     y = _x(n, 1).sign() * (1.0 + torch.rand(n, generator=torch.Generator().manual_seed(2)))
-    values, index = c.compress(y)
-    k = _k(n, 0.1)
-    assert index.numel() == k
-    assert set(index.tolist()) == set(torch.topk(y.abs(), k).indices.tolist())
-    # threshold 0.5: exactly the components with |y| >= 0.5 max|y|
-    z = _x(n, 3)
-    d = Significant(ratio=1.0, threshold=0.5)
-    _, index = d.compress(z)
-    assert set(index.tolist()) == set(torch.nonzero(z.abs() >= 0.5 * z.abs().max()).view(-1).tolist())
+    assert c.compress(y)[1].numel() == n  # everything above the cutoff: all of it (the capped rule sent 1%)
+    assert c.compress(torch.full((n,), 0.5))[1].numel() == 0  # strictly above
+    assert Significant().compress(torch.zeros(n))[0].numel() == 0
 
 
 @pytest.mark.parametrize("n", [1, 7, 1025])
@@ -327,7 +321,6 @@ RATIO = 0.1
 ALGORITHMS = {
     "none": lambda: Feedback(Identity()),
     "topk_ef21": lambda: DifferenceFeedback(TopK(RATIO), name="ef21"),
-    "gdsec": lambda: DifferenceFeedback(Significant(RATIO, 0.1), name="difference"),
     "topk_nofeedback": lambda: Feedback(TopK(RATIO)),
 }
 
@@ -337,7 +330,7 @@ def problem(request):
     return _least_squares() if request.param == "least_squares" else _logistic()
 
 
-@pytest.mark.parametrize("algorithm", ["none", "topk_ef21", "gdsec"])
+@pytest.mark.parametrize("algorithm", ["none", "topk_ef21"])
 def test_feedback_schemes_reach_the_uncompressed_optimum(problem, algorithm):
     err = _run_gd(problem, ALGORITHMS[algorithm], 1500)
     assert err < 1e-4, f"{algorithm}: relative error to x* {err:.2e}"
@@ -629,10 +622,11 @@ def test_ddp_replicas_identical_and_bytes_match_formula(ddp_results, name):
         assert s["powersgd_start_iter"] == PS_START
     elif method == "gdsec":
         deltas = [b - a for (_, _, a, _), (_, _, b, _) in zip([(0, 0, 0, "")] + r0["per_step"], r0["per_step"])]
-        k = sum(_k(n, DDP_RATIO) for n in SIZES)
         head = 4 + 4 * len(SIZES)  # the exchanged total count, then one int32 count per tensor in the payload
-        for delta in deltas:  # then 8 bytes per component of the largest message, at least one per tensor
-            assert (delta - head) % 8 == 0 and head + 8 * len(SIZES) <= delta <= head + 8 * k, deltas
+        for delta in deltas:  # then 8 bytes per component of the largest message, none up to every one
+            assert (delta - head) % 8 == 0 and head <= delta <= head + 8 * NUMEL, deltas
+        assert deltas[0] == head + 8 * NUMEL  # the first step's model change is 0: every nonzero component
+        assert min(deltas) < head + 8 * NUMEL  # later steps select
         assert r1["summary"]["bytes_sent"] == s["bytes_sent"]  # both pad to the same largest count
     else:
         assert s["bytes_sent"] == STEPS * _step_bytes(method), (s, _step_bytes(method))
@@ -767,7 +761,7 @@ def test_bad_ratio(single_group, method, ratio):
 
 
 def test_ratio_default_and_unused_ratio_warned(single_group):
-    """Only topk/randk/gdsec select a fraction of coordinates: the default is 0.01 for them, and a ratio passed to a
+    """Only topk/randk select a fraction of coordinates: the default is 0.01 for them, and a ratio passed to a
     method that sends everything is said to be unused instead of being silently ignored (a UserWarning: shown once
     per process and call site, like every notice of the library)."""
     ddp, _ = _ddp1()
@@ -874,7 +868,7 @@ def test_per_tensor_gives_every_tensor_its_share():
     glob = TopK(0.05)
     y = glob.decompress(glob.compress(x), x.numel())
     assert not torch.split(y, sizes)[1].any()  # what per-tensor selection fixes
-    sig = PerTensor(Significant(0.05, 0.3), sizes)
+    sig = PerTensor(Significant(cutoff=0.0), sizes)  # one count per tensor in front
     payload = sig.compress(x)
     assert payload[0].tolist() == [int(n) for n in payload[0]] and len(payload[0]) == len(sizes)
     assert torch.split(sig.decompress(payload, x.numel()), sizes)[1].any()
@@ -933,18 +927,20 @@ def test_config_checks_every_option_when_made():
         CompressionConfig("int8", compression_ratio=1.5)  # out of range even where it is unused
     with pytest.raises(ValueError, match="chunk_size must be an int >= 1.*got 0"):
         CompressionConfig("sign", chunk_size=0)
-    with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\).*got 1\.5"):
-        CompressionConfig("gdsec", threshold=1.5)
+    with pytest.raises(ValueError, match=r"gdsec threshold must be a finite number >= 0.*got -1"):
+        CompressionConfig("gdsec", threshold=-1)
+    with pytest.raises(ValueError, match="gdsec compresses gradient differences.*cannot compress updates"):
+        CompressionConfig("gdsec", local_steps=2)
     with pytest.raises(ValueError, match=r"beta must be in \(0, 1\], got 0"):
         CompressionConfig("gdsec", beta=0)
     with pytest.raises(ValueError, match="powersgd_rank must be an integer >= 1, got 0"):
         CompressionConfig("powersgd", powersgd_rank=0)
     with pytest.raises(ValueError, match="unknown compress 'weights'; choose one of gradients, updates"):
         CompressionConfig("topk", compress="weights")
-    config = CompressionConfig("gdsec", compression_ratio=0.2)
-    assert (config.target, config.feedback, config.ratio) == ("gradients", "difference", 0.2)
-    assert config.options() == {"compress": "gradients", "error_feedback": "difference", "local_steps": 1, "seed": 0,
-                                "compression_ratio": 0.2, "beta": 1.0, "threshold": 0.1}
+    config = CompressionConfig("gdsec", compression_ratio=0.2, threshold=0.5, beta=0.5)
+    assert (config.target, config.feedback, config.ratio) == ("gradients", "gdsec", None)
+    assert config.options() == {"compress": "gradients", "error_feedback": "gdsec", "local_steps": 1, "seed": 0,
+                                "beta": 0.5, "threshold": 0.5}
     assert CompressionConfig("powersgd", powersgd_start_iter=1).options()["powersgd_start_iter"] == 2
     assert CompressionConfig("powersgd", error_feedback="none", powersgd_start_iter=1).start_iter == 1
     assert CompressionConfig("int8").options()["chunk_size"] == 1024 and CompressionConfig("int8").ratio is None

@@ -2,7 +2,7 @@
 
 - :mod:`.compressors`: fp16/bf16 casts, int8 (QSGD-style), 1-bit sign, Top-K, Rand-K (shared seed), GD-SEC's
   significant-component selection; pure functions of tensors and seeds with exact payload sizes.
-- :mod:`.feedback`: error feedback around any compressor (none / EF / EF21 / difference-with-reference).
+- :mod:`.feedback`: error feedback around any compressor (none / EF / EF21 / GD-SEC's reference and error correction).
 - :mod:`.transport`: all_reduce or all_gather of payloads, the bytes they put on the wire, and
   :class:`CollectiveError` when a peer process is gone.
 - :mod:`.config`: :class:`CompressionConfig`, the settings (checked when made).
@@ -31,7 +31,15 @@ from .config import (
     resolve_compress,
     resolve_error_feedback,
 )
-from .feedback import DifferenceFeedback, ErrorFeedback, Feedback, build_feedback, mean_decoded, simulate_round
+from .feedback import (
+    DifferenceFeedback,
+    ErrorFeedback,
+    Feedback,
+    GDSECFeedback,
+    build_feedback,
+    mean_decoded,
+    simulate_round,
+)
 from .hooks import register_compression
 from .state import CompressionState
 from .transport import CollectiveError, Exchange, allgather_wire_bytes, allreduce_wire_bytes, collective_failure
@@ -47,6 +55,7 @@ __all__ = [
     "ErrorFeedback",
     "Exchange",
     "Feedback",
+    "GDSECFeedback",
     "Identity",
     "Int8",
     "METHODS",

@@ -291,27 +291,21 @@ class RandK(Compressor):
 
 @dataclass
 class Significant(Compressor):
-    """GD-SEC's selection: only the components whose magnitude is at least ``threshold`` times the largest one,
-    and at most ``ceil(ratio * numel)`` of them (largest first), with their int32 positions.
+    """GD-SEC's selection: every component whose magnitude exceeds ``cutoff``, with its int32 position, and no cap on
+    how many. A zero vector (nothing changed) sends nothing.
 
-    The payload size varies with the data (few components once the vector stops changing), so a transport first
-    exchanges the counts; :meth:`layout_for` gives the size of a payload of ``count`` components.
+    ``cutoff`` is set before each round by :class:`gsoft.distributed.feedback.GDSECFeedback` from the change of the
+    model (GD-SEC's rule, defined there). The payload size varies with the data, so a transport first exchanges the
+    counts; :meth:`layout_for` gives the size of a payload of ``count`` components, :meth:`layout` the largest one.
     """
 
-    ratio: float = 0.01
-    threshold: float = 0.1
+    cutoff: float = 0.0
     name: ClassVar[str] = "significant"
     biased: ClassVar[bool] = True
     variable_size: ClassVar[bool] = True
 
-    def __post_init__(self) -> None:
-        check_ratio(self.ratio)
-        if not 0.0 <= self.threshold < 1.0:
-            raise ValueError(f"significance threshold must be in [0, 1) (a fraction of the largest component), "
-                             f"got {self.threshold!r}")
-
     def layout(self, numel: int) -> Layout:
-        return self.layout_for(_keep_count(numel, self.ratio))
+        return self.layout_for(numel)
 
     @staticmethod
     def layout_for(count: int) -> Layout:
@@ -319,10 +313,7 @@ class Significant(Compressor):
 
     def compress(self, x, *, shared_seed=0, private_seed=0):
         x = x.float()
-        magnitude = x.abs()
-        values, index = torch.topk(magnitude, _keep_count(x.numel(), self.ratio), sorted=True)
-        count = int((values >= self.threshold * values[0]).sum()) if values[0] > 0 else 1
-        index = index[:count]
+        index = torch.nonzero(x.abs() > self.cutoff).view(-1)
         return x[index], index.to(torch.int32)
 
     decompress = TopK.decompress
@@ -336,7 +327,7 @@ class Significant(Compressor):
         return tuple(torch.cat([t, t.new_zeros(count - t.numel())]) for t in payload)
 
     def describe(self) -> dict:
-        return {"name": self.name, "ratio": self.ratio, "threshold": self.threshold}
+        return {"name": self.name, "cutoff": self.cutoff}
 
 
 class PerTensor(Compressor):
@@ -410,31 +401,32 @@ class PerTensor(Compressor):
         return dict(self.base.describe(), per_tensor=True)
 
 
-#: The methods that send a fraction ``compression_ratio`` of the coordinates, and that fraction's default.
-RATIO_METHODS: tuple[str, ...] = ("topk", "randk", "gdsec")
+#: The methods that send a fraction ``compression_ratio`` of the coordinates, and that fraction's default (gdsec's
+#: count follows its threshold instead).
+RATIO_METHODS: tuple[str, ...] = ("topk", "randk")
 DEFAULT_RATIO = 0.01
 #: The methods that keep one scale per ``chunk_size`` values.
 CHUNK_METHODS: tuple[str, ...] = ("int8", "sign")
 
-#: Each method's compressor from the options ``(compression_ratio, chunk_size, rescale, threshold)`` of
+#: Each method's compressor from the options ``(compression_ratio, chunk_size, rescale)`` of
 #: :func:`build_compressor`; ``gdsec`` selects with :class:`Significant` (GD-SEC).
-_BUILDERS: dict[str, Callable[[float, int, bool, float], Compressor]] = {
-    "none": lambda ratio, chunk, rescale, threshold: Identity(),
-    "fp16": lambda ratio, chunk, rescale, threshold: Cast(CAST_DTYPES["fp16"]),
-    "bf16": lambda ratio, chunk, rescale, threshold: Cast(CAST_DTYPES["bf16"]),
-    "int8": lambda ratio, chunk, rescale, threshold: Int8(chunk),
-    "sign": lambda ratio, chunk, rescale, threshold: Sign(chunk),
-    "topk": lambda ratio, chunk, rescale, threshold: TopK(ratio),
-    "randk": lambda ratio, chunk, rescale, threshold: RandK(ratio, rescale),
-    "gdsec": lambda ratio, chunk, rescale, threshold: Significant(ratio, threshold),
+_BUILDERS: dict[str, Callable[[float, int, bool], Compressor]] = {
+    "none": lambda ratio, chunk, rescale: Identity(),
+    "fp16": lambda ratio, chunk, rescale: Cast(CAST_DTYPES["fp16"]),
+    "bf16": lambda ratio, chunk, rescale: Cast(CAST_DTYPES["bf16"]),
+    "int8": lambda ratio, chunk, rescale: Int8(chunk),
+    "sign": lambda ratio, chunk, rescale: Sign(chunk),
+    "topk": lambda ratio, chunk, rescale: TopK(ratio),
+    "randk": lambda ratio, chunk, rescale: RandK(ratio, rescale),
+    "gdsec": lambda ratio, chunk, rescale: Significant(),
 }
 #: The names :func:`build_compressor` knows.
 COMPRESSORS: tuple[str, ...] = tuple(_BUILDERS)
 
 
 def build_compressor(name: str, *, compression_ratio: float = DEFAULT_RATIO, chunk_size: int = 1024,
-                     rescale: bool = False, threshold: float = 0.1) -> Compressor:
+                     rescale: bool = False) -> Compressor:
     """The compressor called ``name`` (one of :data:`COMPRESSORS`)."""
     if name not in _BUILDERS:
         raise ValueError(f"unknown compressor {name!r}; choose one of {', '.join(COMPRESSORS)}")
-    return _BUILDERS[name](compression_ratio, chunk_size, rescale, threshold)
+    return _BUILDERS[name](compression_ratio, chunk_size, rescale)

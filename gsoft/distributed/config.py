@@ -64,10 +64,10 @@ def resolve_error_feedback(method: str, error_feedback: str, compress: str = "gr
     if error_feedback not in ERROR_FEEDBACKS:
         raise ValueError(f"unknown error_feedback {error_feedback!r}; choose one of {', '.join(ERROR_FEEDBACKS)}")
     if method == "gdsec":
-        if error_feedback not in ("auto", "ef21"):
-            raise ValueError(f"gdsec keeps its own per-worker reference (GD-SEC's difference scheme), so "
+        if error_feedback != "auto":
+            raise ValueError(f"gdsec keeps its own per-worker reference (GD-SEC's scheme, which carries what it dropped), so "
                              f"error_feedback={error_feedback!r} does not apply; leave it at 'auto'.")
-        return "difference"
+        return "gdsec"
     if method == "powersgd":
         if error_feedback == "ef21":
             raise ValueError("powersgd uses torch's PowerSGD hook, whose error feedback is classic EF; pass "
@@ -90,10 +90,12 @@ class CompressionConfig:
 
     #: One of :data:`METHODS`: ``none`` (fp32, counted like the others), ``fp16``, ``bf16``, ``int8`` (scaled, one
     #: scale per ``chunk_size`` values), ``sign`` (1 bit + scale), ``topk``, ``randk`` (shared-seed coordinates, no
-    #: indices sent), ``gdsec`` (GD-SEC's significant components) or ``powersgd`` (torch's hook).
+    #: indices sent), ``gdsec`` (GD-SEC: the components of the gradient difference above a threshold tied to the
+    #: model's change) or ``powersgd`` (torch's hook).
     method: str = "topk"
-    #: Fraction of coordinates ``topk``/``randk``/``gdsec`` send, in (0, 1]; None = 0.01. The other methods send
-    #: every coordinate: a ratio given to them is reported as unused (a warning at registration).
+    #: Fraction of coordinates ``topk``/``randk`` send, in (0, 1]; None = 0.01. ``gdsec`` sends what its
+    #: ``threshold`` selects and the other methods every coordinate: a ratio given to them is reported as unused (a
+    #: warning at registration).
     compression_ratio: Optional[float] = None
     #: One of :data:`ERROR_FEEDBACKS` (see :func:`resolve_error_feedback` for ``auto``).
     error_feedback: str = "auto"
@@ -113,10 +115,11 @@ class CompressionConfig:
     seed: int = 0
     #: ``int8`` / ``sign``: values per scale.
     chunk_size: int = 1024
-    #: ``gdsec``: the step of the per-worker reference towards what was sent, in (0, 1].
+    #: ``gdsec``: GD-SEC's ``beta``, the step of the per-worker state towards what was sent, in (0, 1].
     beta: float = 1.0
-    #: ``gdsec``: components at least this fraction of the largest one are sent, in [0, 1).
-    threshold: float = 0.1
+    #: ``gdsec``: GD-SEC's ``xi`` >= 0: a component of a worker's gradient difference is sent when its magnitude
+    #: exceeds ``threshold / workers * ||x^k - x^{k-1}||_2`` (:class:`~gsoft.distributed.feedback.GDSECFeedback`).
+    threshold: float = 1.0
     #: ``powersgd``: rank of the low-rank gradient approximation, >= 1.
     powersgd_rank: int = 4
     #: ``powersgd``: uncompressed all-reduce steps before compression starts (at least 2 with error feedback).
@@ -143,7 +146,11 @@ class CompressionConfig:
             if not (_is_int(self.powersgd_start_iter) and self.powersgd_start_iter >= 0):
                 raise ValueError(f"powersgd_start_iter must be an integer >= 0, got {self.powersgd_start_iter!r}")
         else:
-            build_feedback(feedback, self.compressor(), beta=self.beta)  # the compressor's and scheme's own checks
+            if self.method == "gdsec" and self.target == "updates":
+                raise ValueError("gdsec compresses gradient differences against the model's change (GD-SEC); it "
+                                 "cannot compress updates or be combined with local_steps > 1. Use topk, randk, "
+                                 "int8 or sign for those.")
+            build_feedback(feedback, self.compressor(), beta=self.beta, threshold=self.threshold)  # their checks
 
     def adaptive_default(self, optimizer: Any) -> bool:
         """Whether ``compress`` is unset and :meth:`for_optimizer` turns it into ``updates`` for ``optimizer``: a biased
@@ -166,7 +173,7 @@ class CompressionConfig:
 
     @property
     def feedback(self) -> str:
-        """``error_feedback`` resolved: ``none``, ``ef``, ``ef21`` or gdsec's ``difference``."""
+        """``error_feedback`` resolved: ``none``, ``ef``, ``ef21`` or ``gdsec`` (GD-SEC's own scheme)."""
         return resolve_error_feedback(self.method, self.error_feedback, self.target)
 
     @property
@@ -185,7 +192,7 @@ class CompressionConfig:
     def compressor(self) -> Compressor:
         """A new compressor for this method (every method but ``powersgd``)."""
         return build_compressor(self.method, compression_ratio=self.ratio or DEFAULT_RATIO,
-                                chunk_size=self.chunk_size, threshold=self.threshold)
+                                chunk_size=self.chunk_size)
 
     def options(self) -> dict[str, Any]:
         """The settings in effect, by name, with only those that the method uses (for ``results.json``)."""

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .compressors import RATIO_METHODS
 from .config import CompressionConfig, is_adaptive
-from .feedback import build_feedback
+from .feedback import GDSECFeedback, build_feedback
 from .local_steps import LocalSteps
 from .state import CompressionState
 from .transport import allreduce_wire_bytes, chained_result, collective_result, shared_seed
@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 def _compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     buffer = bucket.buffer()
+    if isinstance(state.feedback, GDSECFeedback) and not state._seen:  # the first bucket of this backward
+        state.feedback.set_model_change(state.model_change(), state.world_size)
     key = state.bucket_key(bucket)
     layout = state._layouts[key]
     # seeds per step and parameter name, not per bucket: DDP's bucket layout changes after the first step, and a
@@ -167,7 +169,8 @@ def register_compression(
         if compressor.biased and feedback_name == "none":
             warnings.warn(f"{method} without error feedback is biased: expect a worse optimum than uncompressed "
                           "training (error_feedback 'ef21' or 'ef' corrects it).", UserWarning, stacklevel=2)
-        state.feedback = build_feedback(feedback_name, compressor, beta=config.beta)
+        state.feedback = build_feedback(feedback_name, compressor, beta=config.beta, threshold=config.threshold)
+        state._trained = [p for p in model.module.parameters() if p.requires_grad]
         hook = _compression_hook
         if compress == "gradients" and compressor.biased and is_adaptive(optimizer):
             inner = getattr(optimizer, "optimizer", optimizer)

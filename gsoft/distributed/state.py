@@ -58,6 +58,8 @@ class CompressionState:
     _param_names: dict[int, str] = field(default_factory=dict)
     _loaded_pieces: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     _device: torch.device = torch.device("cpu")
+    _trained: list[torch.Tensor] = field(default_factory=list)
+    _previous: Optional[torch.Tensor] = None
 
     @property
     def ratio(self) -> float:
@@ -133,6 +135,15 @@ class CompressionState:
         self.payload_bytes += exchange.payload_bytes
         return fut
 
+    @torch.no_grad()
+    def model_change(self) -> float:
+        """``||x^k - x^{k-1}||_2`` over the trained parameters since the previous call (0 at the first), for GD-SEC's
+        threshold; the parameters are equal on every replica, so is this."""
+        flat = torch.cat([p.detach().reshape(-1).float() for p in self._trained])
+        change = 0.0 if self._previous is None else float((flat - self._previous.to(flat.device)).norm())
+        self._previous = flat
+        return change
+
     def count_bucket(self, bucket: dist.GradBucket, *, step: bool) -> None:
         """What an fp32 (bucket dtype) all-reduce of this bucket would send; with ``step``, the last bucket of a
         backward ends an optimizer step that communicated."""
@@ -157,6 +168,8 @@ class CompressionState:
         if self.feedback is not None:
             pieces = self._pieces()
             own["feedback"] = {n: {s: t.detach().cpu().clone() for s, t in d.items()} for n, d in pieces.items()}
+        if self._previous is not None:
+            own["previous_parameters"] = self._previous.detach().cpu().clone()
         if self.local is not None:
             own["local"] = self.local.state_dict()
         if self.powersgd is not None:
@@ -189,6 +202,8 @@ class CompressionState:
             self.feedback.states.clear()
             for key in self._layouts:
                 self._adopt(key, self._device)
+        if "previous_parameters" in own:
+            self._previous = own["previous_parameters"].to(self._device)
         if self.local is not None:
             self.local.load_state_dict(own["local"])
         if self.powersgd is not None:

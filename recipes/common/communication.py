@@ -56,18 +56,20 @@ class CommunicationArgs:
         metadata={"help": f"What processes send each step: {', '.join(METHODS)}. none = fp32 all-reduce (bytes "
                           "counted like the others); fp16/bf16 casts (bf16 needs NCCL, gloo cannot all-reduce it); "
                           "int8 scaled quantisation; sign 1 bit + scale; topk values + int32 indices; randk values "
-                          "only (shared-seed indices); powersgd (torch's hook, --powersgd_rank); gdsec significant "
-                          "components of the gradient difference. Ignored in a single process."},
+                          "only (shared-seed indices); powersgd (torch's hook, --powersgd_rank); gdsec the "
+                          "components of the gradient difference above --gdsec_threshold (GD-SEC). Ignored in a "
+                          "single process."},
     )
     compression_ratio: Optional[float] = field(
         default=None,
-        metadata={"help": "Fraction of coordinates topk, randk and gdsec send, in (0, 1] (0.01: 1%); null = 0.01. "
-                          "The other methods send every coordinate and warn that it is unused."},
+        metadata={"help": "Fraction of coordinates topk and randk send, in (0, 1] (0.01: 1%); null = 0.01. "
+                          "gdsec sends what --gdsec_threshold selects and the other methods every coordinate: they "
+                          "warn that it is unused."},
     )
     error_feedback: str = field(
         default="auto",
         metadata={"help": f"{' | '.join(ERROR_FEEDBACKS)}: auto = ef for sign/topk/randk (gradients or updates) and "
-                          "powersgd, gdsec's own scheme (reference and error correction) for gdsec, none for the "
+                          "powersgd, gdsec's own reference scheme for gdsec, none for the "
                           "rest. ef21 is plain EF21, which diverges on stochastic gradients."},
     )
     compress: Optional[str] = field(
@@ -92,6 +94,17 @@ class CommunicationArgs:
         metadata={"help": f"{' or '.join(SCHEDULES)}: every H steps, or random intervals with mean H "
                           "(geometric, as in OLGA; drawn with --seed, equal on every process)."},
     )
+    gdsec_threshold: float = field(
+        default=1.0,
+        metadata={"help": "--grad_compression gdsec: GD-SEC's xi >= 0; a process sends a component of its gradient "
+                          "difference when it exceeds xi / processes * ||change of the adapter weights in the last "
+                          "step||. 0 sends every change."},
+    )
+    gdsec_beta: float = field(
+        default=1.0,
+        metadata={"help": "--grad_compression gdsec: GD-SEC's beta in (0, 1], the step of each process's "
+                          "transmitted state towards what it sent."},
+    )
     powersgd_rank: int = field(
         default=4,
         metadata={"help": "--grad_compression powersgd: rank of the low-rank gradient approximation."},
@@ -105,7 +118,7 @@ def compression_config(args: CommunicationArgs, seed: int = 0) -> CompressionCon
         return CompressionConfig(
             method=args.grad_compression, compression_ratio=args.compression_ratio, error_feedback=args.error_feedback,
             compress=args.compress, local_steps=args.local_steps, local_steps_schedule=args.local_steps_schedule,
-            powersgd_rank=args.powersgd_rank, seed=seed,
+            threshold=args.gdsec_threshold, beta=args.gdsec_beta, powersgd_rank=args.powersgd_rank, seed=seed,
         )
     except ValueError as exc:
         given = [f"--{f.name} {getattr(args, f.name)}" for f in dataclasses.fields(CommunicationArgs)
