@@ -988,3 +988,41 @@ def test_sgd_or_explicit_gradients_keep_gradients(single_group, monkeypatch):
     config = CompressionConfig("sign")
     assert config.for_optimizer(_ddp_adamw()[1]).target == "updates" and config.target == "gradients"
     assert config.for_optimizer(None) is config
+
+
+def test_summable_payload_is_divided_before_the_sum():
+    """fp16 all-reduce at p = 4 of values near fp16's maximum: dividing first keeps the sum (the mean) finite."""
+    from gsoft.distributed.transport import divided_for_sum
+
+    payloads = [torch.full((8,), 60000.0).to(torch.float16) for _ in range(4)]
+    assert torch.isinf(sum(payloads)).all()  # what summing first would give
+    mean = sum(divided_for_sum(t, 4)[0] for t in payloads)
+    assert mean.dtype == torch.float16 and torch.isfinite(mean).all() and torch.equal(mean, payloads[0])
+    assert torch.equal(payloads[0], torch.full((8,), 60000.0).to(torch.float16))  # the payload itself is untouched
+
+
+def test_randk_indices_on_the_tensors_device_and_shared():
+    x = torch.randn(1000)
+    a, b = RandK(0.1), RandK(0.1)  # two processes' compressors
+    index = a.indices(x.numel(), 7, x.device)
+    assert index.device == x.device and torch.equal(index, b.indices(x.numel(), 7, x.device))
+    assert not torch.equal(index, a.indices(x.numel(), 8, x.device))
+
+
+@pytest.mark.parametrize("method,world,warned", [("int8", 2, False), ("int8", 8, True), ("sign", 48, False),
+                                                 ("sign", 80, True), ("topk", 16, False), ("randk", 200, False)])
+def test_allgather_costlier_than_fp32_allreduce_is_warned(method, world, warned):
+    """All-gather sends (p - 1) x payload per process, an fp32 all-reduce 2 (p - 1) / p x 4 n: warned past 8 n / p."""
+    from gsoft.distributed import CompressionState, build_feedback
+    from gsoft.distributed.hooks import _warn_if_allgather_exceeds_allreduce
+
+    state = CompressionState(method=method, options={}, world_size=world, rank=0)
+    state.feedback = build_feedback("none", build_compressor(method, chunk_size=1024))
+    state._trained = [torch.zeros(4096), torch.zeros(100)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _warn_if_allgather_exceeds_allreduce(state, method)
+    messages = [str(w.message) for w in caught if "exchanged by all_gather" in str(w.message)]
+    assert bool(messages) == warned, messages
+    if warned:
+        assert f"p = {world} processes sends (p - 1) x its payload" in messages[0] and "8 n / p" in messages[0]

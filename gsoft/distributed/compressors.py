@@ -268,8 +268,9 @@ class RandK(Compressor):
         if key not in self._draws:
             if len(self._draws) >= 1024:  # earlier rounds' draws: bounded memory
                 self._draws.clear()
-            perm = torch.randperm(numel, generator=_generator(shared_seed, torch.device("cpu")))
-            self._draws[key] = perm[: _keep_count(numel, self.ratio)].to(device)
+            # drawn on the tensor's device (no host round trip): equal on every process of one device type
+            perm = torch.randperm(numel, generator=_generator(shared_seed, device), device=device)
+            self._draws[key] = perm[: _keep_count(numel, self.ratio)]
         return self._draws[key]
 
     def compress(self, x, *, shared_seed=0, private_seed=0):

@@ -20,7 +20,7 @@ from .config import CompressionConfig, is_adaptive
 from .feedback import GDSECFeedback, build_feedback
 from .local_steps import LocalSteps
 from .state import CompressionState
-from .transport import allreduce_wire_bytes, chained_result, collective_result, shared_seed
+from .transport import allgather_wire_bytes, allreduce_wire_bytes, chained_result, collective_result, shared_seed
 
 # no ``from __future__ import annotations`` here: DDP checks the hooks' annotations at registration
 logger = logging.getLogger(__name__)
@@ -100,6 +100,25 @@ def _announce_once(message: str) -> None:
         warnings.warn(message, UserWarning, stacklevel=3)
 
 
+def _warn_if_allgather_exceeds_allreduce(state: CompressionState, method: str) -> None:
+    """An all-gathered payload of ``B`` bytes costs each process ``(p - 1) B``, while an fp32 all-reduce of ``n``
+    values costs ``2 (p - 1) / p * 4 n``: gathering is worse once ``B > 8 n / p``. Variable-size payloads (gdsec)
+    depend on the data, so they are not judged here."""
+    sizes = [p.numel() for p in state._trained]
+    compressor = state.feedback.compressor_for(sizes)
+    if compressor.summable or compressor.variable_size or not sizes:
+        return
+    numel, world = sum(sizes), state.world_size
+    payload = compressor.payload_bytes(numel)
+    gathered, reduced = allgather_wire_bytes(payload, world), allreduce_wire_bytes(4 * numel, world)
+    if gathered > reduced:
+        warnings.warn(f"{method} is exchanged by all_gather: each of the p = {world} processes sends (p - 1) x its "
+                      f"payload = {world - 1} x {payload} = {gathered} bytes per round, more than an fp32 all_reduce "
+                      f"of the same {numel} values, 2 (p - 1) / p x 4 n = {reduced} bytes (all_gather is worse once "
+                      f"the payload exceeds 8 n / p bytes). Use fewer processes, a smaller compression_ratio, or an "
+                      f"all-reduced method (randk, fp16, bf16).", UserWarning, stacklevel=3)
+
+
 def _backend(group: Optional[dist.ProcessGroup]) -> str:
     return str(dist.get_backend(group)).lower()
 
@@ -171,6 +190,7 @@ def register_compression(
                           "training (error_feedback 'ef21' or 'ef' corrects it).", UserWarning, stacklevel=2)
         state.feedback = build_feedback(feedback_name, compressor, beta=config.beta, threshold=config.threshold)
         state._trained = [p for p in model.module.parameters() if p.requires_grad]
+        _warn_if_allgather_exceeds_allreduce(state, method)
         hook = _compression_hook
         if compress == "gradients" and compressor.biased and is_adaptive(optimizer):
             inner = getattr(optimizer, "optimizer", optimizer)

@@ -1,6 +1,7 @@
 """Moving compressed payloads between processes with ``torch.distributed``, and what that costs on the wire.
 
-Summable payloads (same support everywhere, linear decode) are added by ``all_reduce``; everything else is packed
+Summable payloads (same support everywhere, linear decode) are divided by the number of processes and added by
+``all_reduce``; everything else is packed
 into one byte buffer and ``all_gather``-ed, so what is counted is what the collective carries: values, indices
 and scales, plus, for variable-size payloads, the exchanged counts and the padding up to the largest one.
 
@@ -110,6 +111,12 @@ def allgather_wire_bytes(nbytes: int, world_size: int) -> int:
     return (world_size - 1) * nbytes
 
 
+def divided_for_sum(tensor: torch.Tensor, world_size: int) -> tuple[torch.Tensor]:
+    """A summable payload divided by the number of processes before the all_reduce adds it up, in its own dtype:
+    the sum is then the mean, and an fp16 sum of ``p`` values near fp16's maximum (65504) does not overflow."""
+    return (tensor / world_size,)
+
+
 def pack(payload: Payload) -> torch.Tensor:
     """The payload's tensors as one uint8 buffer, in order."""
     return torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in payload])
@@ -144,7 +151,7 @@ class Exchange:
     def start(self, payload: Payload) -> torch.futures.Future:
         c, world, group = self.compressor, self.world_size, self.group
         if c.summable:
-            (tensor,) = payload
+            (tensor,) = divided_for_sum(payload[0], world)
             self.payload_bytes = tensor.numel() * tensor.element_size()
             self.bytes_sent = allreduce_wire_bytes(self.payload_bytes, world)
             operation = f"all_reduce ({self.label}, {self.payload_bytes} bytes)"
@@ -152,7 +159,7 @@ class Exchange:
 
             def reduced(fut: torch.futures.Future) -> torch.Tensor:
                 collective_result(fut, operation, group)
-                return c.decompress((tensor,), self.numel, shared_seed=self.shared_seed) / world
+                return c.decompress((tensor,), self.numel, shared_seed=self.shared_seed)
 
             return work.get_future().then(reduced)
 
