@@ -261,11 +261,11 @@ def test_topk_two_processes_reach_the_uncompressed_accuracy(ddp_topk, ddp_uncomp
 
 def test_topk_gradients_two_processes_stay_equal_and_send_the_expected_bytes(tmp_path):
     """--compress gradients (the DDP hook, EF21): replicas equal and per-tensor Top-K bytes every step. Its accuracy
-    is not asserted (under AdamW it stays near chance on this task, README, which the library warns about), so the
-    shrunken smoke task is enough."""
+    is not asserted (under AdamW it stays near chance on this task, docs/distributed.md, which the library warns
+    about), so the shrunken smoke task is enough."""
     out = tmp_path / "run"
     proc = _launch([*TINY, "--output_dir", str(out), "--max_steps", "20", "--grad_compression", "topk",
-                    "--compression_ratio", "0.01", "--error_feedback", "ef21"], processes=2)
+                    "--compression_ratio", "0.01", "--compress", "gradients", "--error_feedback", "ef21"], processes=2)
     results = json.loads((out / "results.json").read_text())
     assert results["rank_state_sha256"][0] == results["rank_state_sha256"][1]
     assert results["comm_bytes_sent"] == 20 * _topk_bytes_per_round(Path(results["saved_to"]), 0.01)
