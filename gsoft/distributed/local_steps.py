@@ -2,11 +2,12 @@
 
 Each process keeps the shared reference point ``x̄`` (the last average, identical everywhere). At a
 synchronisation it sends its delta ``x_m - x̄`` through the same compressor and error feedback as gradients
-(OLGA / EF-OLGA: compressed differences to a shared reference, per-worker error buffers), everyone moves ``x̄`` by
-the mean, and every replica restarts from ``x̄``: bit-identical again. accelerate's ``LocalSGD`` does the same with
-an uncompressed average.
+(local SGD with compressed differences to a shared reference and per-worker error buffers, as Qsparse-local-SGD),
+everyone moves ``x̄`` by the mean, and every replica restarts from ``x̄``: bit-identical again. accelerate's
+``LocalSGD`` does the same with an uncompressed average. This is not OLGA / EF-OLGA (Bylinkin and Beznosikov,
+AAAI'25): there is no proximal server step, similarity control variate or acceleration.
 
-H is fixed, or geometric with mean H (OLGA's randomised loop length), drawn from a generator seeded equally on
+H is fixed, or geometric with mean H (the randomised loop length of OLGA), drawn from a generator seeded equally on
 every process so all of them synchronise at the same step.
 """
 
