@@ -259,7 +259,8 @@ def test_two_processes_topk_unet_and_text_encoder(assets: dict[str, Path], tmp_p
     """Top-K 1% compressed gradients on both trained DDP models (UNet and text encoder, one optimizer): the bytes are
     the per-tensor payload formula, counted once per model and step, and the replicas stay bit-identical."""
     out = tmp_path / "run"
-    results = launch2(assets, out, "--grad_compression", "topk", "--compression_ratio", "0.01", "--train_text_encoder")
+    results = launch2(assets, out, "--grad_compression", "topk", "--compression_ratio", "0.01", "--compress", "gradients",
+                      "--train_text_encoder")
     assert results["world_size"] == 2 and results["finished"]
     hashes = results["rank_state_sha256"]
     assert len(hashes) == 2 and hashes[0] == hashes[1]
@@ -267,7 +268,7 @@ def test_two_processes_topk_unet_and_text_encoder(assets: dict[str, Path], tmp_p
     per_model = results["compression"]
     assert set(per_model) == {"unet", "text_encoder"}
     for name, summary in per_model.items():
-        assert summary["method"] == "topk" and summary["error_feedback"] == "ef21"
+        assert summary["method"] == "topk" and summary["compress"] == "gradients" and summary["error_feedback"] == "ef"
         assert summary["steps"] == summary["syncs"] == 6
         assert summary["bytes_sent"] == 6 * _topk_bytes(sizes[name]), name
         assert summary["bytes_uncompressed"] == 6 * 4 * sum(sizes[name]), name
