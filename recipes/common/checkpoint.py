@@ -33,6 +33,8 @@ from accelerate import Accelerator
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from .run import atomic_write_json
+
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
 #: Written last into a checkpoint: ``{"files": {name: {"bytes": n, "sha256": hex}}, "num_processes": n}``.
@@ -95,13 +97,7 @@ def write_manifest(directory: Union[str, Path], num_processes: int) -> Path:
         p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p, sync=True)}
         for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST
     }
-    tmp = directory / f".{MANIFEST}.tmp"
-    with tmp.open("w") as f:
-        json.dump({"files": files, "num_processes": num_processes}, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / MANIFEST)
+    atomic_write_json(directory / MANIFEST, {"files": files, "num_processes": num_processes}, durable=True)
     _sync_dir(directory)
     return directory / MANIFEST
 

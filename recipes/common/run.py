@@ -153,11 +153,16 @@ def accelerator_kwargs(**kwargs: Any) -> dict[str, Any]:
     return kwargs
 
 
-def _atomic_write_json(path: Path, data: Any) -> None:
+def atomic_write_json(path: Path, data: Any, *, durable: bool = False) -> None:
+    """Write ``data`` as JSON to ``path`` through a temporary file and a rename, so readers see the old file or the
+    whole new one; ``durable`` also flushes it to disk before the rename (a checkpoint's manifest)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True, default=str)
         f.write("\n")
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -237,7 +242,7 @@ def prepare_output_dir(
         if contents and overwrite:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write_json(out / RUN_CONFIG, run_config)
+        atomic_write_json(out / RUN_CONFIG, run_config)
     return out
 
 
@@ -252,7 +257,7 @@ def write_results(output_dir: Union[str, Path], results: dict[str, Any]) -> Path
         raise ValueError(f"results.json not written: it would hold non-finite values ({', '.join(bad[:5])}).")
     path = Path(output_dir) / RESULTS
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(path, results)
+    atomic_write_json(path, results)
     return path
 
 
