@@ -13,9 +13,9 @@ from typing import Iterator
 EXTRAS: dict[str, tuple[str, ...]] = {
     "glue": ("accelerate", "datasets", "sklearn", "scipy", "yaml", "tqdm", "tokenizers"),
     "dreambooth": ("accelerate", "diffusers", "PIL", "yaml", "tqdm"),
-    "bench": ("matplotlib", "accelerate", "datasets", "sklearn", "scipy", "yaml", "tqdm", "tokenizers", "diffusers",
-              "PIL"),
 }
+#: [bench] is matplotlib plus both recipes' extras (the benchmarks run the recipes).
+EXTRAS["bench"] = tuple(dict.fromkeys(("matplotlib", *EXTRAS["glue"], *EXTRAS["dreambooth"])))
 
 
 def missing(extra: str) -> list[str]:
