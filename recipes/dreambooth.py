@@ -39,7 +39,13 @@ with needs("dreambooth", "dreambooth"):  # a missing package is one line naming 
     from common.args import MIXED_PRECISIONS, SEED_RANGE, check_options, config_to_dict, parse_recipe_args
     from common.communication import CommunicationArgs, check_communication_args
     from common.loop import LoopSettings, Recipe, TrainLoop, Trainables, naming_option, run_recipe
-    from common.methods import build_peft_config, check_targets, get_peft_model_checked, target_modules_value
+    from common.methods import (
+        PEFT_METHODS,
+        build_peft_config,
+        check_targets,
+        get_peft_model_checked,
+        target_modules_value,
+    )
     from common.dreambooth_data import (
         PRECISIONS,
         check_identifier,
@@ -53,7 +59,6 @@ with needs("dreambooth", "dreambooth"):  # a missing package is one line naming 
 NAME = "dreambooth"
 logger = logging.getLogger(NAME)
 
-DREAMBOOTH_METHODS = ("gsoft", "double_gsoft", "lora", "oft", "boft")
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
 VALIDATION_DIR = "validation"
@@ -117,7 +122,7 @@ class _DreamBoothOptions:
     )
     # ---- method -----------------------------------------------------------------------------------------------------
     method: str = field(
-        default="gsoft", metadata={"help": f"Adapter: {' | '.join(DREAMBOOTH_METHODS)}."}
+        default="gsoft", metadata={"help": f"Adapter: {' | '.join(PEFT_METHODS)}."}
     )
     method_options: dict = field(
         default_factory=dict,
@@ -226,8 +231,8 @@ class _DreamBoothOptions:
             raise ValueError("--pretrained_model_name_or_path is required (a hub id or a local model directory).")
         if not self.instance_data_dir or not self.instance_prompt:
             raise ValueError("--instance_data_dir and --instance_prompt are required.")
-        if self.method not in DREAMBOOTH_METHODS:
-            raise ValueError(f"Unknown --method {self.method!r}; choose one of {', '.join(DREAMBOOTH_METHODS)}.")
+        if self.method not in PEFT_METHODS:
+            raise ValueError(f"Unknown --method {self.method!r}; choose one of {', '.join(PEFT_METHODS)}.")
         check_identifier(self.instance_prompt, self.identifier, "--instance_prompt")
         for prompt in self.validation_prompts:
             check_identifier(prompt, self.identifier, "--validation_prompts entry")

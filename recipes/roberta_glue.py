@@ -56,7 +56,7 @@ with needs("glue", "roberta_glue"):  # a missing package is one line naming the 
     )
     from common.communication import CommunicationArgs, check_communication_args
     from common.loop import LoopSettings, Recipe, TrainLoop, Trainables, format_metrics, naming_option, run_recipe
-    from common.methods import METHODS, apply_method, target_modules_value
+    from common.methods import GSOFT_METHODS, METHODS, apply_method, target_modules_value
     from common import glue_smoke
     from common.glue_data import encode_labels, load_raw_datasets
     from common.glue_tasks import TaskSpec, compute_metrics, predictions_from_logits
@@ -65,7 +65,6 @@ NAME = "roberta_glue"
 logger = logging.getLogger(NAME)
 
 BASE_MODEL_DIR = "base_model"  # a model built from --model_config (and its tokenizer) is saved here, then loaded
-GSOFT_METHODS = ("gsoft", "double_gsoft")
 #: transformers' schedules that the recipe can drive: built from the warm-up and total steps alone, stepped without a
 #: metric (reduce_lr_on_plateau, greedy and the min-lr / warmup-stable-decay ones need more).
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",

@@ -36,7 +36,7 @@ from typing import Any, Literal, Optional, Sequence
 import torch
 import yaml
 
-from common.methods import METHODS, apply_method
+from common.methods import METHODS, PEFT_METHODS, apply_method
 from common.run import count_parameters
 from dreambooth import latent_loss
 
@@ -61,7 +61,7 @@ class DreamboothOptions(BenchOptions):
                           "repository)."},
     )
     methods: list[Literal[METHODS]] = field(
-        default_factory=lambda: ["gsoft", "double_gsoft", "lora", "oft", "boft"],
+        default_factory=lambda: list(PEFT_METHODS),
         metadata={"help": f"Methods to run, in order (from {', '.join(METHODS)})."},
     )
     target_modules: list[str] = field(

@@ -24,7 +24,7 @@ import torch
 import yaml
 
 import roberta_glue
-from common.methods import METHODS
+from common.methods import GSOFT_METHODS, METHODS
 from common.run import reset_peak_memory
 
 from . import measure
@@ -85,7 +85,7 @@ def unknown_recipe_options(options: Iterable[str]) -> list[str]:
 
 def method_label(method: str, options: dict[str, Any]) -> str:
     opts = options.get(method) or {}
-    if method in ("gsoft", "double_gsoft"):
+    if method in GSOFT_METHODS:
         name = "GSOFT" if method == "gsoft" else "Double GSOFT"
         size = f"b={opts['block_size']}" if "block_size" in opts else f"r={opts.get('n_blocks')}"
         return f"{name} {size} m={opts.get('n_factors', 2)}"
