@@ -1009,14 +1009,17 @@ def test_randk_indices_on_the_tensors_device_and_shared():
     assert not torch.equal(index, a.indices(x.numel(), 8, x.device))
 
 
-@pytest.mark.parametrize("method,world,warned", [("int8", 2, False), ("int8", 8, True), ("sign", 48, False),
-                                                 ("sign", 80, True), ("topk", 16, False), ("randk", 200, False)])
-def test_allgather_costlier_than_fp32_allreduce_is_warned(method, world, warned):
-    """All-gather sends (p - 1) x payload per process, an fp32 all-reduce 2 (p - 1) / p x 4 n: warned past 8 n / p."""
+@pytest.mark.parametrize("method,world,collective,warned", [
+    ("int8", 2, "allgather", False), ("int8", 8, "allgather", True), ("sign", 48, "allgather", False),
+    ("sign", 80, "allgather", True), ("topk", 16, "allgather", False), ("randk", 200, "allreduce", False),
+    ("int8", 8, "two_stage", False)])
+def test_allgather_costlier_than_fp32_allreduce_is_warned(method, world, collective, warned):
+    """All-gather sends (p - 1) x payload per process, an fp32 all-reduce 2 (p - 1) / p x 4 n: warned past 8 n / p;
+    the two-stage collective sends under twice the payload and is not warned about."""
     from gsoft.distributed import CompressionState, build_feedback
     from gsoft.distributed.hooks import _warn_if_allgather_exceeds_allreduce
 
-    state = CompressionState(method=method, options={}, world_size=world, rank=0)
+    state = CompressionState(method=method, options={"collective": collective}, world_size=world, rank=0)
     state.feedback = build_feedback("none", build_compressor(method, chunk_size=1024))
     state._trained = [torch.zeros(4096), torch.zeros(100)]
     with warnings.catch_warnings(record=True) as caught:

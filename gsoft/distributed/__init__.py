@@ -23,6 +23,7 @@ from .compressors import (
     build_compressor,
 )
 from .config import (
+    COLLECTIVES,
     ERROR_FEEDBACKS,
     METHODS,
     SCHEDULES,
@@ -46,6 +47,7 @@ from .transport import CollectiveError, Exchange, allgather_wire_bytes, allreduc
 
 __all__ = [
     "Cast",
+    "COLLECTIVES",
     "CollectiveError",
     "CompressionConfig",
     "CompressionState",

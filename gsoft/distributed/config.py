@@ -28,6 +28,11 @@ ERROR_FEEDBACKS: tuple[str, ...] = ("auto", *SCHEMES)
 TARGETS: tuple[str, ...] = ("gradients", "updates")
 #: How many local steps separate two averages: always ``local_steps``, or a geometric number with that mean.
 SCHEDULES: tuple[str, ...] = ("fixed", "geometric")
+#: How gathered payloads (``int8``, ``sign``, ``topk``) travel: ``auto`` (:meth:`CompressionConfig.collective_for`),
+#: ``allgather`` or ``two_stage``.
+COLLECTIVES: tuple[str, ...] = ("auto", "allgather", "two_stage")
+#: The methods whose payloads cannot be added up and have a fixed size: they are gathered, or sent in two stages.
+GATHERED_METHODS: tuple[str, ...] = ("int8", "sign", "topk")
 
 
 def _is_int(value: object) -> bool:
@@ -120,6 +125,13 @@ class CompressionConfig:
     #: ``gdsec``: GD-SEC's ``xi`` >= 0: a component of a worker's gradient difference is sent when its magnitude
     #: exceeds ``threshold / workers * ||x^k - x^{k-1}||_2`` (:class:`~gsoft.distributed.feedback.GDSECFeedback`).
     threshold: float = 1.0
+    #: One of :data:`COLLECTIVES`, for the gathered methods (:data:`GATHERED_METHODS`). ``allgather``: every process
+    #: receives every payload, so each sends ``(p - 1) x`` its payload, which grows with the number of processes
+    #: ``p``. ``two_stage``: a compressed reduce-scatter (process ``j`` receives everyone's compressed chunk ``j``
+    #: and averages it) then a compressed all-gather of the averaged chunks, with error feedback at both stages, as
+    #: 1-bit Adam does: ``2 (p - 1) / p x`` the payload, under twice the payload whatever ``p``. ``auto``:
+    #: ``two_stage`` from 3 processes on, ``allgather`` with 2 (the same bytes, and one compression instead of two).
+    collective: str = "auto"
     #: ``powersgd``: rank of the low-rank gradient approximation, >= 1.
     powersgd_rank: int = 4
     #: ``powersgd``: uncompressed all-reduce steps before compression starts (at least 2 with error feedback).
@@ -136,6 +148,8 @@ class CompressionConfig:
                              f"{', '.join(SCHEDULES)}")
         if self.compression_ratio is not None:
             check_ratio(self.compression_ratio)
+        if self.collective not in COLLECTIVES:
+            raise ValueError(f"unknown collective {self.collective!r}; choose one of {', '.join(COLLECTIVES)}")
         feedback = self.feedback  # resolves (and so checks) compress and error_feedback
         if self.method == "powersgd":
             if self.target == "updates":
@@ -151,6 +165,15 @@ class CompressionConfig:
                                  "cannot compress updates or be combined with local_steps > 1. Use topk, randk, "
                                  "int8 or sign for those.")
             build_feedback(feedback, self.compressor(), beta=self.beta, threshold=self.threshold)  # their checks
+        if self.collective == "two_stage":
+            if self.method not in GATHERED_METHODS:
+                raise ValueError(f"collective='two_stage' is for the gathered methods ({', '.join(GATHERED_METHODS)}); "
+                                 f"{self.method} is all-reduced or variable-size: leave collective at 'auto'.")
+            if feedback not in ("ef", "none"):
+                raise ValueError(f"collective='two_stage' compresses the averaged chunks again with the stage's own "
+                                 f"error feedback, which keeps EF's sum but not {feedback}'s per-worker references "
+                                 f"in step: use error_feedback 'ef' (the default) or 'none', or collective "
+                                 f"'allgather'.")
 
     def adaptive_default(self, optimizer: Any) -> bool:
         """Whether ``compress`` is unset and :meth:`for_optimizer` turns it into ``updates`` for ``optimizer``: a biased
@@ -165,6 +188,16 @@ class CompressionConfig:
     def for_optimizer(self, optimizer: Any) -> "CompressionConfig":
         """This config with ``compress='updates'`` when :meth:`adaptive_default` says so, else itself."""
         return replace(self, compress="updates") if self.adaptive_default(optimizer) else self
+
+    def collective_for(self, world_size: int) -> str:
+        """How this method's payloads travel among ``world_size`` processes: ``allreduce`` (summable payloads, and
+        PowerSGD), ``allgather`` (variable-size payloads; the gathered methods when asked, or with 2 processes
+        under ``auto``) or ``two_stage``."""
+        if self.method not in GATHERED_METHODS:
+            return "allgather" if self.method == "gdsec" else "allreduce"
+        if self.collective == "auto":
+            return "two_stage" if world_size > 2 else "allgather"
+        return self.collective
 
     @property
     def target(self) -> str:
@@ -205,6 +238,8 @@ class CompressionConfig:
             options.update(beta=self.beta, threshold=self.threshold)
         if self.method in CHUNK_METHODS:
             options["chunk_size"] = self.chunk_size
+        if self.method in GATHERED_METHODS:
+            options["collective"] = self.collective
         if target == "updates":
             options["local_steps_schedule"] = self.local_steps_schedule
         if self.method == "powersgd":

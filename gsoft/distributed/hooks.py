@@ -106,7 +106,7 @@ def _warn_if_allgather_exceeds_allreduce(state: CompressionState, method: str) -
     depend on the data, so they are not judged here."""
     sizes = [p.numel() for p in state._trained]
     compressor = state.feedback.compressor_for(sizes)
-    if compressor.summable or compressor.variable_size or not sizes:
+    if state.options.get("collective") != "allgather" or compressor.variable_size or not sizes:
         return
     numel, world = sum(sizes), state.world_size
     payload = compressor.payload_bytes(numel)
@@ -168,6 +168,8 @@ def register_compression(
                       f"coordinate (only {', '.join(RATIO_METHODS)} select a fraction of them).", UserWarning,
                       stacklevel=2)
     options = config.options()
+    if "collective" in options:  # resolved for this process group's size
+        options["collective"] = config.collective_for(dist.get_world_size(group))
     state = CompressionState(method=method, options=options, world_size=dist.get_world_size(group),
                              rank=dist.get_rank(group), group=group)
     state._param_names = {id(p): n for n, p in model.module.named_parameters()}

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from gsoft.distributed import (
+    COLLECTIVES,
     ERROR_FEEDBACKS,
     METHODS,
     SCHEDULES,
@@ -105,6 +106,13 @@ class CommunicationArgs:
         metadata={"help": "--grad_compression gdsec: GD-SEC's beta in (0, 1], the step of each process's "
                           "transmitted state towards what it sent."},
     )
+    collective: str = field(
+        default="auto",
+        metadata={"help": f"{' | '.join(COLLECTIVES)}: how int8, sign and topk payloads travel. allgather: each "
+                          "process sends (p - 1) x its payload; two_stage: compressed reduce-scatter then "
+                          "all-gather with error feedback at both stages (1-bit Adam's), 2 (p - 1) / p x the "
+                          "payload. auto = two_stage from 3 processes on."},
+    )
     powersgd_rank: int = field(
         default=4,
         metadata={"help": "--grad_compression powersgd: rank of the low-rank gradient approximation."},
@@ -118,7 +126,8 @@ def compression_config(args: CommunicationArgs, seed: int = 0) -> CompressionCon
         return CompressionConfig(
             method=args.grad_compression, compression_ratio=args.compression_ratio, error_feedback=args.error_feedback,
             compress=args.compress, local_steps=args.local_steps, local_steps_schedule=args.local_steps_schedule,
-            threshold=args.gdsec_threshold, beta=args.gdsec_beta, powersgd_rank=args.powersgd_rank, seed=seed,
+            threshold=args.gdsec_threshold, beta=args.gdsec_beta, collective=args.collective,
+            powersgd_rank=args.powersgd_rank, seed=seed,
         )
     except ValueError as exc:
         given = [f"--{f.name} {getattr(args, f.name)}" for f in dataclasses.fields(CommunicationArgs)
