@@ -9,6 +9,7 @@ input length (:meth:`Compressor.layout`); that is what lets every worker pre-siz
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Optional, Sequence
 
@@ -400,6 +401,144 @@ class PerTensor(Compressor):
 
     def describe(self) -> dict:
         return dict(self.base.describe(), per_tensor=True)
+
+
+def shard_bounds(numel: int, shards: int) -> list[int]:
+    """The ``shards + 1`` boundaries of ``shards`` contiguous, balanced shards of a vector of ``numel`` values:
+    boundary ``j`` is ``round(j numel / shards)``, wherever it falls (tensors are cut, see :class:`Sharded`).
+
+    Cuts are not aligned to int8's and sign's chunks: a cut inside a chunk gives each side its own scale, so a shard
+    payload holds at most one scale (4 bytes, and sign one byte of bit padding) more per cut than the unsharded
+    payload, while aligned cuts would leave shards up to ``chunk_size / 2`` values off balance (or empty, for vectors
+    of fewer than ``shards`` chunks), and the largest shard is what a process sends ``p - 1`` times in stage 2."""
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise ValueError(f"shards must be an int >= 1, got {shards!r}")
+    return [(2 * j * numel + shards) // (2 * shards) for j in range(shards)] + [numel]  # round(j n / p), halves up
+
+
+def piece_id(tensor_id: int, offset: int) -> int:
+    """The id of the piece of tensor ``tensor_id`` that starts ``offset`` values in: the tensor's own id for a piece
+    that starts it (an uncut tensor draws what it draws unsharded), else one derived from both, so two pieces of one
+    tensor do not draw the same random numbers."""
+    return tensor_id if offset == 0 else zlib.crc32(f"{tensor_id}:{offset}".encode())
+
+
+class Sharded(Compressor):
+    """``base`` on each of ``shards`` contiguous shards of a flat vector (:func:`shard_bounds`) and, within a shard, on
+    each tensor piece (:class:`PerTensor`): stage 1 of the two-stage exchange
+    (:class:`gsoft.distributed.transport.TwoStageExchange`), where shard ``j`` goes to process ``j``.
+
+    The shards cut the tensors laid end to end in the order of their ids (:attr:`order`), not in the vector's order:
+    DDP reorders a bucket's parameters when it rebuilds its buckets (and a resumed run starts from the first order
+    again), and the shards, the pieces and their seeds then stay the same. The payload is the shards' payloads one
+    after the other, each with ``base``'s slots (:meth:`split` cuts it). A tensor cut by a boundary is compressed as
+    two pieces, each with its own seeds (:func:`piece_id`) and, for Top-K, its own ``ceil(ratio * piece)`` values
+    and, for int8 and sign, its own chunks: per cut, Top-K sends at most one value (8 bytes) more than unsharded,
+    int8 one scale (4 bytes), sign one scale and one byte of bit padding. Error feedback around it covers the whole
+    message: its error is the vector minus what all the shards decode to.
+    """
+
+    def __init__(self, base: Compressor, sizes: Sequence[int], shards: int,
+                 tensor_ids: Optional[Sequence[int]] = None):
+        if base.variable_size or base.summable:
+            raise ValueError(f"{base.name} payloads are {'variable-size' if base.variable_size else 'summed'}: the "
+                             f"two-stage exchange is for fixed-size payloads that cannot be added (int8, sign, topk)")
+        if any(n < 1 for n in sizes):
+            raise ValueError(f"tensor sizes must be positive, got {list(sizes)}")
+        if tensor_ids is not None and len(tensor_ids) != len(sizes):
+            raise ValueError(f"{len(tensor_ids)} tensor ids for {len(sizes)} tensors")
+        self.base, self.sizes = base, tuple(int(n) for n in sizes)
+        self.tensor_ids = tuple(int(i) for i in tensor_ids) if tensor_ids is not None else tuple(range(len(sizes)))
+        self.biased, self.name = base.biased, base.name
+        #: the tensors (their indices in the vector) in the order the shards cut them
+        self.order = sorted(range(len(self.sizes)), key=lambda t: self.tensor_ids[t])
+        self.bounds = shard_bounds(sum(self.sizes), shards)
+        starts = [0]
+        for size in self.sizes:
+            starts.append(starts[-1] + size)
+        ends = [0]  # where each tensor, in ``order``, ends in the shards' sequence
+        for t in self.order:
+            ends.append(ends[-1] + self.sizes[t])
+        #: per shard, ``(tensor index, offset in the tensor, length)`` of each piece, in order
+        self.pieces: list[list[tuple[int, int, int]]] = []
+        #: per shard, the :class:`PerTensor` compressor of its pieces (None for an empty shard)
+        self.parts: list[Optional[PerTensor]] = []
+        for a, b in zip(self.bounds, self.bounds[1:]):
+            pieces = [(t, max(a, lo) - lo, min(b, hi) - max(a, lo))
+                      for t, lo, hi in zip(self.order, ends, ends[1:]) if min(b, hi) > max(a, lo)]
+            self.pieces.append(pieces)
+            self.parts.append(PerTensor(base, [n for _, _, n in pieces],
+                                        [piece_id(self.tensor_ids[t], o) for t, o, _ in pieces]) if pieces else None)
+        identity = self.order == sorted(self.order)
+        #: the vector's position of each value of the shards' sequence (None: the same order)
+        self._positions = None if identity else torch.cat(
+            [torch.arange(starts[t], starts[t + 1]) for t in self.order])
+        self._empty = tuple((dtype, 0) for dtype, _ in base.layout(1))
+
+    @property
+    def shards(self) -> int:
+        return len(self.parts)
+
+    def shard_numel(self, j: int) -> int:
+        return self.bounds[j + 1] - self.bounds[j]
+
+    def shard_layout(self, j: int) -> Layout:
+        part = self.parts[j]
+        return part.layout(self.shard_numel(j)) if part is not None else self._empty
+
+    def shard_bytes(self, j: int) -> int:
+        """The payload bytes of shard ``j``: what goes to process ``j`` in stage 1, and what it sends in stage 2."""
+        return sum(count * torch.empty((), dtype=dtype).element_size() for dtype, count in self.shard_layout(j))
+
+    def layout(self, numel: int) -> Layout:
+        if numel != sum(self.sizes):
+            raise ValueError(f"a vector of {numel} values does not match tensor sizes summing to {sum(self.sizes)}")
+        return tuple(slot for j in range(self.shards) for slot in self.shard_layout(j))
+
+    def split(self, payload: Payload) -> list[Payload]:
+        """The payload of each shard."""
+        width = len(self._empty)
+        return [tuple(payload[j * width: (j + 1) * width]) for j in range(self.shards)]
+
+    def sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``'s values in the shards' order (shard ``j`` is ``[bounds[j], bounds[j + 1])`` of it)."""
+        return x if self._positions is None else x[self._positions.to(x.device)]
+
+    def assemble(self, shards: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The vector whose shards are ``shards`` (each shard's values)."""
+        flat = torch.cat(list(shards))
+        if self._positions is None:
+            return flat
+        out = torch.empty_like(flat)
+        out[self._positions.to(flat.device)] = flat
+        return out
+
+    def compress_shard(self, j: int, x: torch.Tensor, *, shared_seed: int = 0, private_seed: int = 0) -> Payload:
+        """Shard ``j``'s payload for ``x``, that shard's values."""
+        part = self.parts[j]
+        if part is None:
+            return tuple(torch.empty(0, dtype=dtype, device=x.device) for dtype, _ in self._empty)
+        return part.compress(x, shared_seed=shared_seed, private_seed=private_seed)
+
+    def decompress_shard(self, j: int, payload: Payload, *, shared_seed: int = 0) -> torch.Tensor:
+        """What shard ``j``'s payload decodes to (its values)."""
+        part = self.parts[j]
+        if part is None:
+            return torch.zeros(0, dtype=torch.float32, device=payload[0].device)
+        return part.decompress(payload, self.shard_numel(j), shared_seed=shared_seed)
+
+    def compress(self, x, *, shared_seed=0, private_seed=0):
+        x = self.sequence(x.float())
+        return tuple(slot for j in range(self.shards)
+                     for slot in self.compress_shard(j, x[self.bounds[j]: self.bounds[j + 1]], shared_seed=shared_seed,
+                                                     private_seed=private_seed))
+
+    def decompress(self, payload, numel, *, shared_seed=0):
+        return self.assemble([self.decompress_shard(j, part, shared_seed=shared_seed)
+                              for j, part in enumerate(self.split(payload))])
+
+    def describe(self) -> dict:
+        return dict(self.base.describe(), per_tensor=True, shards=self.shards)
 
 
 #: The methods that send a fraction ``compression_ratio`` of the coordinates, and that fraction's default (gdsec's

@@ -29,7 +29,7 @@ from typing import Any, Hashable, Optional, Sequence
 
 import torch
 
-from .compressors import Compressor, Payload, PerTensor
+from .compressors import Compressor, Payload, PerTensor, Sharded
 
 #: The schemes a user chooses; ``gdsec`` (:func:`build_feedback`) comes with the ``gdsec`` method.
 SCHEMES: tuple[str, ...] = ("none", "ef", "ef21")
@@ -40,16 +40,27 @@ class Feedback:
 
     name = "none"
     state_names: tuple[str, ...] = ()
+    #: The states that step 3 updates from the mean alone: equal on every worker (the others are each worker's own).
+    shared_states: tuple[str, ...] = ()
 
     def __init__(self, compressor: Compressor):
         self.compressor = compressor
         self.states: dict[Hashable, dict[str, torch.Tensor]] = {}
         self._per_tensor: dict[tuple, Compressor] = {}
 
-    def compressor_for(self, sizes: Optional[Sequence[int]] = None,
-                       tensor_ids: Optional[Sequence[int]] = None) -> Compressor:
+    def compressor_for(self, sizes: Optional[Sequence[int]] = None, tensor_ids: Optional[Sequence[int]] = None,
+                       shards: Optional[int] = None) -> Compressor:
         """The compressor for a vector made of tensors of ``sizes`` (one bucket): :class:`PerTensor` around the
-        base one when it selects or scales, so each tensor is compressed on its own (``tensor_ids``: see there)."""
+        base one when it selects or scales, so each tensor is compressed on its own (``tensor_ids``: see there);
+        with ``shards``, :class:`Sharded` (each of that many contiguous shards compressed on its own, per tensor
+        piece: the two-stage exchange's first message)."""
+        if shards is not None:
+            if sizes is None:
+                raise ValueError("a sharded message needs the sizes of the tensors it is made of")
+            key = ("sharded", tuple(sizes), tuple(tensor_ids) if tensor_ids is not None else None, shards)
+            if key not in self._per_tensor:
+                self._per_tensor[key] = Sharded(self.compressor, key[1], shards, key[2])
+            return self._per_tensor[key]
         if sizes is None or not self.compressor.per_tensor:
             return self.compressor
         key = (tuple(sizes), tuple(tensor_ids) if tensor_ids is not None else None)
@@ -65,11 +76,13 @@ class Feedback:
         return state
 
     def message(self, key: Hashable, x: torch.Tensor, *, sizes: Optional[Sequence[int]] = None,
-                tensor_ids: Optional[Sequence[int]] = None, shared_seed: int = 0, private_seed: int = 0) -> Payload:
+                tensor_ids: Optional[Sequence[int]] = None, shards: Optional[int] = None, shared_seed: int = 0,
+                private_seed: int = 0) -> Payload:
         """``sizes``: the lengths of the tensors ``x`` is made of (compressed one by one), or None for one;
-        ``tensor_ids``: their stable ids (seeds per tensor, see :class:`PerTensor`)."""
-        return self.compressor_for(sizes, tensor_ids).compress(x.float(), shared_seed=shared_seed,
-                                                               private_seed=private_seed)
+        ``tensor_ids``: their stable ids (seeds per tensor, see :class:`PerTensor`); ``shards``: compress that many
+        contiguous shards separately (:meth:`compressor_for`)."""
+        return self.compressor_for(sizes, tensor_ids, shards).compress(x.float(), shared_seed=shared_seed,
+                                                                       private_seed=private_seed)
 
     def update(self, key: Hashable, mean: torch.Tensor) -> torch.Tensor:
         return mean
@@ -82,8 +95,8 @@ class ErrorFeedback(Feedback):
     name = "ef"
     state_names = ("error",)
 
-    def message(self, key, x, *, sizes=None, tensor_ids=None, shared_seed=0, private_seed=0):
-        state, compressor = self._state(key, x), self.compressor_for(sizes, tensor_ids)
+    def message(self, key, x, *, sizes=None, tensor_ids=None, shards=None, shared_seed=0, private_seed=0):
+        state, compressor = self._state(key, x), self.compressor_for(sizes, tensor_ids, shards)
         corrected = x.float() + state["error"]
         payload = compressor.compress(corrected, shared_seed=shared_seed, private_seed=private_seed)
         state["error"] = corrected - compressor.decompress(payload, x.numel(), shared_seed=shared_seed)
@@ -95,6 +108,7 @@ class DifferenceFeedback(Feedback):
     """
 
     state_names = ("reference", "reference_mean")
+    shared_states = ("reference_mean",)
 
     def __init__(self, compressor: Compressor, beta: float = 1.0, name: str = "ef21"):
         super().__init__(compressor)
@@ -103,8 +117,8 @@ class DifferenceFeedback(Feedback):
         self.beta = float(beta)
         self.name = name
 
-    def message(self, key, x, *, sizes=None, tensor_ids=None, shared_seed=0, private_seed=0):
-        state, compressor = self._state(key, x), self.compressor_for(sizes, tensor_ids)
+    def message(self, key, x, *, sizes=None, tensor_ids=None, shards=None, shared_seed=0, private_seed=0):
+        state, compressor = self._state(key, x), self.compressor_for(sizes, tensor_ids, shards)
         payload = compressor.compress(x.float() - state["reference"], shared_seed=shared_seed,
                                       private_seed=private_seed)
         state["reference"] += self.beta * compressor.decompress(payload, x.numel(), shared_seed=shared_seed)

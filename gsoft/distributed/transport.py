@@ -4,10 +4,13 @@ Summable payloads (same support everywhere, linear decode) are divided by the nu
 ``all_reduce``; everything else is packed
 into one byte buffer and ``all_gather``-ed, so what is counted is what the collective carries: values, indices
 and scales, plus, for variable-size payloads, the exchanged counts and the padding up to the largest one.
+:class:`TwoStageExchange` is the compressed all-reduce of 1-bit Adam for the fixed-size payloads that cannot be
+added (int8, sign, Top-K): a compressed reduce-scatter, then a compressed all-gather of the averaged shards.
 
 Bytes are counted per process as a ring algorithm sends them: ``all_reduce`` of ``B`` bytes sends
 ``2 (p - 1) / p * B``, ``all_gather`` of ``B`` bytes sends ``(p - 1) * B``. With two processes both are exactly
-the payload size, which the tests check and the benchmark compares with the interface counters.
+the payload size, which the tests check and the benchmark compares with the interface counters. The two-stage
+exchange sends what its ``all_to_all`` calls carry (:class:`TwoStageExchange`).
 
 A collective that fails (a peer process exited, crashed or did not join within the process group's timeout) raises
 :class:`CollectiveError`, naming the operation and the backend's own error: every future's result is read before
@@ -24,8 +27,8 @@ from typing import Any, Callable, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
-from .compressors import Compressor, Layout, Payload
-from .feedback import mean_decoded
+from .compressors import Compressor, Layout, Payload, Sharded
+from .feedback import Feedback, mean_decoded
 
 T = TypeVar("T")
 
@@ -194,3 +197,91 @@ class Exchange:
     def run(self, payload: Payload) -> torch.Tensor:
         """Blocking :meth:`start`."""
         return chained_result(self.start(payload))
+
+
+class TwoStageExchange:
+    """The compressed all-reduce of 1-bit Adam (Tang et al. 2021) for payloads that cannot be added: one blocking
+    round, whose result is the same on every process.
+
+    The vector is cut into ``p`` shards (``compressor``, a :class:`Sharded` with one shard per process);
+    the message handed to :meth:`run` is the process's error-feedback-corrected vector compressed shard by shard.
+
+    1. Stage 1 (``all_to_all``): shard ``j`` of every process's message goes to process ``j``.
+    2. Process ``j`` decodes the ``p`` messages of its shard in rank order and averages them; ``server`` (the
+       server-side feedback: its error, for ``ef``, is kept per process for its own shard under ``key``) adds its
+       error and compresses the average again.
+    3. Stage 2 (``all_to_all``): process ``j`` sends its compressed average to every process; every process decodes
+       the shards in order into the mean, bit for bit the same everywhere.
+
+    Bytes per process ``r``, with ``P_j`` the payload of shard ``j``: ``sum_{j != r} P_j`` in stage 1 and
+    ``(p - 1) P_r`` in stage 2; summed over processes, ``2 (p - 1) sum_j P_j``, i.e. on average ``2 (p - 1) / p``
+    times the whole message (under twice it whatever ``p``), against ``(p - 1)`` times it for an all-gather. Both
+    stages are ``all_to_all_single`` calls with the exact split sizes (gloo and NCCL have it), so nothing is padded.
+
+    A failed stage raises :class:`CollectiveError` naming it.
+    """
+
+    def __init__(self, compressor: Sharded, server: Feedback, key: Any, *,
+                 group: Optional[dist.ProcessGroup] = None, shared_seed: int = 0, server_seed: int = 0,
+                 label: str = "payload"):
+        self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        if not isinstance(compressor, Sharded) or compressor.shards != self.world_size:
+            raise ValueError(f"the two-stage exchange needs one shard per process ({self.world_size}), got "
+                             f"{getattr(compressor, 'shards', type(compressor).__name__)}")
+        self.compressor, self.server, self.key = compressor, server, key
+        self.group = group
+        self.shared_seed, self.server_seed = shared_seed, server_seed
+        self.label = label
+        self.sizes = [compressor.shard_bytes(j) for j in range(self.world_size)]
+        mine = self.sizes[self.rank]
+        #: stage 1: the other processes' shards of this process's message; stage 2: its averaged shard, p - 1 times
+        self.bytes_sent = sum(self.sizes) - mine + (self.world_size - 1) * mine
+        #: this process's whole compressed message (stage 1), as the all-gather's payload is
+        self.payload_bytes = sum(self.sizes)
+
+    def _all_to_all(self, send: torch.Tensor, send_sizes: list[int], receive_sizes: list[int],
+                    operation: str) -> torch.Tensor:
+        received = torch.empty(sum(receive_sizes), dtype=torch.uint8, device=send.device)
+        try:
+            work = dist.all_to_all_single(received, send, output_split_sizes=receive_sizes,
+                                          input_split_sizes=send_sizes, group=self.group, async_op=True)
+        except RuntimeError as exc:
+            raise collective_error(operation, exc, self.group) from exc
+        collective_result(work.get_future(), operation, self.group)
+        return received
+
+    def run(self, payload: Payload) -> torch.Tensor:
+        """The mean over processes, every shard averaged and compressed once more by its process (blocking)."""
+        c, rank, world = self.compressor, self.rank, self.world_size
+        shards = c.split(payload)
+        send = torch.cat([pack(shard) for shard in shards])
+        mine = self.sizes[rank]
+        received = self._all_to_all(
+            send, self.sizes, [mine] * world,
+            f"stage 1 of the two-stage exchange (all_to_all of the compressed shards; {self.label}, "
+            f"{sum(self.sizes) - mine} bytes sent)")
+        layout = c.shard_layout(rank)
+        numel = c.shard_numel(rank)
+        if c.parts[rank] is None:
+            averaged: Payload = c.compress_shard(rank, torch.zeros(0, device=send.device))
+        else:
+            messages = [unpack(buf, layout) for buf in received.split(mine)]
+            mean = mean_decoded(c.parts[rank], messages, numel, shared_seed=self.shared_seed)
+            pieces = c.pieces[rank]
+            averaged = self.server.message(self.key, mean, sizes=[n for _, _, n in pieces],
+                                           tensor_ids=c.parts[rank].tensor_ids, shared_seed=self.shared_seed,
+                                           private_seed=self.server_seed)
+        gathered = self._all_to_all(
+            pack(averaged).repeat(world), [mine] * world, self.sizes,
+            f"stage 2 of the two-stage exchange (all_to_all of the averaged shards; {self.label}, "
+            f"{(world - 1) * mine} bytes sent)")
+        return c.assemble([c.decompress_shard(j, unpack(buf, c.shard_layout(j)), shared_seed=self.shared_seed)
+                           for j, buf in enumerate(gathered.split(self.sizes))])
+
+    def start(self, payload: Payload) -> torch.futures.Future:
+        """:meth:`run`, as a completed future. The round blocks: stage 2 needs stage 1's result, and a collective
+        issued from a future's callback (gloo completes them on its own threads) can reach the processes in
+        different orders when several buckets are in flight, which mismatches the collectives."""
+        fut: torch.futures.Future = torch.futures.Future()
+        fut.set_result(self.run(payload))
+        return fut
