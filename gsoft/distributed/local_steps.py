@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .state import CompressionState
+from .state import CompressionState, mean_tensors
 from .transport import chained_result, shared_seed
 
 KEY = "local_step_delta"
@@ -33,6 +33,7 @@ class LocalSteps:
                  schedule: str, seed: int):
         self.state = state
         self.params = [p for p in module.parameters() if p.requires_grad]
+        state.register_layout(KEY, [(state._param_names[id(p)], p.numel()) for p in self.params])
         self.local_steps = local_steps
         self.schedule = schedule
         self.seed = seed
@@ -92,8 +93,19 @@ class LocalSteps:
                 # each process's optimizer moments follow its own gradients; accelerate saves the main one's only.
                 # Only this model's parameters: several models (a UNet and a text encoder) may share the optimizer,
                 # and each one's LocalSteps saves its own part
-                "optimizer_state": [_detached(self.optimizer.state.get(p, {})) for p in self.params],
-                "feedback": {s: t.cpu().clone() for s, t in self.state.feedback.states.get(KEY, {}).items()}}
+                "optimizer_state": [_detached(self.optimizer.state.get(p, {})) for p in self.params]}
+
+    def merged_state(self, states: list[dict[str, Any]]) -> dict[str, Any]:
+        """A state for this process from the :meth:`state_dict` of every process of a run with another number of
+        processes: the parameters (which differ between synchronisations) and the optimizer moments are averaged
+        over them, which keeps the mean of the replicas; the reference and the schedule are equal on every process
+        and come from the first. (The worker errors are the :class:`CompressionState`'s, averaged there.)"""
+        first = states[0]
+        merged = dict(first)
+        merged["params"] = mean_tensors([s["params"] for s in states])
+        merged["optimizer_state"] = [_mean_param_state([s["optimizer_state"][i] for s in states]) if saved else saved
+                                     for i, saved in enumerate(first["optimizer_state"])]
+        return merged
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -114,8 +126,14 @@ class LocalSteps:
                 self.optimizer.state[p] = {
                     k: v.to(p.device) if torch.is_tensor(v) and (k != "step" or on_device[id(p)]) else v
                     for k, v in saved.items()}
-        if state["feedback"]:
-            self.state.feedback.states[KEY] = {s: t.to(device) for s, t in state["feedback"].items()}
+
+
+def _mean_param_state(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """One parameter's optimizer state from each process's: the tensors (moments) averaged, ``step`` and the rest
+    from the first (equal on every process)."""
+    first = states[0]
+    return {k: mean_tensors([s[k] for s in states]) if torch.is_tensor(v) and k != "step" else v
+            for k, v in first.items()}
 
 
 def _detached(param_state: dict[str, Any]) -> dict[str, Any]:

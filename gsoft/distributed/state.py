@@ -4,10 +4,17 @@
 ``register_for_checkpointing`` saves and restores it. Error-feedback state lives per bucket, keyed by the names of the
 bucket's parameters, because DDP rebuilds its buckets after the first iteration: the state of a rebuilt bucket is
 assembled from the old buckets' pieces, and the same per-parameter pieces are what checkpoints hold.
+
+With the two-stage exchange (``options["collective"] == "two_stage"``, :class:`~.transport.TwoStageExchange`) each
+process also keeps a server-side error for its own shard of every bucket. Checkpoints hold it per parameter, merged
+over the processes, so it re-shards to any bucket layout and number of processes.
+
+A checkpoint resumes on another number of processes (except PowerSGD's): see :meth:`CompressionState.load_state_dict`.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Optional, Protocol, Sequence
 
@@ -15,13 +22,20 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_powersgd
 
-from .feedback import Feedback
-from .transport import Exchange, allreduce_wire_bytes, checked_collective, shared_seed
+from .feedback import Feedback, build_feedback
+from .transport import Exchange, TwoStageExchange, allreduce_wire_bytes, checked_collective, shared_seed
+
+logger = logging.getLogger(__name__)
+
+#: A vector's layout: the names and sizes of the parameters it is made of, in order.
+Layout = list[tuple[str, int]]
 
 
 class Averager(Protocol):
     """What local steps add to a state (:class:`gsoft.distributed.local_steps.LocalSteps` is one): averaging the
-    replicas on demand, and its own checkpoint state."""
+    replicas on demand, and its own checkpoint state (its vector's error-feedback state is the
+    :class:`CompressionState`'s, per parameter, once it names the vector with :meth:`CompressionState.register_layout`).
+    """
 
     def synchronize(self) -> None: ...
 
@@ -29,14 +43,29 @@ class Averager(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def merged_state(self, states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """One process's state made from the :meth:`state_dict` of each process of a run with another number of
+        processes."""
+        ...
+
+
+def mean_tensors(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The mean of equally shaped tensors, summed in order in float64 (every process gets the same bits, and the mean
+    of equal tensors is each of them), in their dtype."""
+    total = torch.zeros(tensors[0].shape, dtype=torch.float64, device=tensors[0].device)
+    for t in tensors:
+        total += t.to(torch.float64)
+    return (total / len(tensors)).to(tensors[0].dtype)
+
 
 @dataclass
 class CompressionState:
     """What ``register_compression`` returns: settings, counters and the per-process compression state.
 
-    ``bytes_sent``: bytes this process sent (ring formulas, see :mod:`gsoft.distributed.transport`);
-    ``bytes_uncompressed``: what an fp32 (bucket dtype) gradient all-reduce would have sent for the same optimizer
-    steps; ``steps``: optimizer steps seen; ``syncs``: communication rounds (``steps`` unless local steps).
+    ``bytes_sent``: bytes this process sent (ring formulas, see :mod:`gsoft.distributed.transport`; the two-stage
+    exchange's exact ``all_to_all`` bytes); ``bytes_uncompressed``: what an fp32 (bucket dtype) gradient all-reduce
+    would have sent for the same optimizer steps; ``payload_bytes``: the sizes of this process's compressed messages;
+    ``steps``: optimizer steps seen; ``syncs``: communication rounds (``steps`` unless local steps).
     """
 
     method: str
@@ -53,10 +82,20 @@ class CompressionState:
     local: Optional[Averager] = None
     powersgd: Optional[torch_powersgd.PowerSGDState] = None
     serialize_collectives: bool = False
-    _layouts: dict[Hashable, list[tuple[str, int]]] = field(default_factory=dict)
+    #: the two-stage exchange's server-side feedback (this process's shard of each vector), made at its first round
+    server: Optional[Feedback] = None
+    _layouts: dict[Hashable, Layout] = field(default_factory=dict)
+    #: the layouts of the vectors that are not DDP buckets (the local-step delta), by key
+    _round_layouts: dict[Hashable, Layout] = field(default_factory=dict)
+    #: this process's shard ``(start, stop)`` of each vector sent in two stages, in the shards' order, by key
+    _shards: dict[Hashable, tuple[int, int]] = field(default_factory=dict)
+    #: the layout of each vector sent in two stages in the order its shards cut it (``Sharded.order``), by key
+    _sequences: dict[Hashable, Layout] = field(default_factory=dict)
     _seen: set = field(default_factory=set)
     _param_names: dict[int, str] = field(default_factory=dict)
     _loaded_pieces: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    #: server-side errors from a checkpoint, per parameter, until a vector's first round takes its share of them
+    _loaded_server: dict[str, torch.Tensor] = field(default_factory=dict)
     _device: torch.device = torch.device("cpu")
     _trained: list[torch.Tensor] = field(default_factory=list)
     _previous: Optional[torch.Tensor] = None
@@ -65,6 +104,11 @@ class CompressionState:
     def ratio(self) -> float:
         """``bytes_uncompressed / bytes_sent`` so far (how many times fewer bytes)."""
         return self.bytes_uncompressed / self.bytes_sent if self.bytes_sent else float("nan")
+
+    @property
+    def two_stage(self) -> bool:
+        """Whether payloads travel through the two-stage exchange."""
+        return self.options.get("collective") == "two_stage"
 
     def summary(self) -> dict[str, Any]:
         """For results.json: the settings and the counters."""
@@ -84,17 +128,27 @@ class CompressionState:
         if key not in self._layouts:
             self._layouts[key] = layout
             if self.feedback is not None and self.feedback.state_names:
+                self._fold_server_errors(key)
                 self._adopt(key, bucket.buffer().device)
         self._seen.add(key)
         return key
 
+    def register_layout(self, key: Hashable, layout: Layout) -> None:
+        """Name the parameters of a vector that is not a DDP bucket (the local-step delta, the momentum), so that its
+        error-feedback state (and two-stage server-side error) is checkpointed per parameter like a bucket's."""
+        self._round_layouts[key] = list(layout)
+
+    def _layout_of(self, key: Hashable) -> Optional[Layout]:
+        return self._layouts.get(key) or self._round_layouts.get(key)
+
     def _pieces(self) -> dict[str, dict[str, torch.Tensor]]:
         """Per-parameter views of the feedback state: ``{param_name: {state_name: tensor}}``; pieces loaded from a
-        checkpoint count until a bucket has taken them over (a checkpoint saved right after loading one keeps them)."""
+        checkpoint count until a vector has taken them over (a checkpoint saved right after loading one keeps them).
+        A parameter is in one vector at a time: DDP buckets carry gradients, registered vectors everything else."""
         pieces: dict[str, dict[str, torch.Tensor]] = dict(self._loaded_pieces)
         for key, state in self.feedback.states.items():
-            layout = self._layouts.get(key)
-            if layout is None:  # loaded from a checkpoint: already per parameter
+            layout = self._layout_of(key)
+            if layout is None:  # an unnamed vector (a test's bare round): not checkpointed
                 continue
             offset = 0
             for name, numel in layout:
@@ -104,7 +158,7 @@ class CompressionState:
 
     def _adopt(self, key: Hashable, device: torch.device) -> None:
         pieces = self._pieces()
-        layout = self._layouts[key]
+        layout = self._layout_of(key)
         if not any(name in pieces for name, _ in layout):
             return
         total = sum(n for _, n in layout)
@@ -119,17 +173,112 @@ class CompressionState:
             state[s] = flat
         self.feedback.states[key] = state
 
+    # ---- two-stage server-side errors: this process's shard of each vector ----
+    def _server(self) -> Feedback:
+        if self.server is None:
+            if self.feedback.name not in ("ef", "none"):
+                raise ValueError(
+                    f"the two-stage exchange compresses the averaged shards again with their own error feedback, which "
+                    f"keeps EF's sum but not {self.feedback.name}'s per-worker references in step: use error_feedback "
+                    f"'ef' (or 'none'), or collective 'allgather'.")
+            self.server = build_feedback(self.feedback.name, self.feedback.compressor)
+        return self.server
+
+    def _adopt_server(self, key: Hashable, device: torch.device) -> None:
+        """This process's shard of the loaded per-parameter server-side errors, for ``key``'s first round; the names
+        it covers leave :attr:`_loaded_server` (every process drops the same ones)."""
+        sequence = self._sequences.get(key)
+        if sequence is None or not any(name in self._loaded_server for name, _ in sequence):
+            return
+        flat = torch.zeros(sum(n for _, n in sequence), dtype=torch.float32, device=device)
+        offset = 0
+        for name, numel in sequence:
+            if name in self._loaded_server:
+                flat[offset: offset + numel] = self._loaded_server.pop(name).to(device)
+            offset += numel
+        start, stop = self._shards[key]
+        self._server().states[key] = {"error": flat[start:stop].clone()}
+
+    def _server_pieces_of(self, key: Hashable) -> list[tuple[str, int, torch.Tensor]]:
+        """This process's server-side error of ``key`` per parameter: ``(name, offset in the parameter, values)``."""
+        sequence, bounds = self._sequences.get(key), self._shards.get(key)
+        if sequence is None or bounds is None:
+            return []
+        start, stop = bounds
+        error = self.server.states[key]["error"]
+        pieces, offset = [], 0
+        for name, numel in sequence:
+            lo, hi = max(start, offset), min(stop, offset + numel)
+            if hi > lo:
+                pieces.append((name, lo - offset, error[lo - start: hi - start]))
+            offset += numel
+        return pieces
+
+    def _server_pieces(self) -> dict[str, list[tuple[int, torch.Tensor]]]:
+        """This process's server-side errors per parameter: ``{name: [(offset in the parameter, values)]}``."""
+        pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        for key in self.server.states if self.server is not None else ():
+            for name, offset, values in self._server_pieces_of(key):
+                pieces.setdefault(name, []).append((offset, values))
+        return pieces
+
+    def _fold_server_errors(self, key: Hashable) -> None:
+        """DDP re-bucketed. A replaced bucket with the same parameters as ``key`` (DDP reorders them) has the same
+        shards (:class:`~.compressors.Sharded` cuts in the order of the parameters' ids): its server-side error
+        carries over. Any other replaced bucket that shares parameters with ``key`` loses its shard boundaries: its
+        server-side error is added, times the number of processes, to this process's worker error of that bucket
+        (which the new buckets then take over). The mean of the worker errors then grows by exactly the server-side
+        error, so the model is owed the same, without communicating."""
+        if self.server is None or not self.server.states:
+            return
+        names = {name for name, _ in self._layouts[key]}
+        for old in [k for k in self.server.states if k != key and k in self._layouts]:
+            old_layout = self._layouts[old]
+            if names == {name for name, _ in old_layout}:
+                self.server.states[key] = self.server.states.pop(old)
+                self._shards[key], self._sequences[key] = self._shards[old], self._sequences[old]
+                continue
+            if not names.intersection(name for name, _ in old_layout):
+                continue
+            worker = self.feedback.states.get(old)
+            if worker is not None:
+                starts, offset = {}, 0
+                for name, numel in old_layout:
+                    starts[name], offset = offset, offset + numel
+                for name, at, values in self._server_pieces_of(old):
+                    begin = starts[name] + at
+                    worker["error"][begin: begin + values.numel()] += self.world_size * values.to(
+                        worker["error"].device)
+            del self.server.states[old]
+
     def start_round(self, key: Hashable, x: torch.Tensor, sizes: list[int], seed: int,
                     tensor_ids: Optional[Sequence[int]] = None, *,
                     what: str = "gradient bucket") -> torch.futures.Future[torch.Tensor]:
         """One counted exchange of ``x`` (made of tensors of ``sizes``, named by ``tensor_ids``) through the feedback
         and compressor; the future holds the mean of every process's decoded message (gradient buckets and
-        local-step deltas alike), or a :class:`~gsoft.distributed.transport.CollectiveError` naming ``what``."""
-        compressor = self.feedback.compressor_for(sizes, tensor_ids)
-        exchange = Exchange(compressor, x.numel(), group=self.group, shared_seed=seed,
-                            label=f"the {what} of {len(sizes)} tensors, {self.method} compression")
-        payload = self.feedback.message(key, x, sizes=sizes, tensor_ids=tensor_ids, shared_seed=seed,
-                                        private_seed=shared_seed(seed, self.rank))
+        local-step deltas alike), or a :class:`~gsoft.distributed.transport.CollectiveError` naming ``what``. With
+        the two-stage collective the round blocks and the future is already complete
+        (:meth:`~gsoft.distributed.transport.TwoStageExchange.start` says why)."""
+        label = f"the {what} of {len(sizes)} tensors, {self.method} compression"
+        private_seed = shared_seed(seed, self.rank)
+        if self.two_stage:
+            server = self._server()
+            compressor = self.feedback.compressor_for(sizes, tensor_ids, shards=self.world_size)
+            self._shards[key] = (compressor.bounds[self.rank], compressor.bounds[self.rank + 1])
+            layout = self._layout_of(key)
+            if layout is not None:
+                self._sequences[key] = [layout[t] for t in compressor.order]
+            if server.state_names and key not in server.states:
+                self._adopt_server(key, x.device)
+            exchange: Any = TwoStageExchange(compressor, server, key, group=self.group, shared_seed=seed,
+                                             server_seed=shared_seed(seed, self.rank, "server"), label=label)
+            payload = self.feedback.message(key, x, sizes=sizes, tensor_ids=tensor_ids, shards=self.world_size,
+                                            shared_seed=seed, private_seed=private_seed)
+        else:
+            compressor = self.feedback.compressor_for(sizes, tensor_ids)
+            exchange = Exchange(compressor, x.numel(), group=self.group, shared_seed=seed, label=label)
+            payload = self.feedback.message(key, x, sizes=sizes, tensor_ids=tensor_ids, shared_seed=seed,
+                                            private_seed=private_seed)
         fut = exchange.start(payload)
         self.bytes_sent += exchange.bytes_sent
         self.payload_bytes += exchange.payload_bytes
@@ -154,20 +303,25 @@ class CompressionState:
             self.syncs += 1
 
     def end_iteration(self) -> None:
-        for key in list(self.feedback.states if self.feedback else []):
-            if key not in self._seen and key in self._layouts:
-                del self.feedback.states[key]  # a bucket layout DDP replaced
+        for states in (self.feedback.states if self.feedback else {}, self.server.states if self.server else {}):
+            for key in list(states):
+                if key not in self._seen and key in self._layouts:
+                    del states[key]  # a bucket layout DDP replaced
         self._seen.clear()
 
     # ---- checkpointing (accelerate's register_for_checkpointing calls these on every process) ----
     def state_dict(self) -> dict[str, Any]:
         """Every process's state, gathered (collective): compression state differs per process, and accelerate
-        writes custom state from the main process only."""
+        writes custom state from the main process only. Two-stage server-side errors are merged over the processes
+        into one tensor per parameter (``server_error``)."""
         own: dict[str, Any] = {"counters": {k: getattr(self, k) for k in
                                             ("bytes_sent", "bytes_uncompressed", "payload_bytes", "steps", "syncs")}}
         if self.feedback is not None:
             pieces = self._pieces()
             own["feedback"] = {n: {s: t.detach().cpu().clone() for s, t in d.items()} for n, d in pieces.items()}
+        if self.two_stage:
+            own["server"] = {n: [(offset, t.detach().cpu().clone()) for offset, t in found]
+                             for n, found in self._server_pieces().items()}
         if self._previous is not None:
             own["previous_parameters"] = self._previous.detach().cpu().clone()
         if self.local is not None:
@@ -177,31 +331,72 @@ class CompressionState:
         gathered: list[Any] = [None] * self.world_size
         checked_collective("all_gather_object of every process's compression state (for a checkpoint)",
                            lambda: dist.all_gather_object(gathered, own, group=self.group), self.group)
-        return {"method": self.method, "options": self.options, "world_size": self.world_size, "ranks": gathered}
+        state = {"method": self.method, "options": self.options, "world_size": self.world_size,
+                 "ranks": [{k: v for k, v in r.items() if k != "server"} for r in gathered]}
+        if self.two_stage:
+            state["server_error"] = self._merged_server([r.get("server", {}) for r in gathered])
+        return state
+
+    def _merged_server(self, per_rank: Sequence[dict[str, list[tuple[int, torch.Tensor]]]]) -> dict[str, torch.Tensor]:
+        """One server-side error per parameter: the loaded ones not taken over yet, and every process's shards."""
+        sizes = {name: numel for layout in (*self._layouts.values(), *self._round_layouts.values())
+                 for name, numel in layout}
+        merged = {name: t.clone() for name, t in self._loaded_server.items()}
+        for pieces in per_rank:
+            for name, found in pieces.items():
+                full = merged.get(name)
+                if full is None or full.numel() != sizes[name]:
+                    full = merged[name] = torch.zeros(sizes[name], dtype=torch.float32)
+                for offset, values in found:
+                    full[offset: offset + values.numel()] = values
+        return merged
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`, written by any number of processes (PowerSGD's only by as many as now).
+
+        The same number: each process takes its own state back (a resumed run then equals an uninterrupted one
+        bit for bit, as long as the buckets' layout matches where shards follow it). Another number: every process
+        takes the mean over the saved processes of each per-process state (error-feedback errors and references,
+        GD-SEC's transmitted states, and under local steps the parameters and optimizer moments), which keeps the
+        mean residual the model is owed; what is equal on every process (shared references, the local-step
+        reference and schedule, the byte and step counters) comes from the saved main process. Two-stage
+        server-side errors are per parameter, so they re-shard to this run's processes; under an all-gather they are
+        added to every process's error (the same mean residual)."""
         saved_world = state.get("world_size")
-        if saved_world != self.world_size:
-            raise ValueError(
-                f"the checkpointed compression state was written by {saved_world} processes and this run has "
-                f"{self.world_size}: it holds each process's own error-feedback buffers, local-step reference and "
-                f"optimizer state, which cannot be split or merged over another number of processes. Resume with "
-                f"{saved_world} processes, or start a new run."
-            )
         saved, mine = _shape(state.get("method"), state.get("options") or {}), _shape(self.method, self.options)
         if saved != mine:
             raise ValueError(
                 f"the checkpointed compression state is for {saved} and this run has {mine}: resume with the same "
                 f"settings (the recipes' --grad_compression, --compress, --error_feedback), or start a new run."
             )
-        own = state["ranks"][self.rank]
+        ranks = state["ranks"]
+        if saved_world == self.world_size:
+            own = ranks[self.rank]
+        else:
+            if self.powersgd is not None:
+                raise ValueError(
+                    f"the checkpointed PowerSGD state was written by {saved_world} processes and this run has "
+                    f"{self.world_size}: torch's PowerSGD keeps per-process error buffers and low-rank factors keyed "
+                    f"by its own bucket indices, which this library does not carry over to another number of "
+                    f"processes. Resume with {saved_world} processes, or start a new run.")
+            own = self._merged_ranks(ranks)
+            logger.info("compression state of %d processes resumed on %d: per-process state averaged", saved_world,
+                        self.world_size)
+        server_error = dict(state.get("server_error") or {})
+        if server_error and not self.two_stage:
+            own = self._with_server_errors(own, server_error)
+            server_error = {}
         for k, v in own["counters"].items():
             setattr(self, k, v)
         if self.feedback is not None:
             self._loaded_pieces = own.get("feedback", {})
             self.feedback.states.clear()
-            for key in self._layouts:
-                self._adopt(key, self._device)
+            for key in (*self._layouts, *self._round_layouts):
+                if self.feedback.state_names:
+                    self._adopt(key, self._device)
+        self._loaded_server = server_error
+        if self.server is not None:
+            self.server.states.clear()
         if "previous_parameters" in own:
             self._previous = own["previous_parameters"].to(self._device)
         if self.local is not None:
@@ -211,7 +406,46 @@ class CompressionState:
             self.powersgd.__setstate__(own["powersgd"])
             self.powersgd.process_group = group
 
+    def _merged_ranks(self, ranks: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """This process's state from the saved processes' states: per-process tensors averaged (a state a saved
+        process lacks counts as zeros), the rest from the saved main process."""
+        first = ranks[0]
+        own: dict[str, Any] = {"counters": dict(first["counters"])}
+        if "feedback" in first:
+            shared = self.feedback.shared_states if self.feedback is not None else ()
+            own["feedback"] = {}
+            for name, states in first["feedback"].items():
+                own["feedback"][name] = {
+                    s: t.clone() if s in shared else
+                    mean_tensors([r["feedback"].get(name, {}).get(s, torch.zeros_like(t)) for r in ranks])
+                    for s, t in states.items()}
+        if "previous_parameters" in first:
+            own["previous_parameters"] = first["previous_parameters"].clone()
+        if "local" in first and self.local is not None:
+            merge = getattr(self.local, "merged_state", None)
+            if merge is None:
+                raise ValueError(f"the checkpointed state of {type(self.local).__name__} was written by {len(ranks)} "
+                                 f"processes and this run has {self.world_size}; it cannot merge per-process states. "
+                                 f"Resume with {len(ranks)} processes, or start a new run.")
+            own["local"] = merge([r["local"] for r in ranks])
+        return own
+
+    def _with_server_errors(self, own: dict[str, Any], server_error: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """``own`` with the per-parameter server-side errors of a two-stage checkpoint added to its worker errors: an
+        all-gather run has no server side, and this keeps the residual every process's mean is owed."""
+        if self.feedback is None or "error" not in self.feedback.state_names:
+            raise ValueError(f"the checkpoint holds two-stage server-side errors (error feedback 'ef'), which this "
+                             f"run's error feedback {getattr(self.feedback, 'name', None)!r} cannot take")
+        feedback = {name: dict(states) for name, states in own.get("feedback", {}).items()}
+        for name, error in server_error.items():
+            states = feedback.setdefault(name, {s: torch.zeros_like(error) for s in self.feedback.state_names})
+            states["error"] = states["error"] + error
+        return dict(own, feedback=feedback)
+
 
 def _shape(method: Any, options: dict[str, Any]) -> str:
-    """The settings that decide what a checkpointed compression state holds."""
+    """The settings that decide what a checkpointed compression state holds. The collective is not one of them: a
+    two-stage checkpoint's server-side errors are per parameter and fold into the worker errors under an
+    all-gather, and an all-gather checkpoint starts them at zero (under ``auto`` the collective follows the number of
+    processes)."""
     return f"method={method!r}, compress={options.get('compress')!r}, error_feedback={options.get('error_feedback')!r}"
