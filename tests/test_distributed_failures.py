@@ -14,7 +14,8 @@ in one case leaves the others intact. Both processes build every case and take t
 Process 0 records what each failing call did (raised, with which message, or returned); the tests read that.
 
 Another number of processes: a one-process and a two-process accelerate run, set up as the recipes set them up, each
-resume the other's checkpoint (``common.checkpoint``) and must be refused with one clear error.
+resume the other's checkpoint (``common.checkpoint``) and must be refused with one clear error (a one-process run keeps
+no communication state; several processes resume on another number of several, tests/test_two_stage.py).
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ CASES: dict[str, tuple[str, dict[str, Any], str, str]] = {
     "powersgd_uncompressed": ("powersgd", {"powersgd_start_iter": 100}, "step", "PowerSGD"),
     "updates": ("topk", {"compress": "updates"}, "step", "all_gather"),
     "local_steps": ("int8", {"local_steps": 3}, "synchronize", "all_gather"),
+    "two_stage": ("topk", {"collective": "two_stage"}, "step", "stage 1 of the two-stage exchange"),
+    "two_stage_local_steps": ("sign", {"local_steps": 3, "collective": "two_stage"}, "synchronize",
+                              "stage 1 of the two-stage exchange"),
     "checkpoint": ("topk", {}, "state_dict", "all_gather_object"),
 }
 
@@ -251,15 +255,34 @@ def test_checkpoint_processes_come_from_the_manifest(tmp_path):
     from common.communication import check_checkpoint_processes, checkpoint_processes
 
     assert checkpoint_processes(tmp_path) is None  # no manifest: load_checkpoint refuses it on its own
-    check_checkpoint_processes(tmp_path, 3)
+    assert check_checkpoint_processes(tmp_path, 3) is None
     (tmp_path / MANIFEST).write_text(json.dumps({"files": {}, "num_processes": 3}))
     assert checkpoint_processes(tmp_path) == 3
-    check_checkpoint_processes(tmp_path, 3)
-    with pytest.raises(ValueError, match="written by 3 processes and this run has 2"):
-        check_checkpoint_processes(tmp_path, 2)
+    assert check_checkpoint_processes(tmp_path, 3) is None
     (tmp_path / MANIFEST).write_text(json.dumps({"files": {}, "num_processes": "4"}))
     with pytest.raises(ValueError, match="num_processes is '4', not a number of processes"):
         checkpoint_processes(tmp_path)
     (tmp_path / MANIFEST).write_text("{")
     with pytest.raises(ValueError, match="is unreadable"):
         checkpoint_processes(tmp_path)
+
+
+def test_several_processes_resume_on_another_number_with_a_warning_but_powersgd_is_refused(tmp_path):
+    from common.checkpoint import MANIFEST
+    from common.communication import check_checkpoint_processes
+
+    (tmp_path / MANIFEST).write_text(json.dumps({"files": {}, "num_processes": 4}))
+    warning = check_checkpoint_processes(tmp_path, 2, "topk")
+    assert warning.startswith(f"checkpoint {tmp_path} was written by 4 processes and this run has 2: resuming, but "
+                              "not bit-identically"), warning
+    assert "mean over the 4 saved processes" in warning and "2 x --per_device_train_batch_size" in warning
+    assert warning.endswith("the saved random states of processes 2-3 are not used.")
+    (tmp_path / MANIFEST).write_text(json.dumps({"files": {}, "num_processes": 2}))
+    assert check_checkpoint_processes(tmp_path, 3, "sign").endswith("process 2 has no saved random state (the run's "
+                                                                    "start-up seeding stays).")
+    with pytest.raises(ValueError, match="written by 2 processes and this run has 3: torch's PowerSGD keeps "
+                                         "per-process error buffers.*Resume with 2 processes"):
+        check_checkpoint_processes(tmp_path, 3, "powersgd")
+    with pytest.raises(ValueError, match="written by 2 processes and this run has 1: a one-process run keeps no "
+                                         "communication state"):
+        check_checkpoint_processes(tmp_path, 1, "none")

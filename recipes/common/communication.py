@@ -200,33 +200,63 @@ def checkpoint_processes(path: Union[str, Path]) -> Optional[int]:
     return written
 
 
-def check_checkpoint_processes(path: Union[str, Path], num_processes: int) -> None:
-    """Refuse to resume a checkpoint written by another number of processes: it holds one communication state per
-    process (error-feedback buffers, local-step references, with ``--compress updates`` each process's own optimizer
-    state) and one RNG state per process, and neither can be split or merged. A one-process run keeps no
-    communication state, so it has nowhere to put the others', and a multi-process run finds none in a one-process
-    checkpoint."""
+def check_checkpoint_processes(path: Union[str, Path], num_processes: int,
+                               method: str = "none") -> Optional[str]:
+    """Whether the checkpoint at ``path`` resumes on ``num_processes`` processes under ``--grad_compression method``.
+
+    None: written by as many processes (or without a manifest, which ``load_checkpoint`` refuses on its own). A
+    warning to log once: written by another number of several processes; it resumes, not bit-identically
+    (``CompressionState.load_state_dict`` averages each process's compression state over the saved processes, and
+    accelerate restores the RNG state of the processes whose file exists and leaves the others at their start-up
+    seeding). A ValueError when one side is a single process (a one-process run keeps no communication state, so
+    the other side's cannot be loaded or is missing) or for powersgd (torch's per-process state is not carried)."""
     written = checkpoint_processes(path)
     if written is None or written == num_processes:
-        return
-    launch = (f"{written} processes (accelerate launch --multi_gpu --num_processes {written} ...)" if written > 1
-              else "1 process (python or accelerate launch --num_processes 1)")
-    raise ValueError(
-        f"checkpoint {path} was written by {written} process{'es' if written > 1 else ''} and this run has "
-        f"{num_processes}: each process's communication state (error-feedback buffers, local-step references, its own "
-        f"optimizer state with --compress updates) and RNG state are saved separately and cannot be split or merged. "
-        f"Resume with {launch}, or start a new run: drop --resume_from_checkpoint and pass --overwrite_output_dir "
-        f"(which deletes this run's checkpoints) or another --output_dir."
-    )
+        return None
+    plural = "es" if written > 1 else ""
+    if written == 1 or num_processes == 1 or method == "powersgd":
+        launch = (f"{written} processes (accelerate launch --multi_gpu --num_processes {written} ...)" if written > 1
+                  else "1 process (python or accelerate launch --num_processes 1)")
+        state = ("communication state (error-feedback buffers, local-step references, each process's optimizer "
+                 "state with --compress updates)")
+        if written > 1 and num_processes > 1:
+            why = ("torch's PowerSGD keeps per-process error buffers and low-rank factors that are not carried to "
+                   "another number of processes")
+        elif written > 1:
+            why = f"a one-process run keeps no communication state, so the checkpoint's {state} has nowhere to go"
+        else:
+            why = f"a one-process run keeps no communication state, so the checkpoint has no {state} for this run"
+        raise ValueError(
+            f"checkpoint {path} was written by {written} process{plural} and this run has {num_processes}: {why}. "
+            f"Resume with {launch}, or start a new run: drop --resume_from_checkpoint and pass --overwrite_output_dir "
+            f"(which deletes this run's checkpoints) or another --output_dir."
+        )
+    first, last = sorted((written, num_processes))
+    extra = f"process {first}" if last - first == 1 else f"processes {first}-{last - 1}"
+    rng = (f"{extra} {'has' if last - first == 1 else 'have'} no saved random state (the run's start-up seeding "
+           f"stays)" if num_processes > written else f"the saved random states of {extra} are not used")
+    return (f"checkpoint {path} was written by {written} processes and this run has {num_processes}: resuming, but "
+            f"not bit-identically to an uninterrupted run. Each process's compression state (error-feedback "
+            f"residuals; with --compress updates its parameters and optimizer moments) is the mean over the "
+            f"{written} saved processes, which keeps the residual the model is owed; a step now takes "
+            f"{num_processes} x --per_device_train_batch_size examples instead of {written} x, and the step count, "
+            f"learning-rate schedule and data position continue from the saved step with this run's steps per "
+            f"epoch; {rng}.")
 
 
-def refuse_other_world_sizes(accelerator: Any) -> None:
-    """Make ``accelerator.load_state`` check the checkpoint's number of processes first
-    (:func:`check_checkpoint_processes`), before it loads anything; once per accelerator."""
+def refuse_other_world_sizes(accelerator: Any, method: str = "none") -> None:
+    """Make ``accelerator.load_state`` check the checkpoint's number of processes first, before it loads anything
+    (:func:`check_checkpoint_processes`: another number of several processes resumes with one warning from the main
+    process; a single process on either side, or powersgd, is refused); once per accelerator."""
     if getattr(accelerator, _GUARDED, False):
         return
-    accelerator.register_load_state_pre_hook(
-        lambda models, input_dir: check_checkpoint_processes(input_dir, accelerator.num_processes))
+
+    def check(models: Any, input_dir: str) -> None:
+        warning = check_checkpoint_processes(input_dir, accelerator.num_processes, method)
+        if warning is not None and accelerator.is_main_process:
+            logger.warning(warning)
+
+    accelerator.register_load_state_pre_hook(check)
     setattr(accelerator, _GUARDED, True)
 
 
@@ -246,9 +276,10 @@ def setup_communication(
     which averages only its own model's parameters; all processes run the hooks in registration order, so the
     collectives match and the replicas stay identical (tests/test_dreambooth.py checks it).
 
-    With one process or several, ``accelerator.load_state`` then refuses a checkpoint written by another number of
-    processes (:func:`refuse_other_world_sizes`)."""
-    refuse_other_world_sizes(accelerator)
+    With one process or several, ``accelerator.load_state`` then checks the checkpoint's number of processes
+    (:func:`refuse_other_world_sizes`): another number of several processes resumes with a warning, a single
+    process on one side only (or powersgd) is refused."""
+    refuse_other_world_sizes(accelerator, args.grad_compression)
     if accelerator.num_processes == 1:
         if args.grad_compression != "none" or args.local_steps > 1:
             logger.warning("--grad_compression %s --local_steps %d: a single process has nothing to communicate, "
