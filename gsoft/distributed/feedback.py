@@ -4,7 +4,9 @@ One round for a vector ``x_m`` on each of ``M`` workers (a gradient bucket, or a
 
 1. each worker calls :meth:`Feedback.message` (updates its private state, returns a payload);
 2. a transport delivers ``mean_m decompress(payload_m)`` to every worker (``all_reduce`` when the compressor is
-   summable, ``all_gather`` otherwise; :func:`mean_decoded` is the reference);
+   summable, ``all_gather`` otherwise; :func:`mean_decoded` is the reference), or, in two stages, that mean with each
+   shard compressed once more by the process that averaged it
+   (:class:`~gsoft.distributed.transport.TwoStageExchange`, whose server side is a second :class:`Feedback`);
 3. each worker calls :meth:`Feedback.update` with that mean and uses what it returns in place of ``mean_m x_m``.
 
 Step 3 only touches state that every worker updates from the same mean in the same way (the average reference),

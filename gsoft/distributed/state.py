@@ -355,7 +355,8 @@ class CompressionState:
         """Restore :meth:`state_dict`, written by any number of processes (PowerSGD's only by as many as now).
 
         The same number: each process takes its own state back (a resumed run then equals an uninterrupted one
-        bit for bit, as long as the buckets' layout matches where shards follow it). Another number: every process
+        bit for bit; with two stages, as long as DDP groups the parameters into the same buckets, whose shards
+        depend on which parameters a bucket holds, not on their order). Another number: every process
         takes the mean over the saved processes of each per-process state (error-feedback errors and references,
         GD-SEC's transmitted states, and under local steps the parameters and optimizer moments), which keeps the
         mean residual the model is owed; what is equal on every process (shared references, the local-step
