@@ -8,7 +8,10 @@
 - :mod:`.config`: :class:`CompressionConfig`, the settings (checked when made).
 - :mod:`.state`: :class:`CompressionState`, the counters and per-process state of one model (and its checkpoints).
 - :mod:`.hooks`: :func:`register_compression`, the DDP communication hooks (and torch's PowerSGD, counted).
-- :mod:`.local_steps`: H local steps between compressed parameter averages.
+- :mod:`.local_steps`: H local steps between compressed parameter averages (Qsparse-local-SGD).
+- :mod:`.partial_sync`: compressed updates with each process's unsent residual kept in its replica and periodic
+  error resets (CSER).
+- :mod:`.momentum`: ``compress="momentum"``, Adam with a frozen second moment and a compressed momentum (1-bit Adam).
 """
 
 from .compressors import (
@@ -18,6 +21,7 @@ from .compressors import (
     Int8,
     RandK,
     Sign,
+    Sharded,
     Significant,
     TopK,
     build_compressor,
@@ -42,13 +46,24 @@ from .feedback import (
     simulate_round,
 )
 from .hooks import register_compression
+from .local_steps import LocalSteps
+from .momentum import CompressedMomentum
+from .partial_sync import PartialSync
 from .state import CompressionState
-from .transport import CollectiveError, Exchange, allgather_wire_bytes, allreduce_wire_bytes, collective_failure
+from .transport import (
+    CollectiveError,
+    Exchange,
+    TwoStageExchange,
+    allgather_wire_bytes,
+    allreduce_wire_bytes,
+    collective_failure,
+)
 
 __all__ = [
-    "Cast",
     "COLLECTIVES",
+    "Cast",
     "CollectiveError",
+    "CompressedMomentum",
     "CompressionConfig",
     "CompressionState",
     "Compressor",
@@ -60,13 +75,17 @@ __all__ = [
     "GDSECFeedback",
     "Identity",
     "Int8",
+    "LocalSteps",
     "METHODS",
+    "PartialSync",
     "RandK",
     "SCHEDULES",
+    "Sharded",
     "Sign",
     "Significant",
     "TARGETS",
     "TopK",
+    "TwoStageExchange",
     "allgather_wire_bytes",
     "allreduce_wire_bytes",
     "build_compressor",

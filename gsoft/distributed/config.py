@@ -24,8 +24,9 @@ from .feedback import SCHEMES, build_feedback
 METHODS: tuple[str, ...] = (*COMPRESSORS, "powersgd")
 #: ``error_feedback`` values: ``auto`` (:func:`resolve_error_feedback`) or a scheme.
 ERROR_FEEDBACKS: tuple[str, ...] = ("auto", *SCHEMES)
-#: What is compressed: each step's gradients, or the parameter updates of one or more local steps.
-TARGETS: tuple[str, ...] = ("gradients", "updates")
+#: What is compressed: each step's gradients, the parameter updates of one or more local steps, or Adam's momentum
+#: after a warm-up (1-bit Adam, :mod:`gsoft.distributed.momentum`).
+TARGETS: tuple[str, ...] = ("gradients", "updates", "momentum")
 #: How many local steps separate two averages: always ``local_steps``, or a geometric number with that mean.
 SCHEDULES: tuple[str, ...] = ("fixed", "geometric")
 #: How gathered payloads (``int8``, ``sign``, ``topk``) travel: ``auto`` (:meth:`CompressionConfig.collective_for`),
@@ -45,8 +46,8 @@ def resolve_compress(compress: Optional[str], local_steps: int) -> str:
         return "updates" if local_steps > 1 else "gradients"
     if compress not in TARGETS:
         raise ValueError(f"unknown compress {compress!r}; choose one of {', '.join(TARGETS)}")
-    if compress == "gradients" and local_steps > 1:
-        raise ValueError(f"local_steps={local_steps} averages parameter updates, not gradients: pass "
+    if compress in ("gradients", "momentum") and local_steps > 1:
+        raise ValueError(f"local_steps={local_steps} averages parameter updates, not {compress}: pass "
                          f"compress='updates' (or leave it unset).")
     return compress
 
@@ -112,12 +113,23 @@ class CompressionConfig:
     #: ``gradients``, except that :func:`gsoft.distributed.register_compression` picks ``updates`` for a biased
     #: compressor under an Adam-type optimizer (:meth:`for_optimizer`). An explicit value is kept.
     compress: Optional[str] = None
+    #: ``compress="momentum"``: plain Adam steps on fp32 all-reduced gradients before the second moment is frozen
+    #: and only the compressed momentum travels (1-bit Adam's warm-up), >= 1.
+    momentum_warmup_steps: int = 10
     #: H >= 1 optimizer steps between averages of the updates (1 = communicate every step).
     local_steps: int = 1
     #: One of :data:`SCHEDULES`: every H steps, or random intervals with mean H (``geometric``, as in OLGA).
     local_steps_schedule: str = "fixed"
     #: The shared seed of Rand-K's coordinates and of the local-step schedule; equal on every process.
     seed: int = 0
+    #: With compressed updates: every ``reset_steps`` optimizer steps, and at every synchronisation point, the
+    #: replicas are averaged (an fp16 all-reduce of what each process has not sent yet), and between resets each
+    #: process keeps that residual in its own replica instead of restarting from the average each round (CSER,
+    #: :mod:`gsoft.distributed.partial_sync`). 0: no resets; replicas restart from the average after every round
+    #: (Qsparse-local-SGD). None: resets for the sparsifying methods (``topk``, ``randk``) when ``compress`` is left
+    #: unset under an Adam-type optimizer, with an interval at which resets add about half the bytes of the
+    #: compressed rounds (:func:`~gsoft.distributed.partial_sync.auto_reset_steps`); 0 otherwise.
+    reset_steps: Optional[int] = None
     #: ``int8`` / ``sign``: values per scale.
     chunk_size: int = 1024
     #: ``gdsec``: GD-SEC's ``beta``, the step of the per-worker state towards what was sent, in (0, 1].
@@ -148,22 +160,39 @@ class CompressionConfig:
                              f"{', '.join(SCHEDULES)}")
         if self.compression_ratio is not None:
             check_ratio(self.compression_ratio)
+        if not (_is_int(self.momentum_warmup_steps) and self.momentum_warmup_steps >= 1):
+            raise ValueError(f"momentum_warmup_steps must be an integer >= 1 (plain Adam steps before its second "
+                             f"moment is frozen), got {self.momentum_warmup_steps!r}")
+        if self.reset_steps is not None:
+            if not (_is_int(self.reset_steps) and self.reset_steps >= 0):
+                raise ValueError(f"reset_steps must be an integer >= 0 (optimizer steps between error resets; 0 = "
+                                 f"none) or None (automatic), got {self.reset_steps!r}")
+            if self.reset_steps > 0 and (self.compress in ("gradients", "momentum")
+                                         or self.method in ("gdsec", "powersgd")):
+                raise ValueError(f"reset_steps={self.reset_steps} resets the errors of compressed updates; it does "
+                                 f"not apply to compressed gradients ({self.method}, compress="
+                                 f"{self.compress!r}). Pass compress='updates', or leave reset_steps unset.")
+            if self.reset_steps > 0 and self.error_feedback not in ("auto", "ef"):
+                raise ValueError(f"reset_steps={self.reset_steps} keeps error feedback's residual in each replica "
+                                 f"(CSER), which is classic EF: error_feedback={self.error_feedback!r} does not "
+                                 f"apply; leave it at 'auto' or pass 'ef'.")
         if self.collective not in COLLECTIVES:
             raise ValueError(f"unknown collective {self.collective!r}; choose one of {', '.join(COLLECTIVES)}")
         feedback = self.feedback  # resolves (and so checks) compress and error_feedback
         if self.method == "powersgd":
-            if self.target == "updates":
-                raise ValueError("powersgd compresses gradients inside torch's DDP hook; it cannot compress updates "
-                                 "or be combined with local_steps > 1. Use topk, randk, int8 or sign for those.")
+            if self.target != "gradients":
+                raise ValueError(f"powersgd compresses gradients inside torch's DDP hook; it cannot compress "
+                                 f"{self.target} or be combined with local_steps > 1. Use topk, randk, int8 or sign "
+                                 f"for those.")
             if not (_is_int(self.powersgd_rank) and self.powersgd_rank >= 1):
                 raise ValueError(f"powersgd_rank must be an integer >= 1, got {self.powersgd_rank!r}")
             if not (_is_int(self.powersgd_start_iter) and self.powersgd_start_iter >= 0):
                 raise ValueError(f"powersgd_start_iter must be an integer >= 0, got {self.powersgd_start_iter!r}")
         else:
-            if self.method == "gdsec" and self.target == "updates":
-                raise ValueError("gdsec compresses gradient differences against the model's change (GD-SEC); it "
-                                 "cannot compress updates or be combined with local_steps > 1. Use topk, randk, "
-                                 "int8 or sign for those.")
+            if self.method == "gdsec" and self.target != "gradients":
+                raise ValueError(f"gdsec compresses gradient differences against the model's change (GD-SEC); it "
+                                 f"cannot compress {self.target} or be combined with local_steps > 1. Use topk, "
+                                 f"randk, int8 or sign for those.")
             build_feedback(feedback, self.compressor(), beta=self.beta, threshold=self.threshold)  # their checks
         if self.collective == "two_stage":
             if self.method not in GATHERED_METHODS:
@@ -189,14 +218,21 @@ class CompressionConfig:
         """This config with ``compress='updates'`` when :meth:`adaptive_default` says so, else itself."""
         return replace(self, compress="updates") if self.adaptive_default(optimizer) else self
 
+    def resets_errors(self, adaptive_default: bool) -> bool:
+        """Whether compressed updates keep residuals in the replicas with periodic resets (:attr:`reset_steps`):
+        asked for, or left unset for a sparsifying method that :meth:`adaptive_default` moved to updates."""
+        if self.reset_steps is None:  # CSER keeps classic EF's residual: not with an explicit ef21 or none
+            return adaptive_default and self.method in RATIO_METHODS and self.error_feedback in ("auto", "ef")
+        return self.reset_steps > 0
+
     def collective_for(self, world_size: int) -> str:
         """How this method's payloads travel among ``world_size`` processes: ``allreduce`` (summable payloads, and
         PowerSGD), ``allgather`` (variable-size payloads; the gathered methods when asked, or with 2 processes
         under ``auto``) or ``two_stage``."""
         if self.method not in GATHERED_METHODS:
             return "allgather" if self.method == "gdsec" else "allreduce"
-        if self.collective == "auto":
-            return "two_stage" if world_size > 2 else "allgather"
+        if self.collective == "auto":  # two stages keep EF's sum, not other schemes' per-process references
+            return "two_stage" if world_size > 2 and self.feedback in ("ef", "none") else "allgather"
         return self.collective
 
     @property
@@ -242,6 +278,8 @@ class CompressionConfig:
             options["collective"] = self.collective
         if target == "updates":
             options["local_steps_schedule"] = self.local_steps_schedule
+        if target == "momentum":
+            options["momentum_warmup_steps"] = self.momentum_warmup_steps
         if self.method == "powersgd":
             options.update(powersgd_rank=self.powersgd_rank, powersgd_start_iter=self.start_iter)
         return options

@@ -19,6 +19,8 @@ from .compressors import RATIO_METHODS
 from .config import CompressionConfig, is_adaptive
 from .feedback import GDSECFeedback, build_feedback
 from .local_steps import LocalSteps
+from .momentum import CompressedMomentum
+from .partial_sync import PartialSync, auto_reset_steps
 from .state import CompressionState
 from .transport import allgather_wire_bytes, allreduce_wire_bytes, chained_result, collective_result, shared_seed
 
@@ -49,6 +51,24 @@ def _local_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futur
     fut: torch.futures.Future = torch.futures.Future()
     fut.set_result(bucket.buffer())
     return fut
+
+
+def _momentum_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Momentum mode: an fp32 all-reduce of the gradients during the warm-up (plain Adam); afterwards each process
+    keeps its own gradient, and the optimizer step exchanges the compressed momentum instead."""
+    state.count_bucket(bucket, step=False)  # CompressedMomentum counts the optimizer steps
+    buffer = bucket.buffer()
+    if state.local.frozen:
+        fut: torch.futures.Future = torch.futures.Future()
+        fut.set_result(buffer)
+        return fut
+    nbytes = buffer.numel() * buffer.element_size()
+    state.bytes_sent += allreduce_wire_bytes(nbytes, state.world_size)
+    state.payload_bytes += nbytes
+    buffer.div_(state.world_size)
+    operation = f"all_reduce of a gradient bucket (momentum mode's warm-up, {nbytes} bytes)"
+    work = dist.all_reduce(buffer, group=state.group, async_op=True)
+    return work.get_future().then(lambda f: collective_result(f, operation, state.group)[0])
 
 
 def _powersgd_split(ps: torch_powersgd.PowerSGDState, bucket: dist.GradBucket, size: int) -> tuple[int, int, int]:
@@ -119,6 +139,19 @@ def _warn_if_allgather_exceeds_allreduce(state: CompressionState, method: str) -
                       f"all-reduced method (randk, fp16, bf16).", UserWarning, stacklevel=3)
 
 
+def _auto_reset_steps(state: CompressionState, config: CompressionConfig) -> int:
+    """:func:`~gsoft.distributed.partial_sync.auto_reset_steps` for this model's trained parameters: a round's bytes
+    as its collective sends them."""
+    sizes = [p.numel() for p in state._trained]
+    payload = state.feedback.compressor_for(sizes).payload_bytes(sum(sizes))
+    world = state.world_size
+    if state.options.get("collective") == "allgather":
+        round_bytes = allgather_wire_bytes(payload, world)
+    else:  # summed, or two stages: 2 (p - 1) / p x the payload
+        round_bytes = allreduce_wire_bytes(payload, world)
+    return auto_reset_steps(round_bytes, sum(sizes), world)
+
+
 def _backend(group: Optional[dist.ProcessGroup]) -> str:
     return str(dist.get_backend(group)).lower()
 
@@ -147,22 +180,22 @@ def register_compression(
             f"accelerate, pass the model that accelerator.prepare returns when launched with several processes "
             f"(accelerate launch --multi_gpu --num_processes N); a single process has nothing to communicate."
         )
-    if config.adaptive_default(optimizer):
+    adaptive = config.adaptive_default(optimizer)
+    if adaptive:
         config = config.for_optimizer(optimizer)
-        _announce_once(f"{config.method} under {type(getattr(optimizer, 'optimizer', optimizer)).__name__} with compress "
-                       f"unset: compressing the optimizer's updates with error feedback "
-                       f"(compress='updates', error_feedback={config.feedback!r}), not its gradients; an Adam-type "
-                       f"optimizer turns sparse or stale compressed gradients into full-size steps. Pass "
-                       f"compress='gradients' (--compress gradients) to compress gradients anyway.")
     method, compress, feedback_name = config.method, config.target, config.feedback
     group = process_group
     backend = _backend(group)
     if method == "bf16" and backend == "gloo":
         raise ValueError("bf16 gradient compression all-reduces bf16 tensors, which the gloo backend cannot do "
                          "(no bf16 all-reduce). Use fp16 or int8 on gloo (CPU), or bf16 with NCCL.")
-    if compress == "updates" and optimizer is None:
-        raise ValueError("compress='updates' (and local_steps > 1) averages parameters after optimizer steps: pass "
-                         "the optimizer (register_compression(model, config, optimizer=optimizer)).")
+    if config.reset_steps and compress != "updates":
+        raise ValueError(f"reset_steps={config.reset_steps} resets the errors of compressed updates, and {method} "
+                         f"compresses gradients here (no Adam-type optimizer to pick updates for): pass "
+                         f"compress='updates' as well, or leave reset_steps unset.")
+    if compress in ("updates", "momentum") and optimizer is None:
+        raise ValueError(f"compress={compress!r} acts on optimizer steps (local_steps > 1 too): pass the optimizer "
+                         f"(register_compression(model, config, optimizer=optimizer)).")
     if config.compression_ratio is not None and method not in RATIO_METHODS:
         warnings.warn(f"compression_ratio={config.compression_ratio} is not used by {method}, which sends every "
                       f"coordinate (only {', '.join(RATIO_METHODS)} select a fraction of them).", UserWarning,
@@ -201,10 +234,27 @@ def register_compression(
                           "Top-K 1% + EF21 stays near chance on the GLUE smoke task). compress='updates' compresses "
                           "the optimizer's steps instead and reaches the uncompressed accuracy there.", UserWarning,
                           stacklevel=2)
+        if compress == "momentum":
+            state.local = CompressedMomentum(state, model.module, optimizer, config.momentum_warmup_steps)
+            hook = _momentum_hook
         if compress == "updates":
-            state.local = LocalSteps(state, model.module, optimizer, config.local_steps, config.local_steps_schedule,
-                                     config.seed)
+            if config.resets_errors(adaptive):
+                reset_steps = config.reset_steps or _auto_reset_steps(state, config)
+                state.options["reset_steps"] = reset_steps
+                state.local = PartialSync(state, model.module, optimizer, config.local_steps,
+                                          config.local_steps_schedule, config.seed, reset_steps)
+            else:
+                state.local = LocalSteps(state, model.module, optimizer, config.local_steps,
+                                         config.local_steps_schedule, config.seed)
             hook = _local_hook
+    if adaptive:
+        resets = (f", each process keeping its unsent residual in its replica and the replicas averaged every "
+                  f"{state.options['reset_steps']} steps (CSER)" if "reset_steps" in state.options else "")
+        _announce_once(f"{method} under {type(getattr(optimizer, 'optimizer', optimizer)).__name__} with compress "
+                       f"unset: compressing the optimizer's updates with error feedback (compress='updates', "
+                       f"error_feedback={feedback_name!r}{resets}), not its gradients; an Adam-type optimizer turns "
+                       f"sparse or stale compressed gradients into full-size steps. Pass compress='gradients' "
+                       f"(--compress gradients) to compress gradients anyway.")
     logger.info("gradient compression of %s: %s %s", type(model.module).__name__, method, options)
     try:
         model.register_comm_hook(state, hook)

@@ -78,7 +78,8 @@ class CommunicationArgs:
         metadata={"help": f"{' or '.join(TARGETS)}: what --grad_compression compresses. gradients: each "
                           "gradient bucket, every step (DDP hook). updates: each process takes its own AdamW step "
                           "and the parameter deltas are averaged, compressed with error feedback, every "
-                          "--local_steps steps. Default: updates when --local_steps > 1 or when a biased "
+                          "--local_steps steps. momentum: 1-bit Adam (AdamW on fp32 gradients for "
+                          "--momentum_warmup_steps, then its second moment frozen and its momentum compressed). Default: updates when --local_steps > 1 or when a biased "
                           "method (sign, topk, randk) runs under AdamW (said once at startup), else gradients. With "
                           "AdamW, Top-K 1% needs updates: as gradients (EF21) it stayed near chance on the GLUE "
                           "smoke task (README)."},
@@ -89,6 +90,18 @@ class CommunicationArgs:
                           "parameter deltas, compressed with --grad_compression and its error feedback. Evaluations "
                           "and validation images (and the final save) are synchronisation points too. 1 = "
                           "communicate every step."},
+    )
+    momentum_warmup_steps: int = field(
+        default=10,
+        metadata={"help": "--compress momentum: plain AdamW steps on fp32 all-reduced gradients before AdamW's second "
+                          "moment is frozen and only its compressed momentum travels (1-bit Adam).", "min": 1},
+    )
+    reset_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "With compressed updates: average the replicas (fp16) every N optimizer steps and keep each "
+                          "process's unsent residual in its replica in between (CSER). null = automatic: on for "
+                          "topk and randk when --compress is left unset under AdamW, with resets adding about half "
+                          "the compressed bytes; 0 = off (replicas restart from the average every round)."},
     )
     local_steps_schedule: str = field(
         default="fixed",
@@ -126,7 +139,8 @@ def compression_config(args: CommunicationArgs, seed: int = 0) -> CompressionCon
         return CompressionConfig(
             method=args.grad_compression, compression_ratio=args.compression_ratio, error_feedback=args.error_feedback,
             compress=args.compress, local_steps=args.local_steps, local_steps_schedule=args.local_steps_schedule,
-            threshold=args.gdsec_threshold, beta=args.gdsec_beta, collective=args.collective,
+            threshold=args.gdsec_threshold, beta=args.gdsec_beta, collective=args.collective, reset_steps=args.reset_steps,
+            momentum_warmup_steps=args.momentum_warmup_steps,
             powersgd_rank=args.powersgd_rank, seed=seed,
         )
     except ValueError as exc:
@@ -177,8 +191,8 @@ class Communication:
         """Checkpoints carry every state (error-feedback buffers, local-step references, each process's optimizer
         state with ``--compress updates``, byte counters): call before ``load_checkpoint``. The states are
         registered one by one (a one-model run writes one custom checkpoint file, as a bare state would). They hold
-        one entry per process, so a checkpoint resumes only with as many processes as wrote it
-        (:func:`refuse_other_world_sizes`, which :func:`setup_communication` installs)."""
+        one entry per process; another number of processes gets their mean (:func:`refuse_other_world_sizes`,
+        which :func:`setup_communication` installs, refuses only one process on either side and powersgd)."""
         for state in self.states.values():
             accelerator.register_for_checkpointing(state)
 
