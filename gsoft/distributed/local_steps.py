@@ -73,19 +73,27 @@ class LocalSteps:
     def synchronize(self) -> None:
         if self.since_sync == 0:
             return
+        self._exchange(self._flat() - self.reference)
+        self._assign(self.reference)
+        self.interval = self._draw()
+
+    def _exchange(self, delta: torch.Tensor) -> None:
+        """One counted round: ``delta`` through the compressor and error feedback; the reference moves by the mean
+        of what every process sent."""
         state = self.state
-        delta = self._flat() - self.reference
         mean = chained_result(state.start_round(KEY, delta, [p.numel() for p in self.params],
                                                 shared_seed(state.options["seed"], state.syncs, KEY),
                                                 what="local-step parameter delta"))
         self.reference += state.feedback.update(KEY, mean)
-        offset = 0
-        for p in self.params:
-            p.copy_(self.reference[offset: offset + p.numel()].view_as(p))
-            offset += p.numel()
         state.syncs += 1
         self.since_sync = 0
-        self.interval = self._draw()
+
+    def _assign(self, flat: torch.Tensor) -> None:
+        """Set the trained parameters from one flat vector."""
+        offset = 0
+        for p in self.params:
+            p.copy_(flat[offset: offset + p.numel()].view_as(p))
+            offset += p.numel()
 
     def state_dict(self) -> dict[str, Any]:
         return {"reference": self.reference.cpu().clone(), "since_sync": self.since_sync, "interval": self.interval,
@@ -114,11 +122,7 @@ class LocalSteps:
         self.since_sync, self.interval = state["since_sync"], state["interval"]
         self.rng.setstate(state["rng"])
         # the replicas differ between synchronisations, and the checkpointed model is the main process's
-        params = state["params"].to(device)
-        offset = 0
-        for p in self.params:
-            p.copy_(params[offset: offset + p.numel()].view_as(p))
-            offset += p.numel()
+        self._assign(state["params"].to(device))
         on_device = {id(q): bool(g.get("capturable") or g.get("fused"))
                      for g in self.optimizer.param_groups for q in g["params"]}
         for p, saved in zip(self.params, state["optimizer_state"]):

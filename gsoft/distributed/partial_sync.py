@@ -28,7 +28,7 @@ from torch import nn
 
 from .local_steps import KEY, LocalSteps
 from .state import CompressionState
-from .transport import allreduce_wire_bytes, chained_result, checked_collective, divided_for_sum, shared_seed
+from .transport import allreduce_wire_bytes, checked_collective, divided_for_sum
 
 #: The residuals are averaged in fp16 (2 bytes per value): they are small, and an all-reduce keeps per-process bytes
 #: under twice the payload whatever the number of processes.
@@ -74,23 +74,6 @@ class PartialSync(LocalSteps):
         self._assign(self.reference + residual)
         residual.zero_()  # it lives in the replica now, and the next delta holds it
         self.interval = self._draw()
-
-    def _exchange(self, delta: torch.Tensor) -> None:
-        """Send ``delta`` through the compressor (error feedback ``ef``: its buffer then holds the unsent part) and
-        move the reference by the mean of what every process sent."""
-        state = self.state
-        mean = chained_result(state.start_round(KEY, delta, [p.numel() for p in self.params],
-                                                shared_seed(state.options["seed"], state.syncs, KEY),
-                                                what="local-step parameter delta"))
-        self.reference += state.feedback.update(KEY, mean)
-        state.syncs += 1
-        self.since_sync = 0
-
-    def _assign(self, flat: torch.Tensor) -> None:
-        offset = 0
-        for p in self.params:
-            p.copy_(flat[offset: offset + p.numel()].view_as(p))
-            offset += p.numel()
 
     @torch.no_grad()
     def reset(self) -> None:
