@@ -8,6 +8,7 @@
     glue        every method of recipes/roberta_glue.py on one GLUE task, one table
     dreambooth  a DreamBooth UNet train step per method (time, peak memory)
     comm        2 data-parallel workers on an emulated slow link, compressed gradients vs fp32 all-reduce
+    olga        OLGA / EF-OLGA vs GD, EF21, Qsparse-local-SGD, AEG: uplink bits to a target accuracy (in process)
 
 Options come from ``configs/bench/NAME.yaml`` (or ``--config``), then ``--key value`` flags; ``--quick`` applies the
 config's ``quick_overrides`` (a smoke run). ``python recipes/benchmark.py NAME --help`` lists a benchmark's options.
@@ -22,7 +23,7 @@ from typing import Any, Optional, Sequence
 
 from common.extras import needs
 
-BENCHMARKS = ("adapters", "kernels", "glue", "dreambooth", "comm")
+BENCHMARKS = ("adapters", "kernels", "glue", "dreambooth", "comm", "olga")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Any:
