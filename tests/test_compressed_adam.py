@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gsoft.distributed import CompressionConfig, register_compression
 from gsoft.distributed.momentum import CompressedMomentum
-from gsoft.distributed.partial_sync import PartialSync, auto_reset_steps
+from gsoft.distributed.partial_sync import PartialSync
 from gsoft.distributed.transport import allreduce_wire_bytes
 
 WORLD = 2
@@ -110,8 +110,9 @@ def _case_cser(rank: int) -> dict[str, Any]:
             "local": type(state.local).__name__}
 
 
-def _case_cser_auto(rank: int) -> dict[str, Any]:
-    """compress and reset_steps left unset, Top-K under AdamW: updates with error reset, said once."""
+def _case_updates_default(rank: int) -> dict[str, Any]:
+    """compress left unset, Top-K under AdamW: compressed updates restarting from the average (no resets), said
+    once."""
     model = _model()
     ddp = DDP(model)
     opt = _adamw(_trainable(model))
@@ -119,7 +120,7 @@ def _case_cser_auto(rank: int) -> dict[str, Any]:
         warnings.simplefilter("always")
         state = register_compression(ddp, CompressionConfig("topk", compression_ratio=0.01), optimizer=opt)
     return {"local": type(state.local).__name__, "options": state.options,
-            "said": [str(w.message) for w in caught if "CSER" in str(w.message)]}
+            "said": [str(w.message) for w in caught if "compress unset" in str(w.message)]}
 
 
 def _cases() -> dict[str, Any]:
@@ -127,7 +128,7 @@ def _cases() -> dict[str, Any]:
             "momentum_topk": lambda r: _case_momentum(r, "topk"),
             "momentum_sign": lambda r: _case_momentum(r, "sign"),
             "cser": _case_cser,
-            "cser_auto": _case_cser_auto}
+            "updates_default": _case_updates_default}
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -281,21 +282,14 @@ def test_cser_bytes_rounds_plus_fp16_resets(results):
     assert ranks[0]["summary"]["reset_steps"] == 4
 
 
-def test_cser_is_the_default_for_topk_under_adamw(results):
-    ranks = _case(results, "cser_auto")
-    assert ranks[0]["local"] == "PartialSync"
-    numel = HIDDEN * OUT + OUT
-    from gsoft.distributed.compressors import PerTensor, build_compressor
-
-    payload = PerTensor(build_compressor("topk", compression_ratio=0.01), [HIDDEN * OUT, OUT]).payload_bytes(numel)
-    assert ranks[0]["options"]["reset_steps"] == auto_reset_steps(payload, numel, WORLD)
-    assert len(ranks[0]["said"]) == 1 and "averaged every" in ranks[0]["said"][0]
+def test_updates_without_resets_is_the_default_for_topk_under_adamw(results):
+    ranks = _case(results, "updates_default")
+    assert ranks[0]["local"] == "LocalSteps" and "reset_steps" not in ranks[0]["options"]
+    assert ranks[0]["options"]["compress"] == "updates"
+    assert len(ranks[0]["said"]) == 1 and "compress='updates', error_feedback='ef'" in ranks[0]["said"][0]
 
 
-def test_auto_reset_interval_makes_resets_half_the_rounds_bytes():
-    # 1000 values: an fp16 reset sends 2000 bytes at p = 2; rounds of 80 bytes -> a reset every 50 rounds
-    assert auto_reset_steps(80, 1000, 2) == 50
-    assert auto_reset_steps(4000, 1000, 2) == 1
+def test_partial_sync_needs_a_reset_interval():
     with pytest.raises(ValueError, match="reset_steps must be an integer >= 1"):
         PartialSync(None, nn.Linear(1, 1), None, 1, "fixed", 0, 0)
 
@@ -308,6 +302,7 @@ def test_auto_reset_interval_makes_resets_half_the_rounds_bytes():
     (dict(compress="gradients", reset_steps=5), "reset_steps=5 resets the errors of compressed updates"),
     (dict(compress="updates", reset_steps=-1), "reset_steps must be an integer >= 0"),
     (dict(compress="updates", reset_steps=3, error_feedback="ef21"), "keeps error feedback's residual"),
+    (dict(compress="updates", reset_steps=None), "reset_steps must be an integer >= 0"),
 ])
 def test_bad_options_name_the_value_and_the_fix(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -122,14 +122,12 @@ class CompressionConfig:
     local_steps_schedule: str = "fixed"
     #: The shared seed of Rand-K's coordinates and of the local-step schedule; equal on every process.
     seed: int = 0
-    #: With compressed updates: every ``reset_steps`` optimizer steps, and at every synchronisation point, the
-    #: replicas are averaged (an fp16 all-reduce of what each process has not sent yet), and between resets each
-    #: process keeps that residual in its own replica instead of restarting from the average each round (CSER,
-    #: :mod:`gsoft.distributed.partial_sync`). 0: no resets; replicas restart from the average after every round
-    #: (Qsparse-local-SGD). None: resets for the sparsifying methods (``topk``, ``randk``) when ``compress`` is left
-    #: unset under an Adam-type optimizer, with an interval at which resets add about half the bytes of the
-    #: compressed rounds (:func:`~gsoft.distributed.partial_sync.auto_reset_steps`); 0 otherwise.
-    reset_steps: Optional[int] = None
+    #: With compressed updates, > 0: each process keeps what it has not sent yet in its own replica instead of
+    #: restarting from the average after every round, and every ``reset_steps`` optimizer steps (and at every
+    #: synchronisation point) the replicas are averaged with an fp16 all-reduce (CSER,
+    #: :mod:`gsoft.distributed.partial_sync`). 0: replicas restart from the average after every round
+    #: (Qsparse-local-SGD).
+    reset_steps: int = 0
     #: ``int8`` / ``sign``: values per scale.
     chunk_size: int = 1024
     #: ``gdsec``: GD-SEC's ``beta``, the step of the per-worker state towards what was sent, in (0, 1].
@@ -163,19 +161,22 @@ class CompressionConfig:
         if not (_is_int(self.momentum_warmup_steps) and self.momentum_warmup_steps >= 1):
             raise ValueError(f"momentum_warmup_steps must be an integer >= 1 (plain Adam steps before its second "
                              f"moment is frozen), got {self.momentum_warmup_steps!r}")
-        if self.reset_steps is not None:
-            if not (_is_int(self.reset_steps) and self.reset_steps >= 0):
-                raise ValueError(f"reset_steps must be an integer >= 0 (optimizer steps between error resets; 0 = "
-                                 f"none) or None (automatic), got {self.reset_steps!r}")
-            if self.reset_steps > 0 and (self.compress in ("gradients", "momentum")
-                                         or self.method in ("gdsec", "powersgd")):
+        if not (_is_int(self.reset_steps) and self.reset_steps >= 0):
+            raise ValueError(f"reset_steps must be an integer >= 0 (optimizer steps between error resets; 0 = none), "
+                             f"got {self.reset_steps!r}")
+        if self.reset_steps > 0:
+            if self.compress in ("gradients", "momentum") or self.method in ("gdsec", "powersgd"):
                 raise ValueError(f"reset_steps={self.reset_steps} resets the errors of compressed updates; it does "
-                                 f"not apply to compressed gradients ({self.method}, compress="
-                                 f"{self.compress!r}). Pass compress='updates', or leave reset_steps unset.")
-            if self.reset_steps > 0 and self.error_feedback not in ("auto", "ef"):
+                                 f"not apply to compressed gradients or momentum ({self.method}, compress="
+                                 f"{self.compress!r}). Pass compress='updates', or leave reset_steps at 0.")
+            if self.error_feedback not in ("auto", "ef"):
                 raise ValueError(f"reset_steps={self.reset_steps} keeps error feedback's residual in each replica "
                                  f"(CSER), which is classic EF: error_feedback={self.error_feedback!r} does not "
                                  f"apply; leave it at 'auto' or pass 'ef'.")
+            if not self.compressor().biased:
+                raise ValueError(f"reset_steps={self.reset_steps} keeps error feedback's residual in each replica, "
+                                 f"and {self.method} is unbiased (no error feedback, no residual): use topk, randk "
+                                 f"or sign, or leave reset_steps at 0.")
         if self.collective not in COLLECTIVES:
             raise ValueError(f"unknown collective {self.collective!r}; choose one of {', '.join(COLLECTIVES)}")
         feedback = self.feedback  # resolves (and so checks) compress and error_feedback
@@ -217,13 +218,6 @@ class CompressionConfig:
     def for_optimizer(self, optimizer: Any) -> "CompressionConfig":
         """This config with ``compress='updates'`` when :meth:`adaptive_default` says so, else itself."""
         return replace(self, compress="updates") if self.adaptive_default(optimizer) else self
-
-    def resets_errors(self, adaptive_default: bool) -> bool:
-        """Whether compressed updates keep residuals in the replicas with periodic resets (:attr:`reset_steps`):
-        asked for, or left unset for a sparsifying method that :meth:`adaptive_default` moved to updates."""
-        if self.reset_steps is None:  # CSER keeps classic EF's residual: not with an explicit ef21 or none
-            return adaptive_default and self.method in RATIO_METHODS and self.error_feedback in ("auto", "ef")
-        return self.reset_steps > 0
 
     def collective_for(self, world_size: int) -> str:
         """How this method's payloads travel among ``world_size`` processes: ``allreduce`` (summable payloads, and
@@ -280,6 +274,8 @@ class CompressionConfig:
             options["local_steps_schedule"] = self.local_steps_schedule
         if target == "momentum":
             options["momentum_warmup_steps"] = self.momentum_warmup_steps
+        if self.reset_steps:
+            options["reset_steps"] = self.reset_steps
         if self.method == "powersgd":
             options.update(powersgd_rank=self.powersgd_rank, powersgd_start_iter=self.start_iter)
         return options

@@ -20,7 +20,7 @@ from .config import CompressionConfig, is_adaptive
 from .feedback import GDSECFeedback, build_feedback
 from .local_steps import LocalSteps
 from .momentum import CompressedMomentum
-from .partial_sync import PartialSync, auto_reset_steps
+from .partial_sync import PartialSync
 from .state import CompressionState
 from .transport import allgather_wire_bytes, allreduce_wire_bytes, chained_result, collective_result, shared_seed
 
@@ -139,19 +139,6 @@ def _warn_if_allgather_exceeds_allreduce(state: CompressionState, method: str) -
                       f"all-reduced method (randk, fp16, bf16).", UserWarning, stacklevel=3)
 
 
-def _auto_reset_steps(state: CompressionState, config: CompressionConfig) -> int:
-    """:func:`~gsoft.distributed.partial_sync.auto_reset_steps` for this model's trained parameters: a round's bytes
-    as its collective sends them."""
-    sizes = [p.numel() for p in state._trained]
-    payload = state.feedback.compressor_for(sizes).payload_bytes(sum(sizes))
-    world = state.world_size
-    if state.options.get("collective") == "allgather":
-        round_bytes = allgather_wire_bytes(payload, world)
-    else:  # summed, or two stages: 2 (p - 1) / p x the payload
-        round_bytes = allreduce_wire_bytes(payload, world)
-    return auto_reset_steps(round_bytes, sum(sizes), world)
-
-
 def _backend(group: Optional[dist.ProcessGroup]) -> str:
     return str(dist.get_backend(group)).lower()
 
@@ -238,21 +225,17 @@ def register_compression(
             state.local = CompressedMomentum(state, model.module, optimizer, config.momentum_warmup_steps)
             hook = _momentum_hook
         if compress == "updates":
-            if config.resets_errors(adaptive):
-                reset_steps = config.reset_steps or _auto_reset_steps(state, config)
-                state.options["reset_steps"] = reset_steps
+            if config.reset_steps:
                 state.local = PartialSync(state, model.module, optimizer, config.local_steps,
-                                          config.local_steps_schedule, config.seed, reset_steps)
+                                          config.local_steps_schedule, config.seed, config.reset_steps)
             else:
                 state.local = LocalSteps(state, model.module, optimizer, config.local_steps,
                                          config.local_steps_schedule, config.seed)
             hook = _local_hook
     if adaptive:
-        resets = (f", each process keeping its unsent residual in its replica and the replicas averaged every "
-                  f"{state.options['reset_steps']} steps (CSER)" if "reset_steps" in state.options else "")
         _announce_once(f"{method} under {type(getattr(optimizer, 'optimizer', optimizer)).__name__} with compress "
                        f"unset: compressing the optimizer's updates with error feedback (compress='updates', "
-                       f"error_feedback={feedback_name!r}{resets}), not its gradients; an Adam-type optimizer turns "
+                       f"error_feedback={feedback_name!r}), not its gradients; an Adam-type optimizer turns "
                        f"sparse or stale compressed gradients into full-size steps. Pass compress='gradients' "
                        f"(--compress gradients) to compress gradients anyway.")
     logger.info("gradient compression of %s: %s %s", type(model.module).__name__, method, options)

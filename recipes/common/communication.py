@@ -96,12 +96,12 @@ class CommunicationArgs:
         metadata={"help": "--compress momentum: plain AdamW steps on fp32 all-reduced gradients before AdamW's second "
                           "moment is frozen and only its compressed momentum travels (1-bit Adam).", "min": 1},
     )
-    reset_steps: Optional[int] = field(
-        default=None,
-        metadata={"help": "With compressed updates: average the replicas (fp16) every N optimizer steps and keep each "
-                          "process's unsent residual in its replica in between (CSER). null = automatic: on for "
-                          "topk and randk when --compress is left unset under AdamW, with resets adding about half "
-                          "the compressed bytes; 0 = off (replicas restart from the average every round)."},
+    reset_steps: int = field(
+        default=0,
+        metadata={"help": "With compressed updates of topk, randk or sign, N > 0: each process keeps what it has not "
+                          "sent yet in its own replica and the replicas are averaged (fp16) every N optimizer steps "
+                          "and at every evaluation and save (CSER). 0 = replicas restart from the average after "
+                          "every round.", "min": 0},
     )
     local_steps_schedule: str = field(
         default="fixed",
@@ -139,7 +139,8 @@ def compression_config(args: CommunicationArgs, seed: int = 0) -> CompressionCon
         return CompressionConfig(
             method=args.grad_compression, compression_ratio=args.compression_ratio, error_feedback=args.error_feedback,
             compress=args.compress, local_steps=args.local_steps, local_steps_schedule=args.local_steps_schedule,
-            threshold=args.gdsec_threshold, beta=args.gdsec_beta, collective=args.collective, reset_steps=args.reset_steps,
+            threshold=args.gdsec_threshold, beta=args.gdsec_beta, collective=args.collective,
+            reset_steps=args.reset_steps,
             momentum_warmup_steps=args.momentum_warmup_steps,
             powersgd_rank=args.powersgd_rank, seed=seed,
         )
