@@ -19,6 +19,7 @@ from gsoft.distributed.baselines import (
     QsparseConfig,
     aeg,
     ef21,
+    ef21_theory_lr,
     gd,
     qsparse_local,
 )
@@ -176,6 +177,19 @@ def test_config_errors_name_the_value_and_the_fix(kwargs, match):
         OLGAConfig(**{**BASE, **kwargs})
 
 
+@pytest.mark.parametrize("make,match", [
+    (lambda: GDConfig(0.0), r"lr must be a finite number > 0, got 0.0; 1 / L is gradient descent's safe step"),
+    (lambda: EF21Config(float("inf")), r"lr must be .* got inf"),
+    (lambda: EF21Config(0.1, Significant()), r"compressor must be a fixed-size .*TopK\(0.1\)"),
+    (lambda: QsparseConfig(0.1, local_steps=0), r"local_steps must be an int >= 1 \(H, gradient steps per round\), "
+                                                r"got 0"),
+    (lambda: ef21_theory_lr(1.0, 1.0, 0.0), r"ratio must be a finite number in \(0, 1\], got 0.0"),
+])
+def test_baseline_config_errors(make, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()
+
+
 def test_error_feedback_follows_the_compressor():
     assert OLGAConfig(**BASE, compressor=TopK(0.1)).method == "EF-OLGA"
     assert OLGAConfig(**BASE, compressor=RandK(0.1)).method == "EF-OLGA"  # not rescaled: the biased Rand-K
@@ -245,3 +259,17 @@ def test_ef_olga_needs_fewer_bits_than_ef21_and_qsparse():
             reached = history.first_reaching(target)
             assert reached is None or history.bits[reached] > budget, (method, scale, history.bits[reached], budget)
             assert reached is not None or history.bits[-1] >= budget or history.info.get("diverged")
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--problems", "{x: {source: mnist}}"], r"problem 'x': source must be one of digits, breast_cancer, generated"),
+    (["--problems", "{x: {source: digits, loss: ridge}}"], r"digits is a classification set; ridge runs on source: "
+                                                           r"generated"),
+    (["--problems", "{x: {sampels: 10}}"], r"problem 'x': unknown keys \['sampels'\]"),
+    (["--ratio", "2"], r"--ratio must be in \(0, 1\]"),
+    (["--sweep", "{problem: nope}"], r"--sweep's problem 'nope' is not one of --problems"),
+    (["--ablation", "{problem: digits, ratio: [0.1]}"], r"--ablation has unknown keys \['ratio'\]"),
+])
+def test_benchmark_option_errors(argv, match):
+    with pytest.raises(SystemExit, match=match):
+        bench_olga.parse(argv)

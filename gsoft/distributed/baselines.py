@@ -43,6 +43,14 @@ def _check_lr(lr: object) -> None:
     check_number("lr", lr, 0.0, fix="1 / L is gradient descent's safe step")
 
 
+def _check_compressor(compressor: object, seed: object) -> None:
+    if not isinstance(compressor, Compressor) or compressor.variable_size:
+        raise ValueError(f"compressor must be a fixed-size gsoft.distributed.compressors.Compressor (e.g. "
+                         f"TopK(0.1)), got {compressor!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+
+
 @dataclass
 class GDConfig:
     """Distributed gradient descent."""
@@ -67,14 +75,14 @@ class EF21Config:
 
     def __post_init__(self) -> None:
         _check_lr(self.lr)
-        if not isinstance(self.compressor, Compressor) or self.compressor.variable_size:
-            raise ValueError(f"compressor must be a fixed-size Compressor (e.g. TopK(0.1)), got {self.compressor!r}")
+        _check_compressor(self.compressor, self.seed)
 
 
 def ef21_theory_lr(smoothness: float, smoothness_tilde: float, ratio: float) -> float:
     """EF21's step for Top-K keeping a fraction ``ratio`` (contraction ``alpha = ratio``):
     ``1 / (L + L_tilde sqrt(beta / theta))`` with ``theta = 1 - sqrt(1 - alpha)`` and
     ``beta = (1 - alpha) / (1 - sqrt(1 - alpha))`` (Richtarik et al. 2021, Theorem 1)."""
+    check_number("ratio", ratio, 0.0, 1.0, fix="the fraction of coordinates Top-K keeps")
     alpha = ratio
     if alpha >= 1:
         return 1.0 / smoothness
@@ -101,8 +109,7 @@ class QsparseConfig:
         if isinstance(self.local_steps, bool) or not isinstance(self.local_steps, int) or self.local_steps < 1:
             raise ValueError(f"local_steps must be an int >= 1 (H, gradient steps per round), got "
                              f"{self.local_steps!r}")
-        if not isinstance(self.compressor, Compressor) or self.compressor.variable_size:
-            raise ValueError(f"compressor must be a fixed-size Compressor (e.g. TopK(0.1)), got {self.compressor!r}")
+        _check_compressor(self.compressor, self.seed)
 
 
 def _start(problem: Problem, x0: Optional[Tensor]) -> Tensor:

@@ -24,7 +24,7 @@ Qsparse-local at ``c`` times their theory step, AEG, OLGA and EF-OLGA with ``del
 (payloads as :mod:`gsoft.distributed.compressors` count them, fp32 for uncompressed vectors); the server's
 broadcasts are the downlink column.
 
-``sweep`` repeats the theory-step runs of one problem over numbers of workers and compression ratios; ``ablation``
+``sweep`` repeats the step search on one problem over numbers of workers and compression ratios; ``ablation``
 runs OLGA and EF-OLGA with each of the module's deviations from the method's description undone in turn.
 
 Writes ``olga.md`` (the tables, also printed), ``olga.json`` (every run, the curves thinned) and ``olga.png``
@@ -82,7 +82,7 @@ class OLGAOptions(BenchOptions):
     ratio: float = field(default=0.05, metadata={"help": "Fraction of coordinates Top-K / Rand-K send."})
     local_steps: int = field(default=4, metadata={"help": "H, Qsparse-local-SGD's local steps per round."})
     step_scales: list[float] = field(
-        default_factory=lambda: [1.0, 4.0, 16.0, 64.0, 256.0, 1024.0],
+        default_factory=lambda: [0.25 * 2.0**i for i in range(13)],
         metadata={"help": "The step grid: c x the theory step (AEG / OLGA / EF-OLGA: delta / c); 1 = the theory. "
                           "Searched upwards until a step does worse than the best so far."},
     )
@@ -90,8 +90,8 @@ class OLGAOptions(BenchOptions):
     max_rounds: int = field(default=4000, metadata={"help": "Communication rounds per run at most."})
     sweep: dict = field(
         default_factory=dict,
-        metadata={"help": "{problem: name, workers: [..], ratios: [..], methods: [..], max_rounds: N}: theory-step "
-                          "runs over numbers of workers and compression ratios; empty: none."},
+        metadata={"help": "{problem: name, workers: [..], ratios: [..], methods: [..], max_rounds: N}: the step "
+                          "search over numbers of workers and compression ratios; empty: none."},
     )
     ablation: dict = field(
         default_factory=dict,
@@ -148,9 +148,19 @@ def problem_spec(name: str, spec: dict) -> dict:
         raise ValueError(f"problem {name!r}: source must be one of {', '.join(SOURCES)}, got {full['source']!r}")
     if full["loss"] not in ("logistic", "ridge"):
         raise ValueError(f"problem {name!r}: loss must be logistic or ridge, got {full['loss']!r}")
+    if full["loss"] == "ridge" and full["source"] != "generated":
+        raise ValueError(f"problem {name!r}: {full['source']} is a classification set; ridge runs on source: generated")
     if not (isinstance(full["workers"], int) and full["workers"] >= 2):
         raise ValueError(f"problem {name!r}: workers must be an int >= 2 (the server and at least one worker), got "
                          f"{full['workers']!r}")
+    for key in ("samples", "dim"):
+        if isinstance(full[key], bool) or not isinstance(full[key], int) or full[key] < 1:
+            raise ValueError(f"problem {name!r}: {key} must be an int >= 1, got {full[key]!r}")
+    for key in ("l2", "decay", "shift", "noise"):
+        if isinstance(full[key], bool) or not isinstance(full[key], (int, float)) or not full[key] >= 0 \
+                or (key == "l2" and not full[key] > 0):
+            raise ValueError(f"problem {name!r}: {key} must be a number {'> 0' if key == 'l2' else '>= 0'}, got "
+                             f"{full[key]!r}")
     return full
 
 
@@ -176,8 +186,6 @@ def build_problem(spec: dict) -> LinearModelProblem:
     workers = spec["workers"]
     if spec["source"] != "generated":
         x, y = bundled_data(spec["source"])
-        if spec["loss"] == "ridge":
-            raise ValueError(f"the {spec['source']} data set is a classification set; ridge runs on generated data")
         parts = torch.randperm(x.shape[0], generator=gen).tensor_split(workers)
         return LinearModelProblem([x[p] for p in parts], [y[p] for p in parts], "logistic", spec["l2"])
     dim, n = spec["dim"], spec["samples"]
@@ -220,7 +228,9 @@ def label(method: str, ratio: float, local_steps: int) -> str:
 def runner(method: str, problem: LinearModelProblem, c: dict[str, Any], scale: float, ratio: float,
            local_steps: int, seed: int, variant: Optional[dict] = None) -> Callable[..., History]:
     """The run of ``method`` at step scale ``scale``, as a function of the stopping keywords; ``variant``: more
-    :class:`OLGAConfig` fields (OLGA and EF-OLGA)."""
+    :class:`OLGAConfig` fields (OLGA and EF-OLGA only)."""
+    if variant and method not in ("olga", "ef_olga"):
+        raise ValueError(f"variant {variant} holds OLGAConfig fields; {method} has none")
     if method == "gd":
         return lambda **kw: gd(problem, GDConfig(scale / c["L"]), **kw)
     if method == "ef21":
@@ -236,12 +246,13 @@ def runner(method: str, problem: LinearModelProblem, c: dict[str, Any], scale: f
     return lambda **kw: olga(problem, OLGAConfig(**base, compressor=compressor, **(variant or {})), **kw)
 
 
-def thin(history: History, points: int = CURVE_POINTS) -> dict[str, list]:
-    """The curve ``(bits, relative gap)`` at most ``points`` records long (log-spaced indices, the last kept)."""
+def thin(history: History, span: float, points: int = CURVE_POINTS) -> dict[str, list]:
+    """The curve (rounds, bits, ``gap / span``) at most ``points`` records long (log-spaced indices, the last
+    kept)."""
     n = len(history.gap)
     keep = sorted({min(n - 1, int(round(math.expm1(math.log1p(n - 1) * i / (points - 1))))) for i in range(points)})
     return {"rounds": [history.rounds[i] for i in keep], "bits": [history.bits[i] for i in keep],
-            "gap": [history.gap[i] for i in keep]}
+            "gap": [history.gap[i] / span for i in keep]}
 
 
 def run_one(method: str, problem: LinearModelProblem, c: dict[str, Any], scale: float, options: OLGAOptions,
@@ -258,17 +269,17 @@ def run_one(method: str, problem: LinearModelProblem, c: dict[str, Any], scale: 
             "downlink_bits": history.downlink_bits[at], "final_gap": history.gap[-1] / span,
             "diverged": bool(history.info.get("diverged")), "seconds": time.perf_counter() - start,
             "info": {k: v for k, v in history.info.items() if k != "diverged"},
-            "curve": {**thin(history), "gap": [g / span for g in thin(history)["gap"]]}}
+            "curve": thin(history, span)}
 
 
-def search_steps(method: str, problem: LinearModelProblem, c: dict[str, Any],
-                 options: OLGAOptions) -> list[dict[str, Any]]:
+def search_steps(method: str, problem: LinearModelProblem, c: dict[str, Any], options: OLGAOptions, ratio: float,
+                 max_rounds: int) -> list[dict[str, Any]]:
     """``method``'s runs over ``step_scales`` in ascending order, stopping at the first scale that does worse than
     the best run so far once one has reached the target (more bits, or the target missed): the same search for
     every method."""
     runs: list[dict[str, Any]] = []
     for scale in sorted(options.step_scales):
-        result = run_one(method, problem, c, scale, options, options.ratio, options.max_rounds)
+        result = run_one(method, problem, c, scale, options, ratio, max_rounds)
         print(f"  {result['label']} x{scale:g}: {'reached' if result['reached'] else 'NOT reached'} in "
               f"{result['rounds']} rounds, {fmt_bits(result['bits'])} ({result['seconds']:.1f} s)", flush=True)
         leader = [r for r in runs if r["reached"]]
@@ -293,23 +304,25 @@ def run_problem(name: str, spec: dict, options: OLGAOptions) -> dict[str, Any]:
           f"mu={c['mu']:.3g}, delta={c['delta']:.3g}", flush=True)
     runs = []
     for method in options.methods:
-        runs += search_steps(method, problem, c, options)
+        runs += search_steps(method, problem, c, options, options.ratio, options.max_rounds)
     summary = {}
     for method in options.methods:
         mine = [r for r in runs if r["method"] == method]
         top = best(mine)
         summary[method] = {"theory": next((r for r in mine if r["scale"] == 1.0), None), "best": top,
                            "tried": [r["scale"] for r in mine],
-                           "edge": top["reached"] and top["scale"] == max(options.step_scales)}
+                           "edge": top["reached"] and len(options.step_scales) > 1
+                           and top["scale"] in (min(options.step_scales), max(options.step_scales))}
     return {"name": name, "spec": spec, "dim": problem.dim, "workers": problem.n_workers,
             "samples": sum(a.shape[0] for a in problem.features),
             "constants": {k: v for k, v in c.items() if k != "x_star"}, "runs": runs, "summary": summary}
 
 
 def run_sweep(options: OLGAOptions) -> list[dict[str, Any]]:
-    """Theory-step runs of the sweep's problem for every number of workers and compression ratio."""
+    """The sweep's problem for every number of workers and compression ratio: each method's step search, its best
+    run kept."""
     sweep = options.sweep
-    methods = sweep.get("methods") or ["ef21", "qsparse", "olga", "ef_olga"]
+    methods = sweep.get("methods") or ["ef21", "olga", "ef_olga"]
     rows = []
     for workers in sweep.get("workers", [options.problems[sweep["problem"]]["workers"]]):
         spec = {**options.problems[sweep["problem"]], "workers": workers}
@@ -318,7 +331,8 @@ def run_sweep(options: OLGAOptions) -> list[dict[str, Any]]:
         for ratio in sweep.get("ratios", [options.ratio]):
             row = {"workers": workers, "ratio": ratio, "delta": c["delta"], "runs": {}}
             for method in methods:
-                result = run_one(method, problem, c, 1.0, options, ratio, sweep.get("max_rounds", options.max_rounds))
+                result = best(search_steps(method, problem, c, options, ratio,
+                                           sweep.get("max_rounds", options.max_rounds)))
                 result.pop("curve")
                 row["runs"][method] = result
             print(f"  sweep M={workers} ratio={ratio:g}: " + ", ".join(
@@ -415,11 +429,12 @@ def problem_table(result: dict[str, Any], options: OLGAOptions) -> str:
 
 def sweep_table(rows: list[dict[str, Any]], options: OLGAOptions) -> str:
     methods = list(rows[0]["runs"]) if rows else []
-    text = (f"#### Sweep: {options.sweep['problem']} over workers and compression ratios (theory steps)\n\n"
-            "Uplink bits per worker to the target.\n\n")
+    text = (f"#### Sweep: {options.sweep['problem']} over workers and compression ratios\n\n"
+            "Uplink bits per worker to the target at each method's best step of the same search (its c in "
+            "brackets).\n\n")
     header = ["M", "ratio", "delta", *[label(m, options.ratio, options.local_steps).split(" (")[0] for m in methods]]
-    cells = [[r["workers"], f"{r['ratio']:g}", f"{r['delta']:.3g}", *[fmt_reach(r["runs"][m]) for m in methods]]
-             for r in rows]
+    cells = [[r["workers"], f"{r['ratio']:g}", f"{r['delta']:.3g}",
+              *[f"{fmt_reach(r['runs'][m])} (c={r['runs'][m]['scale']:g})" for m in methods]] for r in rows]
     return text + measure.markdown_table(header, cells)
 
 
@@ -454,7 +469,7 @@ def markdown(report: dict[str, Any], options: OLGAOptions) -> str:
     text = (f"### OLGA benchmark: uplink bits per worker to f - f* <= {options.target:g} (f(x0) - f*)\n\n"
             f"Compression ratio {options.ratio:g}; step grid c in {{{grid}}} for every method (GD, EF21, Qsparse: "
             "c x the theory step; AEG, OLGA, EF-OLGA: delta / c in the theory rule), searched upwards until a step "
-            "does worse than the best so far (`c tried`; `(edge)`: the best is the grid's largest). `x GD`: bits "
+            "does worse than the best so far (`c tried`; `(edge)`: the best is at an end of the grid). `x GD`: bits "
             "over GD's at the same setting (theory, or each one's best); `> bits`: not reached within "
             f"{options.max_rounds} rounds (the bits spent, a lower bound). Downlink: the server's broadcasts at "
             "the best run's stop.\n\n")
@@ -471,8 +486,13 @@ def plot(report: dict[str, Any]) -> Any:
     """``(f - f*) / (f(x0) - f*)`` against uplink bits per worker, the best step of each method, one panel per
     problem (log-log)."""
     problems = report["problems"]
-    fig, axes = measure.subplots(1, len(problems), 5.2 * len(problems), 4.2)
-    for ax, result in zip(axes[0], problems):
+    cols = min(2, len(problems))
+    rows = math.ceil(len(problems) / cols)
+    fig, axes = measure.subplots(rows, cols, 5.2 * cols, 4.0 * rows)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[len(problems):]:
+        ax.set_visible(False)
+    for ax, result in zip(flat, problems):
         for method, s in result["summary"].items():
             curve = s["best"]["curve"]
             points = [(b, g) for b, g in zip(curve["bits"], curve["gap"]) if b > 0 and g > 0 and math.isfinite(g)]
