@@ -1,13 +1,13 @@
 """OLGA / EF-OLGA against GD, EF21, Qsparse-local-SGD and AEG: uplink bits per worker to a target accuracy.
 
-    python recipes/benchmark.py olga                    # configs/bench/olga.yaml: every problem, the step grid, a sweep
-    python recipes/benchmark.py olga --quick            # small problems, theory steps only (seconds)
+    python recipes/benchmark.py olga           # configs/bench/olga.yaml: the problems, step search, sweep, ablation
+    python recipes/benchmark.py olga --quick   # two small problems, theory steps only (seconds)
 
 Problems (``problems`` in the config, each split over ``workers`` workers, worker 0 the server):
 
 * ``digits``: scikit-learn's bundled ``load_digits`` (no download), even against odd digits, each feature scaled
-  to [0, 1] by its maximum (as LibSVM's scaled data sets are) plus a constant feature, rows shuffled and dealt out
-  evenly: similar data;
+  to [0, 1] by its range (as LibSVM's scaled data sets are), constant ones dropped, plus a constant feature, rows
+  shuffled and dealt out evenly: similar data;
 * ``breast_cancer``: ``load_breast_cancer`` prepared the same way;
 * ``generated``: ``samples`` rows per worker of ``z * s + shift * u_m`` with ``z ~ N(0, I)``, feature scales
   ``s_j = 10^(-decay j / (dim - 1))`` and ``u_m`` a random unit vector per worker; labels drawn from
@@ -20,9 +20,8 @@ logistic regression, the Hessian's smallest eigenvalue for ridge), ``L`` (global
 every method from ``x0 = 0`` until ``f(x) - f* <= target (f(x0) - f*)`` or ``max_rounds`` communication rounds,
 for ``step_scales`` entries ``c`` in ascending order until one does worse than the best so far: GD, EF21 and
 Qsparse-local at ``c`` times their theory step, AEG, OLGA and EF-OLGA with ``delta / c`` in their theory rule
-(``c = 1``: the theory). Bits are the uplink bits of one worker
-(payloads as :mod:`gsoft.distributed.compressors` count them, fp32 for uncompressed vectors); the server's
-broadcasts are the downlink column.
+(``c = 1``: the theory). Bits are the uplink bits of one worker (payloads as :mod:`gsoft.distributed.compressors`
+count them, fp32 for uncompressed vectors); the server's broadcasts are the downlink column.
 
 ``sweep`` repeats the step search on one problem over numbers of workers and compression ratios; ``ablation``
 runs OLGA and EF-OLGA with each of the module's deviations from the method's description undone in turn.
