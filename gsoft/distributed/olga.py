@@ -502,8 +502,8 @@ class GradientEstimator:
             self.errors[m].zero_()
 
     def flush_errors(self) -> Tensor:
-        """``error_flush='send'``: every worker sends its error in fp32; returns their sum over ``M`` (the server's
-        0 included)."""
+        """``error_flush='send'``: every worker sends its error in fp32; returns their sum divided by ``M`` (the server
+        keeps no error)."""
         dim = self.problem.dim
         total = torch.zeros(dim, dtype=torch.float64)
         for m in range(1, self.problem.n_workers):
@@ -512,7 +512,8 @@ class GradientEstimator:
         return total / self.problem.n_workers
 
     def estimate(self, z: Tensor, seed: int) -> Tensor:
-        """``grad f(w) + (1/M) [Delta_0 + sum_m decoded messages]``, ``Delta_m = grad f_m(z) - grad f_m(w)``."""
+        """``grad f(w) + (1/M) [Delta_0 + sum_m decoded messages]`` with ``Delta_m = grad f_m(z) - grad f_m(w)``
+        (each message plus ``Delta_0`` when ``relative``, which the server broadcasts first)."""
         problem, config, comp, dim = self.problem, self.config, self.config.compressor, self.problem.dim
         own = problem.grad(0, z) - self.known[0]
         base = torch.zeros(dim, dtype=torch.float64)
@@ -538,7 +539,8 @@ def olga(problem: Problem, config: OLGAConfig, *, max_rounds: int, x0: Optional[
          f_star: Optional[float] = None, target: Optional[float] = None) -> History:
     """Run OLGA / EF-OLGA for ``max_rounds`` communication rounds, or until ``f(x_f) - f* <= target``. Round 1
     sends ``grad f_m(x0)``; each iteration has two rounds (the estimates at ``x_g`` and at ``x_f``; a loop end's
-    uncompressed send goes with the second, the coin being shared). Returns the :class:`History` of ``x_f``."""
+    uncompressed send goes with the second, the coin being shared), and an iteration is not split, so an even
+    ``max_rounds`` ends one round past it. Returns the :class:`History` of ``x_f``."""
     dim, n = problem.dim, problem.n_workers
     params = config.parameters(dim, n)
     rec = Recorder(problem, config.method, f_star, target, max_rounds)
