@@ -123,12 +123,57 @@ def _case_updates_default(rank: int) -> dict[str, Any]:
             "said": [str(w.message) for w in caught if "compress unset" in str(w.message)]}
 
 
+def _train(ddp, opt, rank: int, steps: range) -> None:
+    for step in steps:
+        opt.zero_grad()
+        _loss(ddp, rank, step).backward()
+        opt.step()
+
+
+def _case_resume(rank: int, **options) -> dict[str, Any]:
+    """8 uninterrupted steps against 5 steps, a checkpoint (rank 0's optimizer state, as accelerate saves it), a
+    fresh DDP model, and 3 more steps: the same bits."""
+    config = CompressionConfig("topk", compression_ratio=0.1, **options)
+
+    def make():
+        model = _model()
+        ddp = DDP(model)
+        opt = _adamw(_trainable(model))
+        return model, ddp, opt, register_compression(ddp, config, optimizer=opt)
+
+    model, ddp, opt, state = make()
+    _train(ddp, opt, rank, range(5))
+    state.synchronize()  # what a save point does
+    _train(ddp, opt, rank, range(5, STEPS))
+    state.synchronize()
+    straight = _digest(model)
+
+    model, ddp, opt, state = make()
+    _train(ddp, opt, rank, range(5))
+    state.synchronize()  # a save point
+    saved = {"params": _flat(model), "opt": [opt.state_dict()], "comp": state.state_dict()}
+    dist.broadcast_object_list(saved["opt"], src=0)
+    model, ddp, opt, state = make()
+    with torch.no_grad():
+        offset = 0
+        for p in _trainable(model):
+            p.copy_(saved["params"][offset: offset + p.numel()].view_as(p))
+            offset += p.numel()
+    opt.load_state_dict(saved["opt"][0])
+    state.load_state_dict(saved["comp"])
+    _train(ddp, opt, rank, range(5, STEPS))
+    state.synchronize()
+    return {"straight": straight, "resumed": _digest(model)}
+
+
 def _cases() -> dict[str, Any]:
     return {"momentum_none": lambda r: _case_momentum(r, "none"),
             "momentum_topk": lambda r: _case_momentum(r, "topk"),
             "momentum_sign": lambda r: _case_momentum(r, "sign"),
             "cser": _case_cser,
-            "updates_default": _case_updates_default}
+            "updates_default": _case_updates_default,
+            "resume_momentum": lambda r: _case_resume(r, compress="momentum", momentum_warmup_steps=WARMUP),
+            "resume_cser": lambda r: _case_resume(r, compress="updates", reset_steps=3)}
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -236,6 +281,14 @@ def test_momentum_compression_error_stays_bounded(results):
 
 
 # ---- compressed updates with error reset (CSER) ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["resume_momentum", "resume_cser"])
+def test_resume_is_bit_identical(results, name):
+    """The momentum mode's error buffers and CSER's reset counter come back from a checkpoint: the resumed run ends
+    where the uninterrupted one does, on every process."""
+    ranks = _case(results, name)
+    assert ranks[0]["straight"] == ranks[0]["resumed"] == ranks[1]["resumed"]
+
 
 def test_cser_replicas_differ_between_resets_and_agree_at_them(results):
     ranks = _case(results, "cser")

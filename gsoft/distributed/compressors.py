@@ -253,7 +253,6 @@ class RandK(Compressor):
     rescale: bool = False
     name: ClassVar[str] = "randk"
     summable: ClassVar[bool] = True
-    biased: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
@@ -261,6 +260,11 @@ class RandK(Compressor):
 
     def layout(self, numel: int) -> Layout:
         return ((torch.float32, _keep_count(numel, self.ratio)),)
+
+    @property
+    def biased(self) -> bool:  # type: ignore[override]
+        """Contractive without ``rescale`` (meant for error feedback), unbiased with it."""
+        return not self.rescale
 
     def indices(self, numel: int, shared_seed: int, device: torch.device) -> torch.Tensor:
         # one round asks for the same draw up to three times per tensor (compress, the error-feedback decode, the

@@ -283,8 +283,6 @@ class Recorder:
 
 def unbiased(compressor: Compressor) -> bool:
     """Whether ``decompress(compress(x))`` equals ``x`` in expectation (Rand-K only when rescaled)."""
-    if isinstance(compressor, RandK):
-        return compressor.rescale
     return not compressor.biased
 
 
