@@ -572,12 +572,17 @@ def render_table(summary: dict[str, Any]) -> str:
     n = summary["full_steps"]
     wire_key = "50 Mbit/s" if "50 Mbit/s" in labels else labels[0]
     text = (f"Counted = bytes each worker sends per optimizer step by the compression state (payload incl. indices "
-            f"and scales; the recipe's results.json comm_bytes_sent / train_steps); wire = measured on the veth (per "
-            f"worker, TCP/IP headers, gloo control messages and the recipe's loss logging included). {main} after {n} "
-            f"steps (unthrottled run; Δ in points vs {names[0]}).\n\n")
+            f"and scales), over the steady-state steps of the timing windows, and over the whole {n}-step run (the "
+            f"recipe's results.json comm_bytes_sent / train_steps: warm-ups, resets and uncompressed first steps "
+            f"included); wire = measured on the veth in the steady state (per worker, TCP/IP headers, gloo control "
+            f"messages and the recipe's loss logging included). {main} after {n} steps (unthrottled run; Δ in points "
+            f"vs {names[0]}).\n\n")
+    whole_ref = rows[names[0]].get("counted_bytes_per_step_whole_run")
     text += measure.markdown_table(
-        ["setting", "counted bytes/step", "× fewer", "wire bytes/step", f"{main} @ {n} steps", "Δ pts"],
+        ["setting", "counted bytes/step", "× fewer", "× fewer, whole run", "wire bytes/step", f"{main} @ {n} steps",
+         "Δ pts"],
         [[name, measure.fmt_bytes(row["counted_bytes_per_step"]), measure.fmt_ratio(row["bytes_reduction_vs_ref"]),
+          measure.fmt_ratio(measure.ratio(whole_ref, row.get("counted_bytes_per_step_whole_run"))),
           measure.fmt_bytes(row["wire_bytes_per_step"][wire_key]), f"{row['metric']:.4f}",
           f"{row['delta_metric_points_vs_ref']:+.1f}"] for name, row in rows.items()])
     text += (f"\nWire bytes measured at {wire_key}. Step time in ms (mean over steady-state steps "
