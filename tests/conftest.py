@@ -57,6 +57,41 @@ def run_spawned(jobs: list[tuple[Callable[..., None], tuple]], timeout_s: float 
     return [p.exitcode for p in procs]
 
 
+def _case_worker(rank: int, world: int, port: int, out_dir: str, cases: Callable[[], dict[str, Callable[[int], Any]]],
+                 timeout_s: float) -> None:
+    """One process of a gloo job: every case of ``cases()`` with this rank (a failing case is recorded as its
+    traceback, for the test that reads it), then what each returned, saved as ``rank<r>.pt``."""
+    import datetime
+    import traceback
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    results: dict[str, Any] = {}
+    for name, case in cases().items():
+        try:
+            results[name] = case(rank)
+        except Exception:  # noqa: BLE001 - reported by the test that reads this case
+            results[name] = {"error": traceback.format_exc()}
+        dist.barrier()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def spawn_cases(out_dir: Path, world: int, cases: Callable[[], dict[str, Callable[[int], Any]]],
+                timeout_s: float = 60) -> list[dict[str, Any]]:
+    """Run ``cases`` (a module-level function: the spawned processes import it) in one ``world``-process gloo job
+    over loopback, one spawn for all of them (starting processes costs seconds); each rank's results, by case name.
+    ``timeout_s`` is the process group's timeout (a collective that waits longer fails)."""
+    port = free_port()
+    codes = run_spawned([(_case_worker, (rank, world, port, str(out_dir), cases, timeout_s))
+                         for rank in range(world)])
+    assert codes == [0] * world, f"workers exited with {codes}"
+    return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
 @pytest.fixture
 def hub_downloads(monkeypatch) -> list[str]:
     """The file names transformers asks the hub for during the test (the downloads still run; offline they fail)."""

@@ -6,17 +6,14 @@ other and with in-process references of the same mathematics.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
-import os
-import traceback
 import warnings
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import free_port, run_spawned
+from conftest import spawn_cases
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -176,28 +173,9 @@ def _cases() -> dict[str, Any]:
             "resume_cser": lambda r: _case_resume(r, compress="updates", reset_steps=3)}
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-    results: dict[str, Any] = {}
-    for name, case in _cases().items():
-        try:
-            results[name] = case(rank)
-        except Exception:  # noqa: BLE001 - reported by the test that reads this case
-            results[name] = {"error": traceback.format_exc()}
-        dist.barrier()
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("adam")
-    port = free_port()
-    codes = run_spawned([(_worker, (rank, port, str(out))) for rank in range(WORLD)])
-    assert codes == [0] * WORLD, f"workers exited with {codes}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_cases(tmp_path_factory.mktemp("adam"), WORLD, _cases)
 
 
 def _case(results, name) -> list[dict[str, Any]]:
@@ -364,7 +342,7 @@ def test_bad_options_name_the_value_and_the_fix(kwargs, match):
 
 @pytest.mark.parametrize("method", ["powersgd", "gdsec"])
 def test_momentum_is_for_the_compressors(method):
-    with pytest.raises(ValueError, match=f"cannot compress momentum"):
+    with pytest.raises(ValueError, match="cannot compress momentum"):
         CompressionConfig(method, compress="momentum")
 
 

@@ -7,7 +7,7 @@ Three layers, cheapest first:
    logistic-regression problems whose workers have different local optima, so that only a correct error-feedback
    scheme reaches the joint optimum and Top-K without feedback measurably does not;
 3. real 2-process DDP on gloo: one spawn (two processes cost ~5 s to start) runs every case in
-   :func:`_ddp_worker`, each rank writes what it saw to a file, and the tests below compare the ranks and check the
+   :func:`conftest.spawn_cases`, each rank writes what it saw to a file, and the tests below compare the ranks and check the
    byte counters against the formulas. Bad options are checked in this process on a 1-process gloo group.
 """
 
@@ -16,8 +16,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import os
-import traceback
 import warnings
 from typing import Any
 
@@ -27,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from conftest import free_port, run_spawned
+from conftest import spawn_cases
 from gsoft.distributed import (
     METHODS,
     Cast,
@@ -547,30 +545,9 @@ def _cases() -> dict[str, Any]:
     return cases
 
 
-def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    import datetime
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-    results: dict[str, Any] = {}
-    for name, case in _cases().items():
-        try:
-            results[name] = case(rank)
-        except Exception:  # noqa: BLE001 - reported by the test that reads this case
-            results[name] = {"error": traceback.format_exc()}
-        dist.barrier()
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    port = free_port()
-    codes = run_spawned([(_ddp_worker, (rank, port, str(out))) for rank in range(WORLD)])
-    assert codes == [0, 0], f"DDP workers exited with {codes}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_cases(tmp_path_factory.mktemp("ddp"), WORLD, _cases)
 
 
 def _case(results, name):

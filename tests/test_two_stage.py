@@ -12,11 +12,8 @@ number of processes.
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
-import os
-import traceback
 from typing import Any, Callable, Iterator, Optional
 
 import pytest
@@ -24,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from conftest import free_port, run_spawned
+from conftest import spawn_cases
 from gsoft.distributed import CompressionConfig, CompressionState, build_compressor, build_feedback, register_compression
 from gsoft.distributed.compressors import PerTensor, Sharded, TopK, piece_id, shard_bounds
 from gsoft.distributed.transport import chained_result, shared_seed
@@ -388,7 +385,8 @@ def _case_resume_same(rank: int, group, **options) -> dict[str, Any]:
             "roundtrip": roundtrip, "saved": ckpt["comp"]}
 
 
-def _cases(groups) -> dict[str, Callable[[int], Any]]:
+def _cases() -> dict[str, Callable[[int], Any]]:
+    groups = {4: None, 2: dist.new_group([0, 1])}  # every process creates every group, in the same order
     cases: dict[str, Callable[[int], Any]] = {}
     for p in (2, 4):
         for method in ("topk", "sign", "int8"):
@@ -410,29 +408,9 @@ def _cases(groups) -> dict[str, Callable[[int], Any]]:
     return cases
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
-    groups = {4: None, 2: dist.new_group([0, 1])}
-    results: dict[str, Any] = {}
-    for name, case in _cases(groups).items():
-        try:
-            results[name] = case(rank)
-        except Exception:  # noqa: BLE001 - reported by the test that reads this case
-            results[name] = {"error": traceback.format_exc()}
-        dist.barrier()
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory) -> list[dict[str, Any]]:
-    out = tmp_path_factory.mktemp("two_stage")
-    port = free_port()
-    codes = run_spawned([(_worker, (rank, port, str(out))) for rank in range(WORLD)])
-    assert codes == [0] * WORLD, f"workers exited with {codes}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_cases(tmp_path_factory.mktemp("two_stage"), WORLD, _cases, timeout_s=120)
 
 
 def _case(results, name: str, p: int = WORLD) -> list[Any]:

@@ -336,6 +336,17 @@ class Significant(Compressor):
         return {"name": self.name, "cutoff": self.cutoff}
 
 
+def _checked_tensors(sizes: Sequence[int], tensor_ids: Optional[Sequence[int]]) -> tuple[tuple[int, ...],
+                                                                                         tuple[int, ...]]:
+    """The sizes of the tensors a vector is made of, and their ids (default: their positions), checked."""
+    if any(n < 1 for n in sizes):
+        raise ValueError(f"tensor sizes must be positive, got {list(sizes)}")
+    if tensor_ids is not None and len(tensor_ids) != len(sizes):
+        raise ValueError(f"{len(tensor_ids)} tensor ids for {len(sizes)} tensors")
+    ids = tuple(int(i) for i in tensor_ids) if tensor_ids is not None else tuple(range(len(sizes)))
+    return tuple(int(n) for n in sizes), ids
+
+
 class PerTensor(Compressor):
     """``base`` applied to each parameter's slice of a flat bucket separately, payloads concatenated slot by slot.
 
@@ -352,12 +363,8 @@ class PerTensor(Compressor):
     """
 
     def __init__(self, base: Compressor, sizes: Sequence[int], tensor_ids: Optional[Sequence[int]] = None):
-        if any(n < 1 for n in sizes):
-            raise ValueError(f"tensor sizes must be positive, got {list(sizes)}")
-        if tensor_ids is not None and len(tensor_ids) != len(sizes):
-            raise ValueError(f"{len(tensor_ids)} tensor ids for {len(sizes)} tensors")
-        self.base, self.sizes = base, tuple(int(n) for n in sizes)
-        self.tensor_ids = tuple(int(i) for i in tensor_ids) if tensor_ids is not None else tuple(range(len(sizes)))
+        self.base = base
+        self.sizes, self.tensor_ids = _checked_tensors(sizes, tensor_ids)
         self.summable, self.biased, self.variable_size = base.summable, base.biased, base.variable_size
         self.name = base.name
 
@@ -447,12 +454,8 @@ class Sharded(Compressor):
         if base.variable_size or base.summable:
             raise ValueError(f"{base.name} payloads are {'variable-size' if base.variable_size else 'summed'}: the "
                              f"two-stage exchange is for fixed-size payloads that cannot be added (int8, sign, topk)")
-        if any(n < 1 for n in sizes):
-            raise ValueError(f"tensor sizes must be positive, got {list(sizes)}")
-        if tensor_ids is not None and len(tensor_ids) != len(sizes):
-            raise ValueError(f"{len(tensor_ids)} tensor ids for {len(sizes)} tensors")
-        self.base, self.sizes = base, tuple(int(n) for n in sizes)
-        self.tensor_ids = tuple(int(i) for i in tensor_ids) if tensor_ids is not None else tuple(range(len(sizes)))
+        self.base = base
+        self.sizes, self.tensor_ids = _checked_tensors(sizes, tensor_ids)
         self.biased, self.name = base.biased, base.name
         #: the tensors (their indices in the vector) in the order the shards cut them
         self.order = sorted(range(len(self.sizes)), key=lambda t: self.tensor_ids[t])
