@@ -952,6 +952,22 @@ def test_adam_with_biased_compressor_defaults_to_updates_with_ef(single_group, m
     assert state.local is not None and state.summary()["compress"] == "updates"
 
 
+def test_gdsec_under_adamw_warns_that_its_threshold_is_gradient_descents(single_group):
+    ddp, opt = _ddp_adamw()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        register_compression(ddp, CompressionConfig("gdsec", threshold=0.5), optimizer=opt)
+    messages = [str(w.message) for w in caught if "gdsec under AdamW" in str(w.message)]
+    assert len(messages) == 1 and "threshold=0.5 can drop nearly everything" in messages[0]
+    assert "--gdsec_threshold" in messages[0]
+    assert not [w for w in caught if "compressed gradients under" in str(w.message)]  # not the generic advice
+    ddp, opt = _ddp1()  # SGD: GD-SEC's own setting, nothing to say
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        register_compression(ddp, CompressionConfig("gdsec"), optimizer=opt)
+    assert not [w for w in caught if "gdsec under" in str(w.message)]
+
+
 def test_sgd_or_explicit_gradients_keep_gradients(single_group, monkeypatch):
     """SGD keeps the gradient hook (with EF under auto); an explicit compress='gradients' under AdamW is kept, with
     its warning; unbiased compressors under AdamW stay on gradients."""
