@@ -120,11 +120,13 @@ def _case_updates_default(rank: int) -> dict[str, Any]:
             "said": [str(w.message) for w in caught if "compress unset" in str(w.message)]}
 
 
-def _train(ddp, opt, rank: int, steps: range) -> None:
+def _train(ddp, opt, rank: int, steps: range, scheduler=None) -> None:
     for step in steps:
         opt.zero_grad()
         _loss(ddp, rank, step).backward()
         opt.step()
+        if scheduler is not None:
+            scheduler.step()
 
 
 def _case_resume(rank: int, **options) -> dict[str, Any]:
@@ -136,29 +138,33 @@ def _case_resume(rank: int, **options) -> dict[str, Any]:
         model = _model()
         ddp = DDP(model)
         opt = _adamw(_trainable(model))
-        return model, ddp, opt, register_compression(ddp, config, optimizer=opt)
+        state = register_compression(ddp, config, optimizer=opt)
+        # a learning rate that changes every step: a mode that kept the groups of before a load would use stale ones
+        return model, ddp, opt, state, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
 
-    model, ddp, opt, state = make()
-    _train(ddp, opt, rank, range(5))
+    model, ddp, opt, state, sched = make()
+    _train(ddp, opt, rank, range(5), sched)
     state.synchronize()  # what a save point does
-    _train(ddp, opt, rank, range(5, STEPS))
+    _train(ddp, opt, rank, range(5, STEPS), sched)
     state.synchronize()
     straight = _digest(model)
 
-    model, ddp, opt, state = make()
-    _train(ddp, opt, rank, range(5))
+    model, ddp, opt, state, sched = make()
+    _train(ddp, opt, rank, range(5), sched)
     state.synchronize()  # a save point
-    saved = {"params": _flat(model), "opt": [opt.state_dict()], "comp": state.state_dict()}
+    saved = {"params": _flat(model), "opt": [opt.state_dict()], "sched": sched.state_dict(),
+             "comp": state.state_dict()}
     dist.broadcast_object_list(saved["opt"], src=0)
-    model, ddp, opt, state = make()
+    model, ddp, opt, state, sched = make()
     with torch.no_grad():
         offset = 0
         for p in _trainable(model):
             p.copy_(saved["params"][offset: offset + p.numel()].view_as(p))
             offset += p.numel()
     opt.load_state_dict(saved["opt"][0])
+    sched.load_state_dict(saved["sched"])
     state.load_state_dict(saved["comp"])
-    _train(ddp, opt, rank, range(5, STEPS))
+    _train(ddp, opt, rank, range(5, STEPS), sched)
     state.synchronize()
     return {"straight": straight, "resumed": _digest(model)}
 

@@ -61,15 +61,19 @@ class CompressedMomentum:
         self.optimizer = check_optimizer(optimizer)
         self.params = [p for p in module.parameters() if p.requires_grad]
         state.register_layout(KEY, [(state._param_names[id(p)], p.numel()) for p in self.params])
-        groups = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+        groups = self._groups()
         missing = [state._param_names[id(p)] for p in self.params if id(p) not in groups]
         if missing:
             raise ValueError(f"compress='momentum': the optimizer does not hold the trained parameters "
                              f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; pass the optimizer "
                              f"that trains this model.")
-        self.groups = [groups[id(p)] for p in self.params]
         self._handles = [self.optimizer.register_step_pre_hook(lambda *_: self.before_step()),
                          self.optimizer.register_step_post_hook(lambda *_: self.after_step())]
+
+    def _groups(self) -> dict[int, dict[str, Any]]:
+        """Each parameter's group, looked up afresh: ``optimizer.load_state_dict`` (a resume) replaces the group
+        dicts, and a scheduler then sets the learning rate in the new ones."""
+        return {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
 
     @property
     def frozen(self) -> bool:
@@ -85,8 +89,10 @@ class CompressedMomentum:
     def before_step(self) -> None:
         if not self.frozen:
             return
+        groups = self._groups()
         moments = []
-        for p, group in zip(self.params, self.groups):
+        for p in self.params:
+            group = groups[id(p)]
             adam = self.optimizer.state[p]
             grad = torch.zeros_like(p) if p.grad is None else p.grad
             if group.get("maximize"):
@@ -100,8 +106,8 @@ class CompressedMomentum:
                                                 what="Adam momentum"))
         mean = state.feedback.update(KEY, mean)
         offset = 0
-        for p, group in zip(self.params, self.groups):
-            adam = self.optimizer.state[p]
+        for p in self.params:
+            adam, group = self.optimizer.state[p], groups[id(p)]
             beta1, beta2 = group["betas"]
             lr = float(group["lr"])
             adam["exp_avg"].copy_(mean[offset: offset + p.numel()].view_as(p))
