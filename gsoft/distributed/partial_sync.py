@@ -8,7 +8,7 @@ on has not moved meanwhile, so AdamW keeps pushing it by a full normalised step 
 NeurIPS 2020) keep the error in the model instead: process ``m`` trains its own replica ``x_m = x̄ + e_m`` (``x̄``
 the shared reference, ``e_m`` what it has not sent yet), sends ``C(x_m - x̄)`` each round, and every process moves
 ``x̄`` by the mean of what was sent, so ``x_m`` gains the others' sent parts and swaps its own for the mean. Every
-``reset_steps`` optimizer steps, and at every :meth:`synchronize` (evaluation, saving, the end), the errors are reset:
+``reset_steps`` optimizer steps, and at every :meth:`synchronize` (the recipes call it at each evaluation and at the end), the errors are reset:
 the replicas are averaged with an fp16 all-reduce of ``e_m`` (divided by ``p`` first) and restart from that
 average, bit-identical on every process.
 

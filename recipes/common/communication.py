@@ -100,7 +100,7 @@ class CommunicationArgs:
         default=0,
         metadata={"help": "With compressed updates of topk, randk or sign, N > 0: each process keeps what it has not "
                           "sent yet in its own replica and the replicas are averaged (fp16) every N optimizer steps "
-                          "and at every evaluation and save (CSER). 0 = replicas restart from the average after "
+                          "and at every evaluation and the end (CSER). 0 = replicas restart from the average after "
                           "every round.", "min": 0},
     )
     local_steps_schedule: str = field(
