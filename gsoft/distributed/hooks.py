@@ -15,14 +15,21 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_powersgd
 from torch.nn.parallel import DistributedDataParallel
 
-from .compressors import RATIO_METHODS
+from .compressors import RATIO_METHODS, Identity
 from .config import CompressionConfig, is_adaptive
 from .feedback import GDSECFeedback, build_feedback
 from .local_steps import LocalSteps
 from .momentum import CompressedMomentum
 from .partial_sync import PartialSync
 from .state import CompressionState
-from .transport import allgather_wire_bytes, allreduce_wire_bytes, chained_result, collective_result, shared_seed
+from .transport import (
+    Exchange,
+    allgather_wire_bytes,
+    allreduce_wire_bytes,
+    chained_result,
+    collective_result,
+    shared_seed,
+)
 
 # no ``from __future__ import annotations`` here: DDP checks the hooks' annotations at registration
 logger = logging.getLogger(__name__)
@@ -62,13 +69,12 @@ def _momentum_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fu
         fut: torch.futures.Future = torch.futures.Future()
         fut.set_result(buffer)
         return fut
-    nbytes = buffer.numel() * buffer.element_size()
-    state.bytes_sent += allreduce_wire_bytes(nbytes, state.world_size)
-    state.payload_bytes += nbytes
-    buffer.div_(state.world_size)
-    operation = f"all_reduce of a gradient bucket (momentum mode's warm-up, {nbytes} bytes)"
-    work = dist.all_reduce(buffer, group=state.group, async_op=True)
-    return work.get_future().then(lambda f: collective_result(f, operation, state.group)[0])
+    exchange = Exchange(Identity(), buffer.numel(), group=state.group,
+                        label="a gradient bucket, the momentum mode's fp32 warm-up")
+    fut = exchange.start((buffer,))
+    state.bytes_sent += exchange.bytes_sent
+    state.payload_bytes += exchange.payload_bytes
+    return fut.then(lambda f: chained_result(f).to(buffer.dtype))
 
 
 def _powersgd_split(ps: torch_powersgd.PowerSGDState, bucket: dist.GradBucket, size: int) -> tuple[int, int, int]:

@@ -20,12 +20,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from .compressors import Cast
 from .local_steps import KEY, LocalSteps
 from .state import CompressionState
-from .transport import allreduce_wire_bytes, checked_collective, divided_for_sum
+from .transport import Exchange
 
 #: The residuals are averaged in fp16 (2 bytes per value): they are small, and an all-reduce keeps per-process bytes
 #: under twice the payload whatever the number of processes.
@@ -70,13 +70,13 @@ class PartialSync(LocalSteps):
         """Average the replicas (an fp16 all-reduce of the residuals, counted) and restart every process from the
         average: bit-identical again. Collective."""
         state = self.state
-        (residual,) = divided_for_sum((self._flat() - self.reference).to(RESET_DTYPE), state.world_size)
-        nbytes = residual.numel() * residual.element_size()
-        checked_collective(f"all_reduce of the replicas' residuals (error reset, {nbytes} bytes)",
-                           lambda: dist.all_reduce(residual, group=state.group), state.group)
-        state.bytes_sent += allreduce_wire_bytes(nbytes, state.world_size)
-        state.payload_bytes += nbytes
-        self.reference += residual.float()
+        residual = self._flat() - self.reference
+        exchange = Exchange(Cast(RESET_DTYPE), residual.numel(), group=state.group,
+                            label="the replicas' residuals (error reset)")
+        mean = exchange.run(Cast(RESET_DTYPE).compress(residual))
+        state.bytes_sent += exchange.bytes_sent
+        state.payload_bytes += exchange.payload_bytes
+        self.reference += mean
         self._assign(self.reference)
         self.since_reset = 0
 
