@@ -9,7 +9,10 @@ With the two-stage exchange (``options["collective"] == "two_stage"``, :class:`~
 process also keeps a server-side error for its own shard of every bucket. Checkpoints hold it per parameter, merged
 over the processes, so it re-shards to any bucket layout and number of processes.
 
-A checkpoint resumes on another number of processes (except PowerSGD's): see :meth:`CompressionState.load_state_dict`.
+A checkpoint resumes on another number of processes (except PowerSGD's between several): see
+:meth:`CompressionState.load_state_dict`. A one-process run has nothing to communicate and checkpoints a
+:class:`SingleProcessState` in a compression state's place: it takes an N-process state over (the replicas' mean,
+the residuals applied or dropped, :func:`one_process_resume`), and an N-process run starts fresh from its checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any, Hashable, Optional, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_powersgd
 
 from .feedback import Feedback, build_feedback
@@ -29,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 #: A vector's layout: the names and sizes of the parameters it is made of, in order.
 Layout = list[tuple[str, int]]
+#: The key that marks what a one-process run checkpoints in place of a compression state (:class:`SingleProcessState`).
+SINGLE_PROCESS = "single_process"
 
 
 class Averager(Protocol):
@@ -56,6 +62,19 @@ def mean_tensors(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     for t in tensors:
         total += t.to(torch.float64)
     return (total / len(tensors)).to(tensors[0].dtype)
+
+
+def mean_param_state(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One parameter's optimizer state from each process's: the tensors (moments) averaged, ``step`` and the rest
+    from the first (equal on every process)."""
+    first = states[0]
+    return {k: mean_tensors([s[k] for s in states]) if torch.is_tensor(v) and k != "step" else v
+            for k, v in first.items()}
+
+
+def is_single_process_state(state: Any) -> bool:
+    """Whether a checkpointed state is a one-process run's :meth:`SingleProcessState.state_dict`."""
+    return isinstance(state, dict) and bool(state.get(SINGLE_PROCESS))
 
 
 @dataclass
@@ -362,7 +381,15 @@ class CompressionState:
         mean residual the model is owed; what is equal on every process (shared references, the local-step
         reference and schedule, the byte and step counters) comes from the saved main process. Two-stage
         server-side errors are per parameter, so they re-shard to this run's processes; under an all-gather they are
-        added to every process's error (the same mean residual)."""
+        added to every process's error (the same mean residual). A one-process run's state
+        (:class:`SingleProcessState`): the state starts fresh from the loaded model (:meth:`restart`)."""
+        if is_single_process_state(state):
+            if self.powersgd is not None:
+                raise ValueError(_powersgd_refusal(1, self.world_size))
+            self.restart()
+            logger.info("one-process checkpoint resumed on %d processes: compression state started fresh from the "
+                        "loaded model", self.world_size)
+            return
         saved_world = state.get("world_size")
         saved, mine = _shape(state.get("method"), state.get("options") or {}), _shape(self.method, self.options)
         if saved != mine:
@@ -375,11 +402,7 @@ class CompressionState:
             own = ranks[self.rank]
         else:
             if self.powersgd is not None:
-                raise ValueError(
-                    f"the checkpointed PowerSGD state was written by {saved_world} processes and this run has "
-                    f"{self.world_size}: torch's PowerSGD keeps per-process error buffers and low-rank factors keyed "
-                    f"by its own bucket indices, which this library does not carry over to another number of "
-                    f"processes. Resume with {saved_world} processes, or start a new run.")
+                raise ValueError(_powersgd_refusal(saved_world, self.world_size))
             own = self._merged_ranks(ranks)
             logger.info("compression state of %d processes resumed on %d: per-process state averaged", saved_world,
                         self.world_size)
@@ -406,6 +429,27 @@ class CompressionState:
             group = self.powersgd.process_group
             self.powersgd.__setstate__(own["powersgd"])
             self.powersgd.process_group = group
+
+    def restart(self) -> None:
+        """Start afresh from the trained parameters as they are now (every process holds the same, e.g. a model
+        just loaded from a one-process checkpoint): no error-feedback residuals or references, two-stage server-side
+        errors, GD-SEC model change or byte and step counters (not PowerSGD's state, which is torch's); under local steps each replica and
+        the shared reference are the current parameters, with no local step taken. The momentum mode warms up again
+        (its step counter is 0)."""
+        for k in ("bytes_sent", "bytes_uncompressed", "payload_bytes", "steps", "syncs"):
+            setattr(self, k, 0)
+        if self.feedback is not None:
+            self.feedback.states.clear()
+        if self.server is not None:
+            self.server.states.clear()
+        self._loaded_pieces, self._loaded_server, self._previous = {}, {}, None
+        if self.local is not None:
+            local = self.local.state_dict()
+            if "params" in local:  # local steps: the replicas and the reference restart from the current parameters
+                local.update(reference=local["params"].clone(), since_sync=0)
+                if "since_reset" in local:
+                    local["since_reset"] = 0
+            self.local.load_state_dict(local)
 
     def _merged_ranks(self, ranks: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """This process's state from the saved processes' states: per-process tensors averaged (a state a saved
@@ -442,6 +486,157 @@ class CompressionState:
             states = feedback.setdefault(name, {s: torch.zeros_like(error) for s in self.feedback.state_names})
             states["error"] = states["error"] + error
         return dict(own, feedback=feedback)
+
+
+@dataclass
+class OneProcessResume:
+    """What one process takes over from the compression state of an N-process checkpoint
+    (:func:`one_process_resume`): the synchronisation the N processes had not made yet, done without communication."""
+
+    world_size: int
+    """The number of processes that wrote the state."""
+    target: str
+    """What they compressed: ``gradients``, ``updates`` or ``momentum`` (the residuals live in that space)."""
+    params: Optional[torch.Tensor] = None
+    """Local steps (``updates``): the mean of the replicas' trained parameters, flat in the model's parameter order
+    (what an exact synchronisation gives them). None when the replicas are identical (saved by accelerate)."""
+    replica_spread: float = 0.0
+    """The largest distance of a replica from that mean (0 without local steps)."""
+    optimizer_state: Optional[list[dict[str, Any]]] = None
+    """Local steps: each trained parameter's optimizer state (its moments), averaged over the processes, in the
+    model's parameter order (an empty dict: no state yet)."""
+    residual: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The mean error-feedback residual per parameter name (two-stage server-side errors added), flat."""
+    dropped: list[str] = field(default_factory=list)
+    """Per-process state that has no meaning in one process (difference-feedback references), described."""
+
+    @property
+    def applies_residual(self) -> bool:
+        """Whether the residual is what the parameters are owed (compressed updates: a parameter delta not sent yet)
+        rather than a gradient or Adam momentum, which one process has no well-defined step for."""
+        return self.target == "updates"
+
+
+def one_process_resume(state: dict[str, Any]) -> OneProcessResume:
+    """What one process resumes from :meth:`CompressionState.state_dict` of an N-process run: the replicas' mean
+    parameters and optimizer moments (local steps), the mean error-feedback residual (worker errors plus the two-stage
+    server-side error: what every process's mean is owed, as when resuming on another number of processes), and the
+    per-process references of difference feedback (EF21, GD-SEC), which one process drops. PowerSGD's state is
+    refused (:func:`_powersgd_refusal`)."""
+    ranks, world = state["ranks"], int(state["world_size"])
+    options = state.get("options") or {}
+    if state.get("method") == "powersgd":
+        raise ValueError(_powersgd_refusal(world, 1))
+    resume = OneProcessResume(world_size=world, target=str(options.get("compress")))
+    locals_ = [r.get("local") or {} for r in ranks]
+    if all("params" in local for local in locals_):
+        resume.params = mean_tensors([local["params"] for local in locals_])
+        resume.replica_spread = max(float((local["params"] - resume.params).norm()) for local in locals_)
+        resume.optimizer_state = [mean_param_state([local["optimizer_state"][i] for local in locals_]) if saved else {}
+                                  for i, saved in enumerate(locals_[0]["optimizer_state"])]
+    references: dict[str, float] = {}
+    for name in dict.fromkeys(n for r in ranks for n in r.get("feedback", {})):
+        pieces = [r.get("feedback", {}).get(name, {}) for r in ranks]
+        like = next(iter(next(p for p in pieces if p).values()))
+        for s in dict.fromkeys(k for piece in pieces for k in piece):
+            mean = mean_tensors([piece.get(s, torch.zeros_like(like)) for piece in pieces])
+            if s == "error":
+                resume.residual[name] = mean
+            else:
+                references[s] = references.get(s, 0.0) + float(mean.norm()) ** 2
+    for name, error in (state.get("server_error") or {}).items():
+        resume.residual[name] = resume.residual.get(name, torch.zeros_like(error)) + error
+    resume.dropped = [f"the {s} of {options.get('error_feedback')} (norm {norm ** 0.5:.3g})"
+                      for s, norm in references.items()]
+    return resume
+
+
+class SingleProcessState:
+    """What a one-process run registers for checkpointing in place of a :class:`CompressionState` (one per trained
+    model, so that checkpoints hold as many compression states whatever the number of processes).
+
+    Its own state says only that one process wrote it (an N-process run then starts fresh:
+    :meth:`CompressionState.restart`). Loading an N-process state (after the model and the optimizer, as accelerate
+    orders it) makes the one process what a synchronisation of the N would have made: with local steps the trained
+    parameters become the replicas' mean and the optimizer moments their mean (accelerate restored the main process's
+    alone); an error-feedback residual of compressed updates (parameter deltas not sent yet) is added to the
+    parameters, which an exact synchronisation would have done; a residual of gradients or of Adam's momentum has no
+    well-defined step in one process and is dropped, as are difference-feedback references. One warning says what
+    was done and how large it is (relative to the parameters' norm)."""
+
+    def __init__(self, module: nn.Module, optimizer: Any, name: str = "model") -> None:
+        self.module = module
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch one
+        self.name = name
+
+    def state_dict(self) -> dict[str, Any]:
+        return {SINGLE_PROCESS: True, "world_size": 1}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if is_single_process_state(state):
+            return
+        resume = one_process_resume(state)
+        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        scale = float(torch.cat([p.detach().reshape(-1).float() for _, p in named]).norm()) or 1.0
+        done = []
+        if resume.params is not None:
+            self._take_replicas_mean(resume, named)
+            done.append(f"the trained parameters are the mean of the {resume.world_size} replicas (which were up to "
+                        f"{resume.replica_spread:.3g} from it, {resume.replica_spread / scale:.3g} of its norm) and "
+                        f"the optimizer moments their mean")
+        if resume.residual:
+            sizes = dict((n, p.numel()) for n, p in named)
+            unknown = sorted(set(resume.residual) - set(sizes))
+            if unknown:
+                raise ValueError(f"the checkpointed compression state of {self.name!r} has error-feedback residuals of "
+                                 f"parameters this model does not train ({', '.join(unknown[:3])}): resume it with the "
+                                 f"model and adapter settings that wrote it.")
+            norm = float(torch.cat([r.reshape(-1) for r in resume.residual.values()]).norm())
+            size = f"norm {norm:.3g}, {norm / scale:.3g} of the parameters' norm"
+            if resume.applies_residual:
+                params = dict(named)
+                for n, r in resume.residual.items():
+                    params[n].add_(r.to(params[n].device, params[n].dtype).view_as(params[n]))
+                done.append(f"the mean error-feedback residual of the updates (parameter deltas not sent yet; {size}) "
+                            f"is added to the parameters")
+            else:
+                done.append(f"the mean error-feedback residual of the {resume.target} ({size}) is dropped: one "
+                            f"process has no compressed exchange to send it through, and no well-defined step for "
+                            f"it")
+        if resume.dropped:
+            done.append(f"per-process references are dropped ({'; '.join(resume.dropped)})")
+        if done:
+            logger.warning("%s: compression state of %d processes (%s, compress %s) resumed in one process: %s.",
+                           self.name, resume.world_size, state.get("method"), resume.target, "; ".join(done))
+
+    def _take_replicas_mean(self, resume: OneProcessResume, named: list[tuple[str, nn.Parameter]]) -> None:
+        """The replicas' mean parameters, and their mean optimizer states through ``optimizer.load_state_dict``
+        (which places each tensor as torch does)."""
+        params = [p for _, p in named]
+        total = sum(p.numel() for p in params)
+        if resume.params.numel() != total or len(resume.optimizer_state) != len(params):
+            raise ValueError(f"the checkpointed local-step state of {self.name!r} holds {resume.params.numel():,} "
+                             f"parameters in {len(resume.optimizer_state)} tensors and this model trains {total:,} in "
+                             f"{len(params)}: resume it with the model and adapter settings that wrote it.")
+        offset = 0
+        for p in params:
+            p.copy_(resume.params[offset: offset + p.numel()].view_as(p).to(p.device, p.dtype))
+            offset += p.numel()
+        index = {id(q): i for i, q in enumerate(q for g in self.optimizer.param_groups for q in g["params"])}
+        optimizer_state = self.optimizer.state_dict()
+        for p, mean in zip(params, resume.optimizer_state):
+            if mean:
+                optimizer_state["state"][index[id(p)]] = mean
+        self.optimizer.load_state_dict(optimizer_state)
+
+
+def _powersgd_refusal(saved_world: int, world: int) -> str:
+    """Why a PowerSGD state does not resume on another number of processes, and what to do."""
+    saved = f"{saved_world} process{'es' if saved_world > 1 else ''}"
+    return (f"the checkpointed PowerSGD state was written by {saved} and this run has {world}: torch's PowerSGD keeps "
+            f"per-process error buffers and low-rank factors keyed by its own bucket indices, which this library does "
+            f"not carry over to another number of processes. Resume with {saved}, or start a new run.")
 
 
 def _shape(method: Any, options: dict[str, Any]) -> str:

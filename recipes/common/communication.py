@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -41,11 +42,13 @@ from gsoft.distributed import (
     CompressionState,
     register_compression,
 )
+from gsoft.distributed.state import SingleProcessState
 
 from .checkpoint import MANIFEST
 
 logger = logging.getLogger(__name__)
 _GUARDED = "_gsoft_world_size_guard"
+_CUSTOM_STATE = re.compile(r"^custom_checkpoint_\d+\.pkl$")  # accelerate's name for a registered object's state
 
 
 @dataclass
@@ -192,8 +195,10 @@ class Communication:
         """Checkpoints carry every state (error-feedback buffers, local-step references, each process's optimizer
         state with ``--compress updates``, byte counters): call before ``load_checkpoint``. The states are
         registered one by one (a one-model run writes one custom checkpoint file, as a bare state would). They hold
-        one entry per process; another number of processes gets their mean (:func:`refuse_other_world_sizes`,
-        which :func:`setup_communication` installs, refuses only one process on either side and powersgd)."""
+        one entry per process; another number of processes gets their mean, one process their synchronisation
+        (``gsoft.distributed.state.SingleProcessState``), and a one-process checkpoint starts them fresh
+        (:func:`check_world_size_on_resume`, which :func:`setup_communication` installs, refuses only powersgd on
+        another number of processes)."""
         for state in self.states.values():
             accelerator.register_for_checkpointing(state)
 
@@ -215,59 +220,76 @@ def checkpoint_processes(path: Union[str, Path]) -> Optional[int]:
     return written
 
 
+def _custom_state_files(path: Union[str, Path]) -> int:
+    """How many ``custom_checkpoint_<i>.pkl`` files (accelerate's registered objects: the compression states) the
+    checkpoint at ``path`` holds."""
+    return sum(1 for p in Path(path).iterdir() if _CUSTOM_STATE.match(p.name))
+
+
 def check_checkpoint_processes(path: Union[str, Path], num_processes: int,
                                method: str = "none") -> Optional[str]:
     """Whether the checkpoint at ``path`` resumes on ``num_processes`` processes under ``--grad_compression method``.
 
     None: written by as many processes (or without a manifest, which ``load_checkpoint`` refuses on its own). A
-    warning to log once: written by another number of several processes; it resumes, not bit-identically
-    (``CompressionState.load_state_dict`` averages each process's compression state over the saved processes, and
-    accelerate restores the RNG state of the processes whose file exists and leaves the others at their start-up
-    seeding). A ValueError when one side is a single process (a one-process run keeps no communication state, so
-    the other side's cannot be loaded or is missing) or for powersgd (torch's per-process state is not carried)."""
+    warning to log once: written by another number of processes; it resumes, not bit-identically. Several processes
+    on both sides: ``CompressionState.load_state_dict`` averages each process's compression state over the saved
+    processes. Several into one: ``SingleProcessState`` makes the one process what a synchronisation of the saved ones
+    would have made (and logs what it applied or dropped). One into several: the compression state starts fresh from
+    the loaded model. accelerate restores the RNG state of the processes whose file exists and leaves the others at
+    their start-up seeding. A ValueError for powersgd (torch's per-process state is not carried)."""
     written = checkpoint_processes(path)
     if written is None or written == num_processes:
         return None
     plural = "es" if written > 1 else ""
-    if written == 1 or num_processes == 1 or method == "powersgd":
+    if method == "powersgd":
         launch = (f"{written} processes (accelerate launch --multi_gpu --num_processes {written} ...)" if written > 1
                   else "1 process (python or accelerate launch --num_processes 1)")
-        state = ("communication state (error-feedback buffers, local-step references, each process's optimizer "
-                 "state with --compress updates)")
-        if written > 1 and num_processes > 1:
-            why = ("torch's PowerSGD keeps per-process error buffers and low-rank factors that are not carried to "
-                   "another number of processes")
-        elif written > 1:
-            why = f"a one-process run keeps no communication state, so the checkpoint's {state} has nowhere to go"
-        else:
-            why = f"a one-process run keeps no communication state, so the checkpoint has no {state} for this run"
         raise ValueError(
-            f"checkpoint {path} was written by {written} process{plural} and this run has {num_processes}: {why}. "
-            f"Resume with {launch}, or start a new run: drop --resume_from_checkpoint and pass --overwrite_output_dir "
-            f"(which deletes this run's checkpoints) or another --output_dir."
+            f"checkpoint {path} was written by {written} process{plural} and this run has {num_processes}: torch's "
+            f"PowerSGD keeps per-process error buffers and low-rank factors that are not carried to another number of "
+            f"processes. Resume with {launch}, or start a new run: drop --resume_from_checkpoint and pass "
+            f"--overwrite_output_dir (which deletes this run's checkpoints) or another --output_dir."
         )
+    if num_processes == 1:
+        state = (f"the compression state of the {written} processes becomes this process's as their synchronisation "
+                 f"would have made it (with local steps the replicas' mean parameters and optimizer moments; what "
+                 f"happens to error-feedback residuals is logged when it loads)")
+    elif written == 1:
+        state = ("the compression state starts fresh from the loaded model (no error-feedback residuals, every "
+                 "replica the loaded model, byte and step counters from 0; --compress momentum warms up again)")
+    else:
+        state = (f"each process's compression state (error-feedback residuals; with --compress updates its "
+                 f"parameters and optimizer moments) is the mean over the {written} saved processes, which keeps the "
+                 f"residual the model is owed")
     first, last = sorted((written, num_processes))
     extra = f"process {first}" if last - first == 1 else f"processes {first}-{last - 1}"
     rng = (f"{extra} {'has' if last - first == 1 else 'have'} no saved random state (the run's start-up seeding "
            f"stays)" if num_processes > written else f"the saved random states of {extra} are not used")
-    return (f"checkpoint {path} was written by {written} processes and this run has {num_processes}: resuming, but "
-            f"not bit-identically to an uninterrupted run. Each process's compression state (error-feedback "
-            f"residuals; with --compress updates its parameters and optimizer moments) is the mean over the "
-            f"{written} saved processes, which keeps the residual the model is owed; a step now takes "
+    return (f"checkpoint {path} was written by {written} process{plural} and this run has {num_processes}: resuming, "
+            f"but not bit-identically to an uninterrupted run. {state[0].upper()}{state[1:]}; a step now takes "
             f"{num_processes} x --per_device_train_batch_size examples instead of {written} x, and the step count, "
             f"learning-rate schedule and data position continue from the saved step with this run's steps per "
             f"epoch; {rng}.")
 
 
-def refuse_other_world_sizes(accelerator: Any, method: str = "none") -> None:
-    """Make ``accelerator.load_state`` check the checkpoint's number of processes first, before it loads anything
-    (:func:`check_checkpoint_processes`: another number of several processes resumes with one warning from the main
-    process; a single process on either side, or powersgd, is refused); once per accelerator."""
+def check_world_size_on_resume(accelerator: Any, method: str = "none", states: Optional[int] = None) -> None:
+    """Make ``accelerator.load_state`` check the checkpoint first, before it loads anything: its number of
+    processes (:func:`check_checkpoint_processes`: another number resumes with one warning from the main process,
+    powersgd is refused) and, with ``states``, that it holds that many compression states (one per trained model,
+    whatever the number of processes); once per accelerator."""
     if getattr(accelerator, _GUARDED, False):
         return
 
     def check(models: Any, input_dir: str) -> None:
         warning = check_checkpoint_processes(input_dir, accelerator.num_processes, method)
+        found = _custom_state_files(input_dir)
+        if states is not None and found != states:
+            raise ValueError(
+                f"checkpoint {input_dir} holds {found} compression state{'s' if found != 1 else ''} "
+                f"(custom_checkpoint_*.pkl) and this run trains {states} model{'s' if states != 1 else ''}, each "
+                f"with one: it was written by a run that trained other models, or by a one-process run of a gsoft "
+                f"version that saved none. Resume it with the setup and version that wrote it, or start a new run "
+                f"(drop --resume_from_checkpoint and pass --overwrite_output_dir or another --output_dir).")
         if warning is not None and accelerator.is_main_process:
             logger.warning(warning)
 
@@ -285,23 +307,28 @@ def setup_communication(
     """Several processes: ``register_compression`` on every prepared DDP model (``models``: one, or ``{name:
     model}``), also for ``none`` (an fp32 all-reduce whose bytes are counted like the compressed ones, the baseline to
     compare with). One process: nothing to communicate, so ``None`` (and a warning when compression or local steps
-    were asked for).
+    were asked for); each model's ``SingleProcessState`` is registered for checkpointing here, so a checkpoint holds
+    one compression state per model whatever the number of processes (the caller registers the returned
+    :class:`Communication`'s with :meth:`Communication.register_for_checkpointing`).
 
     Several models may share ``optimizer``: with ``--compress updates`` each state adds its own step post-hook to it,
     which averages only its own model's parameters; all processes run the hooks in registration order, so the
     collectives match and the replicas stay identical (tests/test_dreambooth.py checks it).
 
-    With one process or several, ``accelerator.load_state`` then checks the checkpoint's number of processes
-    (:func:`refuse_other_world_sizes`): another number of several processes resumes with a warning, a single
-    process on one side only (or powersgd) is refused."""
-    refuse_other_world_sizes(accelerator, args.grad_compression)
+    With one process or several, ``accelerator.load_state`` then checks the checkpoint's number of processes and
+    compression states (:func:`check_world_size_on_resume`): another number of processes resumes with a warning,
+    powersgd on another number is refused."""
+    named = dict(models) if isinstance(models, Mapping) else {"model": models}
+    check_world_size_on_resume(accelerator, args.grad_compression, states=len(named))
     if accelerator.num_processes == 1:
         if args.grad_compression != "none" or args.local_steps > 1:
             logger.warning("--grad_compression %s --local_steps %d: a single process has nothing to communicate, "
                            "so they are ignored (launch several: accelerate launch --multi_gpu --num_processes N).",
                            args.grad_compression, args.local_steps)
+        for name, model in named.items():
+            accelerator.register_for_checkpointing(
+                SingleProcessState(accelerator.unwrap_model(model), optimizer, name=name))
         return None
-    named = dict(models) if isinstance(models, Mapping) else {"model": models}
     config = compression_config(args, seed)
     states = {}
     for name, model in named.items():
