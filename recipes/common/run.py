@@ -146,11 +146,38 @@ def leave_process_group() -> None:
 def accelerator_kwargs(**kwargs: Any) -> dict[str, Any]:
     """Keyword arguments for ``Accelerator`` that make ``accelerate launch --multi_gpu --num_processes N`` on a
     machine without GPUs one N-process gloo job (MULTI_CPU) instead of N independent single-process runs writing the
-    same output directory: accelerate only picks MULTI_CPU when ``cpu=True``."""
+    same output directory: accelerate only picks MULTI_CPU when ``cpu=True``. Under torch's elastic agent (torchrun,
+    and accelerate launch, which runs it) that gloo job's process group is joined here, per restart
+    (:func:`join_elastic_process_group`); accelerate then uses it."""
     launched_many = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if launched_many and not torch.cuda.is_available():
         kwargs.setdefault("cpu", True)
+        join_elastic_process_group()
     return kwargs
+
+
+#: Set by torch's elastic agent in every worker: how many times it has restarted the worker group.
+RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"
+
+
+def join_elastic_process_group() -> bool:
+    """Under torch's elastic agent, initialise the default gloo process group with its keys under a prefix of this
+    restart (``gsoft/attempt_<TORCHELASTIC_RESTART_COUNT>/``); whether it did (False outside an agent, or when a group
+    exists already).
+
+    Why: the agent hands every restart of the worker group the same store (``MASTER_ADDR:MASTER_PORT``, the agent's),
+    and the gloo group's full-mesh connection reads each peer's address from keys that do not change between
+    restarts, so a restarted process can read an address of the previous attempt's (dead) processes: it fails with
+    "Gloo connectFullMesh failed ... Connection refused" (one more restart used up) or waits for a connection that
+    never comes, until the group's 30-minute timeout. A prefix per restart keeps every attempt's keys apart."""
+    attempt = os.environ.get(RESTART_COUNT)
+    if attempt is None or not torch.distributed.is_available() or torch.distributed.is_initialized():
+        return False
+    store, rank, world_size = next(torch.distributed.rendezvous("env://"))
+    torch.distributed.init_process_group(
+        "gloo", store=torch.distributed.PrefixStore(f"gsoft/attempt_{attempt}/", store), rank=rank,
+        world_size=world_size)
+    return True
 
 
 def atomic_write_json(path: Path, data: Any, *, durable: bool = False) -> None:
