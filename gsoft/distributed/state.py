@@ -582,9 +582,10 @@ class SingleProcessState:
         done = []
         if resume.params is not None:
             self._take_replicas_mean(resume, named)
-            done.append(f"the trained parameters are the mean of the {resume.world_size} replicas (which were up to "
-                        f"{resume.replica_spread:.3g} from it, {resume.replica_spread / scale:.3g} of its norm) and "
-                        f"the optimizer moments their mean")
+            spread = (f"which were up to {resume.replica_spread:.3g} from it, {resume.replica_spread / scale:.3g} of "
+                      f"its norm" if resume.replica_spread else "identical: they had just synchronised")
+            done.append(f"the trained parameters are the mean of the {resume.world_size} replicas ({spread}) and the "
+                        f"optimizer moments their mean")
         if resume.residual:
             sizes = dict((n, p.numel()) for n, p in named)
             unknown = sorted(set(resume.residual) - set(sizes))

@@ -204,12 +204,19 @@ def discard_new_output_dir_on_error(output_dir: Union[str, Path], new: bool,
                                    is_main_process: bool = True) -> Iterator[None]:
     """Remove ``output_dir`` when the block fails and the directory was created by this run (``new``): a refused
     option (a block size that does not fit, bf16 on gloo) is fixed and the run started again, which must not meet
-    "a directory holding another run" from :func:`prepare_output_dir`."""
+    "a directory holding another run" from :func:`prepare_output_dir`. The directory is first renamed away (one
+    atomic step), then deleted: a process killed meanwhile (an elastic agent stopping the group after a peer died)
+    leaves it whole or gone, never a directory without its ``run_config.json`` that every restart would refuse."""
     try:
         yield
     except Exception:
         if new and is_main_process:
-            shutil.rmtree(output_dir, ignore_errors=True)
+            out = Path(output_dir)
+            doomed = out.with_name(f".{out.name}.discarded-{os.getpid()}")
+            shutil.rmtree(doomed, ignore_errors=True)  # an earlier process's with this id
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(out, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
         raise
 
 
