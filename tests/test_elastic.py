@@ -18,10 +18,10 @@ import copy
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -35,6 +35,7 @@ from common.communication import check_checkpoint_processes, check_world_size_on
 from conftest import RECIPES, free_port
 from gsoft.distributed import CompressionConfig, register_compression
 from gsoft.distributed.state import SingleProcessState, is_single_process_state, one_process_resume
+from test_roberta_glue import TINY
 
 IN, HIDDEN, OUT = 8, 16, 2
 #: register_compression's advice against compressed gradients under AdamW: these tests want that state anyway
@@ -312,3 +313,122 @@ def test_a_checkpoint_without_one_compression_state_per_model_is_refused_before_
                                          r"trains 2 models, each with one: .*a one-process run of a gsoft version "
                                          r"that saved none"):
         hook([], str(_checkpoint(tmp_path / "old", 1, 0)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the GLUE recipe under torchrun's elastic agent
+# ----------------------------------------------------------------------------------------------------------------------
+#: TINY in 2 processes: 6 steps per epoch. Top-K 1% of the updates: every process keeps its own error-feedback residual,
+#: which a restart must restore. The checkpoints at 20, 40 and 60 (the newest 2 are kept).
+ELASTIC = [*TINY, "--max_steps", "60", "--save_steps", "20", "--eval_steps", "60", "--grad_compression", "topk",
+           "--compression_ratio", "0.01"]
+#: A guard against a hung group, not a time limit (the whole fixture takes about a minute on 2 idle cores).
+RUN_TIMEOUT_S = 600
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def _torchrun(out: Path, *options: str, restarts: int = 2) -> list[str]:
+    """The elastic launch of the brief: one agent, 2 workers, c10d rendezvous on loopback, up to ``restarts``
+    restarts of the group."""
+    return [str(TORCHRUN), "--nnodes", "1:1", "--nproc_per_node", "2", "--max-restarts", str(restarts),
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+            str(RECIPES / "roberta_glue.py"), *ELASTIC, "--output_dir", str(out), *options]
+
+
+def _run(cmd: list[str], log: Path) -> int:
+    with log.open("w") as f:
+        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), timeout=RUN_TIMEOUT_S).returncode
+
+
+def _kill_a_worker(agent: subprocess.Popen, ready: Path, out: Path, killed: list[dict]) -> None:
+    """Once ``ready`` exists, SIGKILL the agent's highest-numbered worker; records what it killed and which
+    checkpoints of ``out`` existed then."""
+    import psutil
+
+    while not ready.exists():
+        if agent.poll() is not None:
+            return
+        time.sleep(0.02)
+    workers = [c for c in psutil.Process(agent.pid).children() if "roberta_glue.py" in " ".join(c.cmdline())]
+    victim = max(workers, key=lambda c: c.pid)
+    os.kill(victim.pid, signal.SIGKILL)
+    killed.append({"pid": victim.pid, "checkpoints": sorted(p.name for p in (out / "checkpoints").glob("step_*"))})
+
+
+def _killed_twice(out: Path, log: Path) -> tuple[int, list[dict]]:
+    """The elastic run, with one worker killed twice: once as soon as a step is logged (no checkpoint yet: the
+    restarted group starts again from step 0 in the same directory), and once the first checkpoint exists (the next
+    group resumes from it)."""
+    killed: list[dict] = []
+    with log.open("w") as f:
+        agent = subprocess.Popen(_torchrun(out, "--resume_from_checkpoint", "latest"), stdout=f,
+                                 stderr=subprocess.STDOUT, env=_env())
+        try:
+            _kill_a_worker(agent, out / "metrics.jsonl", out, killed)
+            _kill_a_worker(agent, out / "checkpoints" / "step_00000020" / "manifest.json", out, killed)
+            code = agent.wait(timeout=RUN_TIMEOUT_S)
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+    return code, killed
+
+
+def _results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def elastic(tmp_path_factory) -> dict[str, Path]:
+    """An uninterrupted elastic run, the same run with a worker killed twice, its checkpoint resumed on 1 process,
+    and that run's checkpoint resumed on 2."""
+    root = tmp_path_factory.mktemp("elastic")
+    runs = {name: root / name for name in ("full", "killed", "one", "two")}
+    codes = {"full": _run(_torchrun(runs["full"], "--resume_from_checkpoint", "latest"), root / "full.log")}
+    codes["killed"], killed = _killed_twice(runs["killed"], root / "killed.log")
+    # 2 -> 1 from the killed run's step 40, on to step 80; then 1 -> 2 from the one-process step 60
+    one = [sys.executable, str(RECIPES / "roberta_glue.py"), *ELASTIC, "--max_steps", "80", "--eval_steps", "80",
+           "--output_dir", str(runs["one"]),
+           "--resume_from_checkpoint", str(runs["killed"] / "checkpoints" / "step_00000040")]
+    codes["one"] = _run(one, root / "one.log")
+    codes["two"] = _run(_torchrun(runs["two"], "--max_steps", "80", "--eval_steps", "80", "--resume_from_checkpoint",
+                                  str(runs["one"] / "checkpoints" / "step_00000060"), restarts=0), root / "two.log")
+    logs = {name: (root / f"{name}.log").read_text() for name in runs}
+    for name, code in codes.items():
+        assert code == 0, f"{name}: exit code {code}\n{logs[name][-4000:]}"
+    return {"runs": runs, "logs": logs, "killed": killed}
+
+
+def test_a_killed_worker_is_restarted_and_the_run_ends_as_an_uninterrupted_one(elastic):
+    """The agent restarts the group after each SIGKILL; the first restart finds no checkpoint and starts again in
+    the same directory, the second resumes from step 20; resuming on as many processes restores every process's
+    model, optimizer, RNG and compression state, so the final state is bit-identical to the uninterrupted run's."""
+    log, (first, second) = elastic["logs"]["killed"], elastic["killed"]
+    assert first["checkpoints"] == [] and "step_00000020" in second["checkpoints"], elastic["killed"]
+    assert log.count("failed (exitcode: -9)") == 2, log[-4000:]  # the agent saw both kills
+    resumed = re.findall(r"resumed from (\S+) at step (\d+)", log)
+    assert len(resumed) == 1 and int(resumed[0][1]) >= 20, resumed
+    full, killed = _results(elastic["runs"]["full"]), _results(elastic["runs"]["killed"])
+    assert killed["train_steps"] == full["train_steps"] == 60 and killed["world_size"] == 2
+    assert killed["rank_state_sha256"] == full["rank_state_sha256"]
+    assert len(set(full["rank_state_sha256"])) == 1
+    assert killed["eval"] == full["eval"] and killed["compression"] == full["compression"]
+
+
+def test_a_two_process_checkpoint_resumes_on_one_and_that_one_on_two(elastic):
+    one, two = _results(elastic["runs"]["one"]), _results(elastic["runs"]["two"])
+    assert one["world_size"] == 1 and one["train_steps"] == 80 and 0.0 <= one["eval"]["accuracy"] <= 1.0
+    log = elastic["logs"]["one"]
+    assert "was written by 2 processes and this run has 1: resuming, but not bit-identically" in log
+    assert "model: compression state of 2 processes (topk, compress updates) resumed in one process: the trained " \
+           "parameters are the mean of the 2 replicas (identical: they had just synchronised)" in log
+    assert "(parameter deltas not sent yet; norm " in log and "is added to the parameters." in log
+    assert two["world_size"] == 2 and two["train_steps"] == 80 and len(set(two["rank_state_sha256"])) == 1
+    assert "was written by 1 process and this run has 2: resuming, but not bit-identically" in elastic["logs"]["two"]
+    assert two["compression"]["steps"] == 20  # the compression state started fresh at step 60
