@@ -57,6 +57,7 @@ with needs("glue", "roberta_glue"):  # a missing package is one line naming the 
     from common.communication import CommunicationArgs, check_communication_args
     from common.loop import LoopSettings, Recipe, TrainLoop, Trainables, format_metrics, naming_option, run_recipe
     from common.methods import GSOFT_METHODS, METHODS, apply_method, target_modules_value
+    from common.volunteer import VolunteerArgs, loop_class, volunteer_config
     from common import glue_smoke
     from common.glue_data import encode_labels, load_raw_datasets
     from common.glue_tasks import TaskSpec, compute_metrics, predictions_from_logits
@@ -285,12 +286,14 @@ class _GlueOptions:
 
 
 @dataclass
-class GlueArgs(CommunicationArgs, _GlueOptions):
-    """All options of the recipe (YAML keys and ``--key value`` flags): its own, then the communication ones."""
+class GlueArgs(VolunteerArgs, CommunicationArgs, _GlueOptions):
+    """All options of the recipe (YAML keys and ``--key value`` flags): its own, then the communication ones, then
+    the hivemind ones."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_communication_args(self)
+        volunteer_config(self)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -577,13 +580,14 @@ def loop_settings(args: GlueArgs) -> LoopSettings:
         tensorboard=args.report_to == "tensorboard", logging_dir="tensorboard", progress_bar=args.progress_bar,
         progress_desc=f"{args.task}/{args.method}", torch_num_threads=args.torch_num_threads,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), communication=args,
+        volunteer=volunteer_config(args),
     )
 
 
 def main(argv: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
     """Run the recipe; returns the results (also written to results.json), or None after ``--stop_after_steps``."""
     args = parse_recipe_args(GlueArgs, argv, description=__doc__, prog=NAME)
-    return run_recipe(GlueRecipe(args), loop_settings(args))
+    return run_recipe(GlueRecipe(args), loop_settings(args), loop_class(args))
 
 
 if __name__ == "__main__":

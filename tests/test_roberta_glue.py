@@ -159,12 +159,11 @@ def test_smoke_run_reaches_accuracy_and_writes_results(smoke_run):
     assert results["compression"] == {"method": "none", "world_size": 1}
 
 
-def test_saved_adapter_reloads_and_reproduces_eval(smoke_run):
+def _reloaded(out: Path) -> tuple[float, float]:
+    """Accuracy of ``out``'s saved adapter reloaded onto its base model with PEFT, and of the merged model."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-    out, _ = smoke_run
-    results = json.loads((out / "results.json").read_text())
     args = recipe.parse_recipe_args(recipe.GlueArgs, ["--config", str(SMOKE)])
     base = AutoModelForSequenceClassification.from_pretrained(out / "base_model", num_labels=2)
     model = PeftModel.from_pretrained(base, out / "adapter")
@@ -173,9 +172,14 @@ def test_saved_adapter_reloads_and_reproduces_eval(smoke_run):
     raw, spec = glue_data.encode_labels(raw, spec)
     validation = recipe.tokenize(raw, tokenizer, spec, args.max_seq_length)["validation"]
     loader = torch.utils.data.DataLoader(validation, batch_size=250, collate_fn=DataCollatorWithPadding(tokenizer))
-    assert recipe.evaluate(model, {"": loader}, spec)["accuracy"] == pytest.approx(results["eval"]["accuracy"])
-    merged = model.merge_and_unload()
-    assert recipe.evaluate(merged, {"": loader}, spec)["accuracy"] == pytest.approx(results["eval"]["accuracy"])
+    adapted = recipe.evaluate(model, {"": loader}, spec)["accuracy"]
+    return adapted, recipe.evaluate(model.merge_and_unload(), {"": loader}, spec)["accuracy"]
+
+
+def test_saved_adapter_reloads_and_reproduces_eval(smoke_run):
+    out, _ = smoke_run
+    results = json.loads((out / "results.json").read_text())
+    assert _reloaded(out) == (pytest.approx(results["eval"]["accuracy"]), pytest.approx(results["eval"]["accuracy"]))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -504,3 +508,82 @@ def test_divergence_with_cayley_neumann_names_the_exact_map(tmp_path):
     assert "lower --learning_rate or use the exact Cayley map (orthogonal_map: cayley in method_options)" in message
     assert "\n" not in message
     assert not (tmp_path / "err" / "results.json").exists() and not (tmp_path / "err" / "adapter").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# --backend hivemind: a swarm of peers on this machine (loopback only: no relay, no public bootstrap)
+# ----------------------------------------------------------------------------------------------------------------------
+# A swarm step is 1,920 samples (60 batches among the peers), so that a step lasts longer than hivemind's progress
+# refresh on this machine; 8 epochs of the smoke data are 17 swarm steps (one of warm-up), long enough for a fourth
+# peer started when the others begin (about 20 s to set up on 2 loaded cores) to join mid-run. The single-process
+# run to compare with trains on the same 8 epochs.
+SWARM_EPOCHS = ["--num_train_epochs", "8"]
+SWARM = ["--config", str(SMOKE), "--progress_bar", "false", "--report_to", "none", "--backend", "hivemind",
+         "--run_id", "smoke-swarm", "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--use_relay", "false",
+         "--target_batch_size", "1920", "--warmup_steps", "1", "--matchmaking_time", "1", "--averaging_timeout",
+         "30", "--eval_steps", "1000", "--logging_steps", "1", "--torch_num_threads", "1", *SWARM_EPOCHS]
+
+
+def _peer(out: Path, *extra: str) -> subprocess.Popen:
+    """One peer (its own process group, so that killing it also kills hivemind's daemons, as a machine dying does)."""
+    log = open(out.with_suffix(".log"), "w")
+    return subprocess.Popen([sys.executable, str(RECIPES / "roberta_glue.py"), *SWARM, "--output_dir", str(out),
+                             *extra], cwd=REPO_ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _wait_for(condition, what: str, peers: list[subprocess.Popen], timeout_s: float = 600.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        dead = [p.args for p in peers if p.poll() not in (None, 0)]
+        assert not dead, f"a peer failed while waiting for {what}: {dead}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def _reached(out: Path, step: int) -> bool:
+    """Whether the peer writing to ``out`` has logged swarm step ``step``."""
+    metrics = out / "metrics.jsonl"
+    return metrics.is_file() and any(json.loads(line).get("step", 0) >= step
+                                     for line in metrics.read_text().splitlines())
+
+
+def test_hivemind_swarm_with_a_peer_leaving_and_one_joining_late(tmp_path):
+    """Three peers start the smoke task together; once they train a fourth joins, and at swarm step 3 one dies
+    (SIGKILL of its process group); the survivors finish, match the single-process run's accuracy within 2 points, count their
+    bytes, and their saved adapter reloads and reproduces the accuracy."""
+    import signal
+
+    pytest.importorskip("hivemind")
+    _launch(["--config", str(SMOKE), "--output_dir", str(tmp_path / "single"), "--progress_bar", "false",
+             "--report_to", "none", *SWARM_EPOCHS])
+    single = json.loads((tmp_path / "single" / "results.json").read_text())["eval"]["accuracy"]
+    first = tmp_path / "a"
+    peers = [_peer(first, "--min_peers", "3")]
+    try:
+        _wait_for(lambda: (first / "peer_addresses.json").is_file(), "the first peer's address", peers)
+        address = json.loads((first / "peer_addresses.json").read_text())["addresses"][0]
+        peers += [_peer(tmp_path / name, "--min_peers", "3", "--initial_peers", address) for name in ("b", "c")]
+        _wait_for(lambda: _reached(first, 1), "the first swarm step", peers)
+        peers += [_peer(tmp_path / "d", "--initial_peers", address)]  # joins while the others train
+        _wait_for(lambda: _reached(first, 3), "swarm step 3", peers)
+        os.killpg(peers[2].pid, signal.SIGKILL)
+        for name, peer in zip("abd", (peers[0], peers[1], peers[3])):
+            assert peer.wait(timeout=600) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    finally:
+        for peer in peers:
+            if peer.poll() is None:
+                os.killpg(peer.pid, signal.SIGKILL)
+    logs = {name: (tmp_path / f"{name}.log").read_text() for name in "abd"}
+    for name in "abd":
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        assert results["eval"]["accuracy"] >= single - 0.02, (name, results["eval"], single, logs[name][-2000:])
+        assert results["comm_bytes_sent"] > 0 and results["comm_bytes_received"] > 0
+        assert results["averaging_rounds"]["succeeded"] > 0 and results["compression"]["method"] == "hivemind:fp16"
+        assert results["train_steps"] == 17
+    assert "Downloading parameters from peer" in logs["d"]  # the late peer started from the swarm's state
+    assert not (tmp_path / "c" / "results.json").exists()
+    results = json.loads((tmp_path / "d" / "results.json").read_text())
+    assert _reloaded(tmp_path / "d") == (pytest.approx(results["eval"]["accuracy"]),) * 2

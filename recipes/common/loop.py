@@ -43,7 +43,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
@@ -52,6 +52,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from gsoft.distributed import collective_failure
+from gsoft.distributed.volunteer import AveragingFailed, VolunteerConfig
 
 from .checkpoint import (
     load_checkpoint,
@@ -147,6 +148,9 @@ class LoopSettings:
     """How accelerate prepares the data loaders (e.g. ``use_seedable_sampler=True``)."""
     communication: CommunicationArgs = field(default_factory=CommunicationArgs)
     """What several processes exchange (the recipe's own options object, which inherits ``CommunicationArgs``)."""
+    volunteer: Optional[VolunteerConfig] = None
+    """None: the processes of accelerate's launch; a config: this process is one peer of a hivemind swarm
+    (``common.volunteer.VolunteerLoop`` runs it)."""
 
 
 @dataclass
@@ -288,17 +292,7 @@ class TrainLoop:
     def _set_up(self) -> None:
         """Build, prepare, communicate, resume."""
         s, acc = self.settings, self.accelerator
-        trainables = self.recipe.build(self)
-        names = list(trainables.models)
-        prepared = acc.prepare(*trainables.models.values(), trainables.optimizer, trainables.train_loader)
-        self.models = dict(zip(names, prepared[: len(names)]))
-        self.optimizer, self.train_loader = prepared[len(names):]
-        self.steps_per_epoch = math.ceil(len(self.train_loader) / s.gradient_accumulation_steps)
-        self.max_steps = s.max_steps or math.ceil(s.num_epochs * self.steps_per_epoch)
-        self.scheduler = acc.prepare(self.recipe.scheduler(self, self.optimizer, self.max_steps))
-        # Several processes: every trained model exchanges its gradients (or, with --compress updates, its parameter
-        # deltas) through gsoft.distributed; the models share the optimizer.
-        self.comm = setup_communication(s.communication, acc, self.models, self.optimizer, seed=s.seed)
+        self._prepare(self.recipe.build(self))
         self.recipe.on_prepared(self)
         counts = [count_parameters(acc.unwrap_model(m)) for m in self.models.values()]
         self._trained = [(f"{model_name}.{name}" if len(self.models) > 1 else name, p)
@@ -324,6 +318,21 @@ class TrainLoop:
             self._checked_step = self.step
             self.logger.info("resumed from %s at step %d (epoch %d, skipping %d batches)", checkpoint, self.step,
                              self._start_epoch, self._skip_batches)
+
+    def _prepare(self, trainables: Trainables) -> None:
+        """accelerate's preparation of the models, optimizer, data and scheduler, the run's length, and the
+        communication between processes."""
+        s, acc = self.settings, self.accelerator
+        names = list(trainables.models)
+        prepared = acc.prepare(*trainables.models.values(), trainables.optimizer, trainables.train_loader)
+        self.models = dict(zip(names, prepared[: len(names)]))
+        self.optimizer, self.train_loader = prepared[len(names):]
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / s.gradient_accumulation_steps)
+        self.max_steps = s.max_steps or math.ceil(s.num_epochs * self.steps_per_epoch)
+        self.scheduler = acc.prepare(self.recipe.scheduler(self, self.optimizer, self.max_steps))
+        # Several processes: every trained model exchanges its gradients (or, with --compress updates, its parameter
+        # deltas) through gsoft.distributed; the models share the optimizer.
+        self.comm = setup_communication(s.communication, acc, self.models, self.optimizer, seed=s.seed)
 
     def _refuse_non_finite_state(self, checkpoint: Path) -> None:
         """A checkpoint saved after its run diverged (its trained parameters or optimizer state hold NaN or inf) is
@@ -361,7 +370,7 @@ class TrainLoop:
         for model in models:
             model.train()
         start = time.perf_counter()
-        for epoch in range(self._start_epoch, math.ceil(self.max_steps / self.steps_per_epoch)):
+        for epoch in self._data_epochs():
             if self.step >= self.max_steps:
                 break
             for batch in self._batches(epoch):
@@ -371,11 +380,12 @@ class TrainLoop:
                 micro_step += 1
                 if not acc.sync_gradients:
                     continue
-                if not s.scheduler_per_micro_batch:
-                    self.scheduler.step()
+                advanced = self._advance()
+                if not advanced:
+                    continue
                 timer.stop()
-                self.step += 1
-                self._progress.update(1)
+                self.step += advanced
+                self._progress.update(advanced)
                 if self._after_step(epoch, stats) == "stop":
                     self._close()
                     return None
@@ -390,6 +400,17 @@ class TrainLoop:
         self._close()
         acc.wait_for_everyone()
         return results
+
+    def _data_epochs(self) -> Iterable[int]:
+        """The passes over the training data the run takes (the loop stops early at ``max_steps``)."""
+        return range(self._start_epoch, math.ceil(self.max_steps / self.steps_per_epoch))
+
+    def _advance(self) -> int:
+        """Optimizer steps completed by the micro-batch that ended an accumulation: one, with the scheduler's step
+        (unless it steps per micro-batch)."""
+        if not self.settings.scheduler_per_micro_batch:
+            self.scheduler.step()
+        return 1
 
     def _batches(self, epoch: int) -> Any:
         """The epoch's batches: its data order (and a dataset's own per-epoch randomness) set by ``set_epoch``, and
@@ -428,7 +449,7 @@ class TrainLoop:
         if logging_now:
             record = {**self._window.flush(self.accelerator), "lr": self.scheduler.get_last_lr()[0],
                       "epoch": self.step / self.steps_per_epoch, **stats,
-                      "comm_bytes_sent": self.comm.bytes_sent if self.comm is not None else 0}
+                      "comm_bytes_sent": self._bytes_sent()}
             self._metrics.log(record, self.step)  # a diverged window's NaN loss is logged, then the run stops
             self._progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
         if logging_now or evaluating or saving:
@@ -466,17 +487,30 @@ class TrainLoop:
             "rank_state_sha256": list(hashes),
             "mixed_precision": acc.mixed_precision,
             "device": str(acc.device),
-            **communication_results(self.comm),
+            **self._communication_results(),
             **self.recipe.results(self),
         }
         if acc.is_main_process:
             write_results(self.output_dir, results)
             print(self.recipe.summary(self, results), flush=True)
-            if self.comm is not None:
-                print(f"communication ({self.settings.communication.grad_compression}): {self.comm.bytes_sent:,} "
-                      f"bytes sent by this process, {self.comm.bytes_uncompressed:,} for fp32 all-reduces of the same "
-                      "steps", flush=True)
+            line = self._communication_line()
+            if line:
+                print(line, flush=True)
         return results
+
+    def _bytes_sent(self) -> int:
+        return self.comm.bytes_sent if self.comm is not None else 0
+
+    def _communication_results(self) -> dict[str, Any]:
+        """results.json's communication fields."""
+        return communication_results(self.comm)
+
+    def _communication_line(self) -> Optional[str]:
+        """The end-of-run line about communication (none for one process)."""
+        if self.comm is None:
+            return None
+        return (f"communication ({self.settings.communication.grad_compression}): {self.comm.bytes_sent:,} bytes "
+                f"sent by this process, {self.comm.bytes_uncompressed:,} for fp32 all-reduces of the same steps")
 
     # ---- helpers -----------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -742,14 +776,16 @@ def configure_logging(is_main_process: bool) -> None:
 
 
 # ---- the entry point -------------------------------------------------------------------------------------------------
-def run_recipe(recipe: Recipe, settings: LoopSettings) -> Optional[dict[str, Any]]:
+def run_recipe(recipe: Recipe, settings: LoopSettings,
+               loop_class: type[TrainLoop] = TrainLoop) -> Optional[dict[str, Any]]:
     """Run ``recipe`` as a script does: its results (None when stopped early), and every process leaves the process
-    group together. A :data:`RECIPE_ERRORS` error or :class:`TrainingDiverged` becomes ``SystemExit("<recipe>: error:
-    <message>")``: one line and exit status 1, no traceback; so does a collective that failed because a peer process
-    is gone (:func:`gsoft.distributed.collective_failure`)."""
+    group together. A :data:`RECIPE_ERRORS` error, :class:`TrainingDiverged` or a swarm's
+    :class:`~gsoft.distributed.volunteer.AveragingFailed` becomes ``SystemExit("<recipe>: error: <message>")``: one
+    line and exit status 1, no traceback; so does a collective that failed because a peer process is gone
+    (:func:`gsoft.distributed.collective_failure`). ``loop_class``: the loop (``common.volunteer.loop_class``)."""
     try:
-        results = TrainLoop(recipe, settings).run()
-    except (*RECIPE_ERRORS, TrainingDiverged) as exc:
+        results = loop_class(recipe, settings).run()
+    except (*RECIPE_ERRORS, TrainingDiverged, AveragingFailed) as exc:
         raise SystemExit(error_line(recipe.name, exc)) from exc
     except _MainProcessFailed:
         raise SystemExit(1) from None  # the main process prints the error
