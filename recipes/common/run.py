@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import resource
@@ -46,6 +47,11 @@ VOLATILE_KEYS = frozenset(
         "checkpoints_total_limit",
         "validation_steps",
         "report_to",
+        "initial_peers",  # a hivemind peer may rejoin its swarm through any running peer, from another address
+        "host_maddrs",
+        "announce_maddrs",
+        "min_peers",
+        "peer_wait_timeout",
         "dataloader_num_workers",
         "num_workers",
         "progress_bar",
@@ -156,22 +162,37 @@ def accelerator_kwargs(**kwargs: Any) -> dict[str, Any]:
     return kwargs
 
 
-#: Set by torch's elastic agent in every worker: how many times it has restarted the worker group.
+#: Set by torch's elastic agent in every worker: how many times this agent has restarted its worker group.
 RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"
+#: torch's switch that gives every rendezvous round a store of its own (set where torchrun runs).
+FRESH_STORES = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
 def join_elastic_process_group() -> bool:
-    """Under torch's elastic agent, initialise the default gloo process group with its keys under a prefix of this
-    restart (``gsoft/attempt_<TORCHELASTIC_RESTART_COUNT>/``); whether it did (False outside an agent, or when a group
-    exists already).
+    """Under one torch elastic agent that shares its store with the workers (torchrun's default), initialise the
+    default gloo process group with its keys under a prefix of this restart (``gsoft/attempt_<restart count>/``);
+    whether it did. Under several agents sharing their store, warn that a restart can fail or hang (see below) and
+    name the fix.
 
-    Why: the agent hands every restart of the worker group the same store (``MASTER_ADDR:MASTER_PORT``, the agent's),
-    and the gloo group's full-mesh connection reads each peer's address from keys that do not change between
-    restarts, so a restarted process can read an address of the previous attempt's (dead) processes: it fails with
-    "Gloo connectFullMesh failed ... Connection refused" (one more restart used up) or waits for a connection that
-    never comes, until the group's 30-minute timeout. A prefix per restart keeps every attempt's keys apart."""
+    Why: the agent hands every restart of the worker group the same store (``MASTER_ADDR:MASTER_PORT``), and the gloo
+    group's full-mesh connection reads each peer's address from keys that do not change between restarts, so a
+    restarted process can read an address of the previous attempt's dead processes: it fails with "Gloo
+    connectFullMesh failed ... Connection refused" (one more restart used up) or waits for a connection that never
+    comes, until the group's 30-minute timeout. One agent's restart count is the same in all its workers, so a prefix
+    per restart keeps every attempt's keys apart. Several agents count restarts each on their own (a restart for a
+    membership change is not counted), so no prefix is shared by a round's workers: there, torch's
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (a new store for every round) is the fix."""
     attempt = os.environ.get(RESTART_COUNT)
-    if attempt is None or not torch.distributed.is_available() or torch.distributed.is_initialized():
+    if (attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+            or not torch.distributed.is_available() or torch.distributed.is_initialized()):
+        return False
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
+        if os.environ.get("RANK") == "0":
+            logging.getLogger(__name__).warning(
+                "%s elastic agents share one store with their workers across restarts: a restarted worker group can "
+                "read the gloo addresses of the previous one and fail to connect, or wait for the process group's "
+                "timeout. Launch torchrun with %s=1 in its environment (a new store for every rendezvous round).",
+                os.environ["GROUP_WORLD_SIZE"], FRESH_STORES)
         return False
     store, rank, world_size = next(torch.distributed.rendezvous("env://"))
     torch.distributed.init_process_group(
