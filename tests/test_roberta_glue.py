@@ -587,3 +587,19 @@ def test_hivemind_swarm_with_a_peer_leaving_and_one_joining_late(tmp_path):
     assert not (tmp_path / "c" / "results.json").exists()
     results = json.loads((tmp_path / "d" / "results.json").read_text())
     assert _reloaded(tmp_path / "d") == (pytest.approx(results["eval"]["accuracy"]),) * 2
+
+
+def test_hivemind_peer_stops_and_resumes_from_its_checkpoint(tmp_path):
+    """A peer alone in its swarm checkpoints at --stop_after_steps (hivemind's swarm step included) and a restart
+    with --resume_from_checkpoint latest, joining through another address, continues from that step."""
+    pytest.importorskip("hivemind")
+    out = tmp_path / "peer"
+    solo = [*TINY, "--backend", "hivemind", "--run_id", "solo", "--host_maddrs", "/ip4/127.0.0.1/tcp/0",
+            "--use_relay", "false", "--target_batch_size", "64", "--max_steps", "4", "--warmup_steps", "1",
+            "--logging_steps", "1", "--output_dir", str(out)]
+    assert recipe.main([*solo, "--stop_after_steps", "2"]) is None
+    assert (out / "checkpoints" / "step_00000002").is_dir()
+    results = recipe.main([*solo, "--resume_from_checkpoint", "latest", "--min_peers", "1"])
+    assert results["train_steps"] == 4 and results["compression"]["method"] == "hivemind:fp16"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]  # steps 3 and 4 after the restart

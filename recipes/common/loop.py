@@ -313,8 +313,7 @@ class TrainLoop:
             self.step = int(state.pop("step"))
             state.pop("epoch", None)
             self.state.update(state)
-            self._start_epoch, self._skip_batches = resume_position(self.step, len(self.train_loader),
-                                                                    s.gradient_accumulation_steps)
+            self._start_epoch, self._skip_batches = self._resume_position()
             self._checked_step = self.step
             self.logger.info("resumed from %s at step %d (epoch %d, skipping %d batches)", checkpoint, self.step,
                              self._start_epoch, self._skip_batches)
@@ -334,12 +333,16 @@ class TrainLoop:
         # deltas) through gsoft.distributed; the models share the optimizer.
         self.comm = setup_communication(s.communication, acc, self.models, self.optimizer, seed=s.seed)
 
+    def _resume_position(self) -> tuple[int, int]:
+        """The data epoch a resumed run continues in and the batches of it already trained on."""
+        return resume_position(self.step, len(self.train_loader), self.settings.gradient_accumulation_steps)
+
     def _refuse_non_finite_state(self, checkpoint: Path) -> None:
         """A checkpoint saved after its run diverged (its trained parameters or optimizer state hold NaN or inf) is
         not resumed (collective: every process checks what it loaded)."""
         names = {id(p): name for name, p in self._trained}
         optimizer_state = ((f"optimizer state of {names.get(id(param), '<unnamed>')!r} ({key})", value)
-                           for param, state in self.optimizer.state.items()
+                           for param, state in self.optimizer.state.items() if isinstance(state, Mapping)
                            for key, value in state.items() if isinstance(value, torch.Tensor))
         found = [repr(name) for name in nonfinite_names(self._trained)] + nonfinite_names(optimizer_state)
         everywhere = [name for names_of_process in gather_object([found]) for name in names_of_process]

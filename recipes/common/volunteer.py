@@ -217,12 +217,16 @@ class VolunteerLoop(TrainLoop):
         digest = hashlib.sha256(str(self.dht.peer_id).encode()).digest()
         self._data_offset = int.from_bytes(digest[:4], "big") % (1 << 30)
 
+    def _resume_position(self) -> tuple[int, int]:
+        """A resumed peer starts a fresh pass over its data: the swarm, not this peer, decides what has been trained
+        on."""
+        return 0, 0
+
     def _data_epochs(self) -> Iterable[int]:
         return itertools.count(self._start_epoch)
 
     def _batches(self, epoch: int) -> Any:
-        """This peer's own data order (its seed mixed with its peer id); a resumed peer does not skip batches: the
-        swarm, not this peer, decides what has been trained on."""
+        """This peer's own data order (its seed mixed with its peer id)."""
         self.train_loader.set_epoch(self._data_offset + epoch)
         return self.train_loader
 
