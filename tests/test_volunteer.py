@@ -157,12 +157,12 @@ def test_joining_an_absent_peer_is_one_clear_error():
 PEER = textwrap.dedent('''
     import json, sys, time, torch
     from gsoft.distributed import volunteer
-    out, address_file, broken = sys.argv[1], sys.argv[2], sys.argv[3] == "broken"
+    out, address_file, broken, rank = sys.argv[1], sys.argv[2], sys.argv[3] == "broken", int(sys.argv[5])
     initial = [open(address_file).read().strip()] if sys.argv[4] == "join" else []
     config = volunteer.VolunteerConfig(
         run_id="pair", target_batch_size=256, batch_size_per_step=8, initial_peers=initial, average_state_every=4,
         host_maddrs=["/ip4/127.0.0.1/tcp/0"], use_relay=False, mode="gradients", compression="uniform8bit",
-        matchmaking_time=1.0, averaging_timeout=10.0, max_failed_rounds=2, min_peers=2)
+        matchmaking_time=1.0, averaging_timeout=10.0, max_failed_rounds=2, min_peers=2, powersgd_rank=rank)
     dht = volunteer.start_dht(config)
     if not initial:
         open(address_file + ".tmp", "w").write(volunteer.visible_addresses(dht)[0])
@@ -196,13 +196,15 @@ PEER = textwrap.dedent('''
     except volunteer.AveragingFailed as exc:
         outcome = f"AveragingFailed: {exc}"
     json.dump({"outcome": outcome, "epoch": optimizer.local_epoch, "rounds": optimizer.rounds.summary(),
+               "averager": type(optimizer.grad_averager).__name__,
                "sent": optimizer.traffic.sent, "received": optimizer.traffic.received}, open(out, "w"))
     optimizer.shutdown(); dht.shutdown()
 ''')
 
 
-def _pair(tmp_path: Path, broken: str) -> tuple[dict, dict, str]:
-    """Two peers averaging gradients in 8 bits; ``broken``: "" or which of "a"/"b" cannot decode."""
+def _pair(tmp_path: Path, broken: str, powersgd_rank: int = 0) -> tuple[dict, dict, str]:
+    """Two peers averaging gradients in 8 bits (through hivemind's PowerSGD with ``powersgd_rank``); ``broken``: ""
+    or which of "a"/"b" cannot decode."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     address = tmp_path / "address"
     procs = {}
@@ -214,7 +216,7 @@ def _pair(tmp_path: Path, broken: str) -> tuple[dict, dict, str]:
                 time.sleep(0.2)
         procs[name] = subprocess.Popen(
             [sys.executable, "-c", PEER, str(tmp_path / f"{name}.json"), str(address),
-             "broken" if broken == name else "ok", role],
+             "broken" if broken == name else "ok", role, str(powersgd_rank)],
             cwd=REPO_ROOT, env=env, stdout=open(tmp_path / f"{name}.log", "w"), stderr=subprocess.STDOUT)
     for proc in procs.values():
         proc.wait(timeout=300)
@@ -222,9 +224,10 @@ def _pair(tmp_path: Path, broken: str) -> tuple[dict, dict, str]:
     return (json.loads((tmp_path / "a.json").read_text()), json.loads((tmp_path / "b.json").read_text()), logs)
 
 
-def test_two_peers_average_in_8_bits_and_count_bytes(tmp_path):
-    a, b, logs = _pair(tmp_path, broken="")
+def test_two_peers_average_powersgd_factors_in_8_bits_and_count_bytes(tmp_path):
+    a, b, logs = _pair(tmp_path, broken="", powersgd_rank=1)
     assert a["outcome"] == b["outcome"] == "finished", logs[-3000:]
+    assert a["averager"] == "AccountedPowerSGDGradientAverager"
     assert a["rounds"]["succeeded"] > 0 and a["rounds"]["failed"] + a["rounds"]["partial"] <= 1, logs[-3000:]
     assert a["sent"] > 0 and a["received"] > 0 and b["sent"] > 0
     assert "lost parts" not in logs
