@@ -521,7 +521,7 @@ SWARM_EPOCHS = ["--num_train_epochs", "8"]
 SWARM = ["--config", str(SMOKE), "--progress_bar", "false", "--report_to", "none", "--backend", "hivemind",
          "--run_id", "smoke-swarm", "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--use_relay", "false",
          "--target_batch_size", "1920", "--warmup_steps", "1", "--matchmaking_time", "1", "--averaging_timeout",
-         "30", "--eval_steps", "1000", "--logging_steps", "1", "--torch_num_threads", "1", *SWARM_EPOCHS]
+         "15", "--eval_steps", "1000", "--logging_steps", "1", "--torch_num_threads", "1", *SWARM_EPOCHS]
 
 
 def _peer(out: Path, *extra: str) -> subprocess.Popen:
