@@ -43,12 +43,11 @@ GRADIENTS_UNDER_ADAMW = pytest.mark.filterwarnings("ignore:.*-compressed gradien
                                                    "ignore:gdsec under AdamW")
 
 
-@pytest.fixture(scope="module")
-def one_process_group(tmp_path_factory):
+@pytest.fixture
+def one_process_group(tmp_path):
     """A one-process gloo group: ``register_compression`` needs a DDP model; the states are then relabelled as
     written by several processes."""
-    store = tmp_path_factory.mktemp("pg") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
@@ -313,6 +312,43 @@ def test_a_checkpoint_without_one_compression_state_per_model_is_refused_before_
                                          r"trains 2 models, each with one: .*a one-process run of a gsoft version "
                                          r"that saved none"):
         hook([], str(_checkpoint(tmp_path / "old", 1, 0)))
+
+
+def test_one_agent_joins_the_process_group_under_a_prefix_of_its_restart(monkeypatch):
+    """What a worker of torch's elastic agent finds: the agent's store (a server here) and its restart count. The
+    group's store keeps every key under ``gsoft/attempt_<restart>/``, apart from the previous attempt's."""
+    from common.run import join_elastic_process_group
+
+    port = free_port()
+    server = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    joined: list[dict] = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: joined.append(dict(kwargs, backend=backend)))
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    assert not join_elastic_process_group() and not joined  # not under an agent
+    for name, value in dict(TORCHELASTIC_RESTART_COUNT="2", TORCHELASTIC_USE_AGENT_STORE="True",
+                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                            GROUP_WORLD_SIZE="1").items():
+        monkeypatch.setenv(name, value)
+    assert join_elastic_process_group()
+    [call] = joined
+    assert call["backend"] == "gloo" and call["rank"] == 0 and call["world_size"] == 1
+    call["store"].set("probe", "1")
+    assert server.check(["gsoft/attempt_2/probe"]) and server.get("gsoft/attempt_2/probe") == b"1"
+
+
+def test_several_agents_sharing_their_store_get_one_warning_naming_the_fix(monkeypatch, caplog):
+    from common.run import join_elastic_process_group
+
+    for name, value in dict(TORCHELASTIC_RESTART_COUNT="0", TORCHELASTIC_USE_AGENT_STORE="True", RANK="0",
+                            WORLD_SIZE="2", GROUP_WORLD_SIZE="2").items():
+        monkeypatch.setenv(name, value)
+    with caplog.at_level(logging.WARNING, logger="common.run"):
+        assert not join_elastic_process_group() and not dist.is_initialized()
+    [record] = caplog.records
+    assert "2 elastic agents share one store" in record.getMessage()
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in record.getMessage()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # that fix: a store per round, nothing to do
+    assert not join_elastic_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

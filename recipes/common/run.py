@@ -196,7 +196,7 @@ def join_elastic_process_group() -> bool:
         return False
     store, rank, world_size = next(torch.distributed.rendezvous("env://"))
     torch.distributed.init_process_group(
-        "gloo", store=torch.distributed.PrefixStore(f"gsoft/attempt_{attempt}/", store), rank=rank,
+        "gloo", store=torch.distributed.PrefixStore(f"gsoft/attempt_{attempt}", store), rank=rank,
         world_size=world_size)
     return True
 
