@@ -78,6 +78,23 @@ def test_every_offered_codec_round_trips_and_counts_its_bytes():
     assert sizes["none"] == 4 * 4096 and sizes["fp16"] == 2 * 4096 and sizes["uniform8bit"] < 4096 + 2048
 
 
+def test_gsoft_int8_is_unbiased_in_hivemind_uniform_8bit_format():
+    """gsoft's int8 message is a uniform 8-bit one (hivemind's decoder reads it), its rounding unbiased: the mean of
+    many decodes converges to the input, unlike one decode's error of up to a level."""
+    from hivemind.compression.base import CompressionInfo
+    from hivemind.proto import runtime_pb2
+
+    volunteer.install_codecs()
+    int8, x = volunteer.codec("int8"), torch.randn(2000)
+    message = int8.compress(x, CompressionInfo.from_tensor(x))
+    assert message.compression == runtime_pb2.UNIFORM_8BIT and len(message.buffer) == 8 + 4 * 256 + 2000
+    level = float(x.abs().max()) / 127
+    decodes = torch.stack([int8.extract(int8.compress(x, CompressionInfo.from_tensor(x))) for _ in range(400)])
+    assert float((decodes[0] - x).abs().max()) <= level * 1.001
+    assert float((decodes.mean(0) - x).abs().max()) < 0.2 * level  # unbiased: about level / (2 sqrt(400)) per value
+    assert type(volunteer.codec("uniform8bit").inner).__name__ != "_GsoftInt8"  # the choice is per process
+
+
 def test_fixed_8bit_decoder_reads_hivemind_encoding_exactly():
     """gsoft's decoder gives hivemind's codebook lookup of hivemind's own message (the wire format stays)."""
     import numpy as np
@@ -157,11 +174,11 @@ def test_joining_an_absent_peer_is_one_clear_error():
 PEER = textwrap.dedent('''
     import json, sys, time, torch
     from gsoft.distributed import volunteer
-    out, address_file, broken, rank = sys.argv[1], sys.argv[2], sys.argv[3] == "broken", int(sys.argv[5])
+    out, address_file, broken, rank, codec = sys.argv[1], sys.argv[2], sys.argv[3] == "broken", int(sys.argv[5]), sys.argv[6]
     initial = [open(address_file).read().strip()] if sys.argv[4] == "join" else []
     config = volunteer.VolunteerConfig(
         run_id="pair", target_batch_size=256, batch_size_per_step=8, initial_peers=initial, average_state_every=4,
-        host_maddrs=["/ip4/127.0.0.1/tcp/0"], use_relay=False, mode="gradients", compression="uniform8bit",
+        host_maddrs=["/ip4/127.0.0.1/tcp/0"], use_relay=False, mode="gradients", compression=codec,
         matchmaking_time=1.0, averaging_timeout=10.0, max_failed_rounds=2, min_peers=2, powersgd_rank=rank)
     dht = volunteer.start_dht(config)
     if not initial:
@@ -202,9 +219,9 @@ PEER = textwrap.dedent('''
 ''')
 
 
-def _pair(tmp_path: Path, broken: str, powersgd_rank: int = 0) -> tuple[dict, dict, str]:
-    """Two peers averaging gradients in 8 bits (through hivemind's PowerSGD with ``powersgd_rank``); ``broken``: ""
-    or which of "a"/"b" cannot decode."""
+def _pair(tmp_path: Path, broken: str, powersgd_rank: int = 0, codec: str = "uniform8bit") -> tuple[dict, dict, str]:
+    """Two peers averaging gradients in 8 bits (``codec``; through hivemind's PowerSGD with ``powersgd_rank``);
+    ``broken``: "" or which of "a"/"b" cannot decode."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     address = tmp_path / "address"
     procs = {}
@@ -216,7 +233,7 @@ def _pair(tmp_path: Path, broken: str, powersgd_rank: int = 0) -> tuple[dict, di
                 time.sleep(0.2)
         procs[name] = subprocess.Popen(
             [sys.executable, "-c", PEER, str(tmp_path / f"{name}.json"), str(address),
-             "broken" if broken == name else "ok", role, str(powersgd_rank)],
+             "broken" if broken == name else "ok", role, str(powersgd_rank), codec],
             cwd=REPO_ROOT, env=env, stdout=open(tmp_path / f"{name}.log", "w"), stderr=subprocess.STDOUT)
     for proc in procs.values():
         proc.wait(timeout=300)
@@ -224,8 +241,8 @@ def _pair(tmp_path: Path, broken: str, powersgd_rank: int = 0) -> tuple[dict, di
     return (json.loads((tmp_path / "a.json").read_text()), json.loads((tmp_path / "b.json").read_text()), logs)
 
 
-def test_two_peers_average_powersgd_factors_in_8_bits_and_count_bytes(tmp_path):
-    a, b, logs = _pair(tmp_path, broken="", powersgd_rank=1)
+def test_two_peers_average_powersgd_factors_in_gsoft_int8_and_count_bytes(tmp_path):
+    a, b, logs = _pair(tmp_path, broken="", powersgd_rank=1, codec="int8")
     assert a["outcome"] == b["outcome"] == "finished", logs[-3000:]
     assert a["averager"] == "AccountedPowerSGDGradientAverager"
     assert a["rounds"]["succeeded"] > 0 and a["rounds"]["failed"] + a["rounds"]["partial"] <= 1, logs[-3000:]

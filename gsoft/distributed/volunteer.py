@@ -11,9 +11,11 @@ current state to a peer that joins late or falls behind. This module adds what a
   ``gradients``: the peers accumulate ``target_batch_size`` samples of gradients, average them (optionally with
   hivemind's PowerSGD) and take one optimizer step together (synchronous large-batch training).
 - Codecs: hivemind's wire format is a closed set of six stateless codecs (``runtime.proto``'s ``CompressionType``),
-  so a hivemind run compresses with those (:data:`CODECS`). gsoft's own compressors are not usable here: Top-K, sign
-  and Rand-K need error feedback, a residual per process and tensor kept across rounds, and hivemind regroups the
-  peers and re-partitions the tensors every round; PowerSGD is hivemind's own (``powersgd_rank``).
+  so a hivemind run compresses with those (:data:`CODECS`). Of gsoft's compressors, the stateless ones fit: fp16 is
+  hivemind's own format, and gsoft's unbiased int8 (:class:`~gsoft.distributed.compressors.Int8`) is sent as a
+  uniform 8-bit message whose codebook is its 255 levels, which every peer's decoder reads. Top-K, sign and Rand-K
+  need error feedback, a residual per process and tensor kept across rounds, and hivemind regroups the peers and
+  re-partitions the tensors every round; PowerSGD is hivemind's own (``powersgd_rank``).
 - :func:`install_codecs`: checks every codec once with a round trip. hivemind 1.1.12's 8-bit decoders read their
   header with ``int()`` of a one-element array, a TypeError under numpy 2.x; the all-reduce then drops the parts it
   cannot decode and reports the round as a success. When that check fails, gsoft decodes those messages itself (the
@@ -52,6 +54,7 @@ CODECS = {
     "scaled_fp16": "MEANSTD_16BIT",
     "uniform8bit": "UNIFORM_8BIT",
     "quantile8bit": "QUANTILE_8BIT",
+    "int8": "UNIFORM_8BIT",  # gsoft's QSGD int8, sent in the uniform 8-bit format (see _GsoftInt8)
 }
 MODES = ("local_updates", "gradients")
 
@@ -96,7 +99,7 @@ class VolunteerConfig:
     averaging_timeout: float = 60.0
     """Seconds before an averaging round is given up (it then counts as failed)."""
     compression: str = "fp16"
-    """The codec of every averaging message (a key of :data:`CODECS`)."""
+    """The codec of every averaging message (a key of :data:`CODECS`; ``int8`` is gsoft's, the others hivemind's)."""
     powersgd_rank: int = 0
     """``gradients`` mode: average gradients with hivemind's PowerSGD of this rank (0: plain averaging)."""
     max_failed_rounds: int = 5
@@ -119,8 +122,8 @@ class VolunteerConfig:
             raise ValueError(f"mode {self.mode!r}: choose one of {', '.join(MODES)}.")
         if self.compression not in CODECS:
             raise ValueError(f"compression {self.compression!r}: choose one of {', '.join(CODECS)} (hivemind's "
-                             "codecs; gsoft's Top-K, sign and Rand-K need error feedback, which hivemind's "
-                             "regrouping all-reduce cannot keep).")
+                             "codecs and gsoft's int8; gsoft's Top-K, sign and Rand-K need error feedback, which "
+                             "hivemind's regrouping all-reduce cannot keep).")
         if isinstance(self.powersgd_rank, bool) or not isinstance(self.powersgd_rank, int) or self.powersgd_rank < 0:
             raise ValueError(f"powersgd_rank {self.powersgd_rank!r} must be a non-negative integer (0: off).")
         if self.powersgd_rank and self.mode != "gradients":
@@ -225,7 +228,7 @@ def install_codecs() -> TrafficCounter:
 
     counter = TrafficCounter()
     registry = serialization._BASE_COMPRESSION_TYPES
-    for name in CODECS.values():
+    for name in dict.fromkeys(CODECS.values()):  # each wire format once (int8 and uniform8bit share one)
         codec = registry[name]
         error = _round_trip_error(codec)
         if error is not None:
@@ -242,10 +245,18 @@ def install_codecs() -> TrafficCounter:
 
 
 def codec(name: str) -> Any:
-    """The registered (checked and counted) codec for ``--hivemind_compression name``; after :func:`install_codecs`."""
+    """The registered (checked and counted) codec for ``--hivemind_compression name``; after :func:`install_codecs`.
+
+    ``int8`` and ``uniform8bit`` share hivemind's ``UNIFORM_8BIT`` format: choosing one makes this process encode
+    that format with it (an averaging round re-encodes averaged parts through the registry, not through the codec it
+    was given); decoding is the same for both."""
     from hivemind.compression import serialization
 
-    return serialization._BASE_COMPRESSION_TYPES[CODECS[name]]
+    counted = serialization._BASE_COMPRESSION_TYPES[CODECS[name]]
+    if CODECS[name] == "UNIFORM_8BIT":
+        decoder = counted.inner.decoder if isinstance(counted.inner, _GsoftInt8) else counted.inner
+        counted.inner = _GsoftInt8(decoder) if name == "int8" else decoder
+    return counted
 
 
 def _round_trip_error(codec: Any) -> Optional[str]:
@@ -310,6 +321,39 @@ class _Fixed8BitDecoder:
 
     def estimate_compression_ratio(self, info: Any) -> float:
         return self.inner.estimate_compression_ratio(info)
+
+
+class _GsoftInt8:
+    """gsoft's int8 (QSGD: one scale ``max|x| / 127`` per message, unbiased stochastic rounding) in hivemind's
+    uniform 8-bit format: a 256-entry codebook ``scale * (k - 127)`` and one uint8 index per value, so any peer's
+    ``UNIFORM_8BIT`` decoder reads it. The rounding noise is drawn afresh for every message."""
+
+    def __init__(self, decoder: Any) -> None:
+        self.decoder = decoder
+        self.compression_type = decoder.compression_type
+
+    def compress(self, tensor: torch.Tensor, info: Any, allow_inplace: bool = False) -> Any:
+        import numpy as np
+        from hivemind.proto import runtime_pb2
+
+        from .compressors import Int8
+
+        flat = tensor.detach().reshape(-1).float().cpu()
+        codes, scale = Int8(chunk_size=max(1, flat.numel())).compress(
+            flat, private_seed=int(torch.randint(0, 2**62, ()).item()))
+        codebook = (scale.float() * torch.arange(-127, 129, dtype=torch.float32)).numpy()
+        indices = (codes.to(torch.int16) + 127).to(torch.uint8).numpy()
+        return runtime_pb2.Tensor(
+            compression=self.compression_type,
+            buffer=b"".join((np.int64(codebook.size).tobytes(), codebook.tobytes(), indices.tobytes())),
+            size=tensor.shape, dtype=str(tensor.dtype).removeprefix("torch."),
+            requires_grad=tensor.requires_grad)
+
+    def extract(self, serialized: Any) -> torch.Tensor:
+        return self.decoder.extract(serialized)
+
+    def estimate_compression_ratio(self, info: Any) -> float:
+        return self.decoder.estimate_compression_ratio(info)
 
 
 # ---- averaging rounds ------------------------------------------------------------------------------------------------

@@ -111,9 +111,9 @@ class VolunteerArgs:
     )
     hivemind_compression: str = field(
         default="fp16",
-        metadata={"help": f"hivemind: codec of every averaging message: {', '.join(CODECS)} (hivemind's own; "
-                          "gsoft's --grad_compression methods need error feedback, which hivemind's regrouping "
-                          "all-reduce cannot keep).", "choices": tuple(CODECS)},
+        metadata={"help": f"hivemind: codec of every averaging message: {', '.join(CODECS)} (hivemind's own, and "
+                          "gsoft's unbiased int8 in hivemind's uniform 8-bit format; sign, topk and randk need error "
+                          "feedback, which hivemind's regrouping all-reduce cannot keep).", "choices": tuple(CODECS)},
     )
     hivemind_powersgd_rank: int = field(
         default=0,
