@@ -17,6 +17,8 @@ checkpoints, logging, results.json) is the recipes' shared skeleton, ``common.ru
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -349,8 +351,14 @@ def build_base_model(args: GlueArgs, raw: datasets.DatasetDict, spec: TaskSpec, 
         logger.info("stand-in pretraining of the base model on %r: %d steps in %.1f s, final loss %.4f",
                     aux, args.base_pretrain_steps, time.perf_counter() - start, loss)
     # Only the encoder is the "pretrained" model: the task head is created fresh when it is loaded, as for roberta-base.
-    model.base_model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    # Written beside ``path`` and renamed into place: a process killed mid-write (an elastic restart) leaves no
+    # half-written base that every restart would find and fail to load.
+    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.base_model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(path, ignore_errors=True)  # a leftover without config.json (the caller builds only then)
+    os.replace(partial, path)
 
 
 def model_config(args: GlueArgs, source: str, spec: TaskSpec) -> PretrainedConfig:

@@ -81,7 +81,8 @@ def _case_momentum(rank: int, method: str) -> dict[str, Any]:
         digests.append(_digest(model))
         variance.append(opt.state[_trainable(model)[0]]["exp_avg_sq"].clone())
     return {"digests": digests, "bytes": bytes_per_step, "variance": variance, "params": _flat(model),
-            "summary": state.summary(), "numel": _flat(model).numel()}
+            "summary": state.summary(), "numel": _flat(model).numel(),
+            "variance_steps": {opt.state[p].get("variance_step") for p in _trainable(model)}}
 
 
 def _case_cser(rank: int) -> dict[str, Any]:
@@ -239,6 +240,7 @@ def test_momentum_replicas_identical_and_variance_frozen_after_warmup(results, m
     assert not torch.equal(variance[WARMUP - 2], variance[WARMUP - 1])  # it moves during the warm-up
     for later in variance[WARMUP:]:
         assert torch.equal(later, variance[WARMUP - 1])  # and never again
+    assert ranks[0]["variance_steps"] == {float(WARMUP)}  # its bias correction stops at Adam's step count then
 
 
 def test_momentum_bytes_dense_warmup_then_compressed(results):

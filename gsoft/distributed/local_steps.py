@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .state import CompressionState, mean_tensors
+from .state import CompressionState, mean_param_state, mean_tensors
 from .transport import chained_result, shared_seed
 
 KEY = "local_step_delta"
@@ -111,7 +111,7 @@ class LocalSteps:
         first = states[0]
         merged = dict(first)
         merged["params"] = mean_tensors([s["params"] for s in states])
-        merged["optimizer_state"] = [_mean_param_state([s["optimizer_state"][i] for s in states]) if saved else saved
+        merged["optimizer_state"] = [mean_param_state([s["optimizer_state"][i] for s in states]) if saved else saved
                                      for i, saved in enumerate(first["optimizer_state"])]
         return merged
 
@@ -130,14 +130,6 @@ class LocalSteps:
                 self.optimizer.state[p] = {
                     k: v.to(p.device) if torch.is_tensor(v) and (k != "step" or on_device[id(p)]) else v
                     for k, v in saved.items()}
-
-
-def _mean_param_state(states: list[dict[str, Any]]) -> dict[str, Any]:
-    """One parameter's optimizer state from each process's: the tensors (moments) averaged, ``step`` and the rest
-    from the first (equal on every process)."""
-    first = states[0]
-    return {k: mean_tensors([s[k] for s in states]) if torch.is_tensor(v) and k != "step" else v
-            for k, v in first.items()}
 
 
 def _detached(param_state: dict[str, Any]) -> dict[str, Any]:

@@ -112,12 +112,14 @@ class CompressedMomentum:
             lr = float(group["lr"])
             adam["exp_avg"].copy_(mean[offset: offset + p.numel()].view_as(p))
             offset += p.numel()
+            # v stops at the first frozen step, and so does its bias correction: Adam's step count then (the
+            # warm-up's length, or more when a resumed run warms up again on top of earlier steps)
+            frozen_at = adam.setdefault("variance_step", float(adam["step"]))
             adam["step"] += 1
             step = float(adam["step"])
             if group["weight_decay"] and group.get("decoupled_weight_decay", False):
                 p.mul_(1 - lr * group["weight_decay"])
-            # v stopped at the end of the warm-up, and so did its bias correction
-            denom = (adam["exp_avg_sq"] / (1 - beta2 ** self.warmup_steps)).sqrt_().add_(group["eps"])
+            denom = (adam["exp_avg_sq"] / (1 - beta2 ** frozen_at)).sqrt_().add_(group["eps"])
             p.addcdiv_(adam["exp_avg"], denom, value=-lr / (1 - beta1 ** step))
             p.grad = None  # the optimizer's own step skips this parameter
 

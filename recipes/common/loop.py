@@ -69,6 +69,7 @@ from .communication import (
     trainable_state_sha256,
 )
 from .run import (
+    RESTART_COUNT,
     StepTimer,
     accelerator_kwargs,
     all_finite,
@@ -272,6 +273,7 @@ class TrainLoop:
             dataloader_config=s.dataloader_config,
         ))
         configure_logging(self.accelerator.is_main_process)
+        self._log_elastic_restart()
         set_seed(s.seed)  # every RNG, as diffusers' and transformers' scripts do; recipes may re-seed their own draws
         if s.torch_num_threads:
             torch.set_num_threads(s.torch_num_threads)
@@ -284,6 +286,20 @@ class TrainLoop:
         with discard_new_output_dir_on_error(self.output_dir, fresh, self.accelerator.is_main_process):
             self._set_up()
         return self._train()
+
+    def _log_elastic_restart(self) -> None:
+        """Under torch's elastic agent, say which restart this is and where it continues from."""
+        restart = os.environ.get(RESTART_COUNT)
+        if not restart or restart == "0":
+            return
+        limit = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?")
+        if self.settings.resume_from_checkpoint:
+            self.logger.info("torch elastic restart %s of at most %s: resuming from --resume_from_checkpoint %s",
+                             restart, limit, self.settings.resume_from_checkpoint)
+        else:
+            self.logger.warning("torch elastic restart %s of at most %s without --resume_from_checkpoint: training "
+                                "starts again from step 0 (pass --resume_from_checkpoint latest to continue from the "
+                                "newest checkpoint)", restart, limit)
 
     @property
     def _tensorboard(self) -> bool:
