@@ -12,6 +12,8 @@
 - :mod:`.partial_sync`: compressed updates with each process's unsent residual kept in its replica and periodic
   error resets (CSER).
 - :mod:`.momentum`: ``compress="momentum"``, Adam with a frozen second moment and a compressed momentum (1-bit Adam).
+- :mod:`.volunteer`: peers of a hivemind swarm training one adapter over the internet (``hivemind.Optimizer`` with
+  every averaging round accounted for, checked codecs, counted bytes); imported on its own, hivemind being optional.
 - :mod:`.olga` and :mod:`.baselines`: OLGA / EF-OLGA, and GD, EF21, Qsparse-local-SGD and AEG, in process on strongly
   convex problems split over workers (docs/olga.md).
 """
