@@ -92,6 +92,20 @@ def spawn_cases(out_dir: Path, world: int, cases: Callable[[], dict[str, Callabl
     return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
+def frozen_base_mlp(in_features: int, hidden: int, out_features: int) -> torch.nn.Module:
+    """A seeded Linear-Tanh-Linear whose first layer is frozen: a trained head behind a frozen base, the smallest
+    model whose trained parameters are a subset (the shape the communication tests use)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(in_features, hidden), torch.nn.Tanh(),
+                                torch.nn.Linear(hidden, out_features))
+    model[0].requires_grad_(False)
+    return model
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 @pytest.fixture
 def hub_downloads(monkeypatch) -> list[str]:
     """The file names transformers asks the hub for during the test (the downloads still run; offline they fail)."""

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import spawn_cases
+from conftest import frozen_base_mlp, spawn_cases, trainable
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -30,18 +30,12 @@ STEPS = 8
 
 
 def _model() -> nn.Module:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, OUT))
-    model[0].requires_grad_(False)
-    return model
+    return frozen_base_mlp(IN, HIDDEN, OUT)
 
-
-def _trainable(model: nn.Module) -> list[torch.Tensor]:
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def _flat(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in _trainable(model)]).clone()
+    return torch.cat([p.detach().reshape(-1) for p in trainable(model)]).clone()
 
 
 def _digest(model: nn.Module) -> str:
@@ -68,7 +62,7 @@ def _adamw(params) -> torch.optim.AdamW:
 def _case_momentum(rank: int, method: str) -> dict[str, Any]:
     model = _model()
     ddp = DDP(model)
-    opt = _adamw(_trainable(model))
+    opt = _adamw(trainable(model))
     state = register_compression(ddp, CompressionConfig(method, compression_ratio=0.1, compress="momentum",
                                                         momentum_warmup_steps=WARMUP), optimizer=opt)
     digests, bytes_per_step, variance = [], [], []
@@ -79,17 +73,17 @@ def _case_momentum(rank: int, method: str) -> dict[str, Any]:
         opt.step()
         bytes_per_step.append(state.bytes_sent - before)
         digests.append(_digest(model))
-        variance.append(opt.state[_trainable(model)[0]]["exp_avg_sq"].clone())
+        variance.append(opt.state[trainable(model)[0]]["exp_avg_sq"].clone())
     return {"digests": digests, "bytes": bytes_per_step, "variance": variance, "params": _flat(model),
             "summary": state.summary(), "numel": _flat(model).numel(),
-            "variance_steps": {opt.state[p].get("variance_step") for p in _trainable(model)}}
+            "variance_steps": {opt.state[p].get("variance_step") for p in trainable(model)}}
 
 
 def _case_cser(rank: int) -> dict[str, Any]:
     """Top-K 10 % updates with a reset every 4 steps; what the replicas are after every step."""
     model = _model()
     ddp = DDP(model)
-    opt = _adamw(_trainable(model))
+    opt = _adamw(trainable(model))
     stepped: list[torch.Tensor] = []  # after each AdamW step, before the round (hooks run in registration order)
     opt.register_step_post_hook(lambda *_: stepped.append(_flat(model)))
     state = register_compression(ddp, CompressionConfig("topk", compression_ratio=0.1, compress="updates",
@@ -113,7 +107,7 @@ def _case_updates_default(rank: int) -> dict[str, Any]:
     once."""
     model = _model()
     ddp = DDP(model)
-    opt = _adamw(_trainable(model))
+    opt = _adamw(trainable(model))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         state = register_compression(ddp, CompressionConfig("topk", compression_ratio=0.01), optimizer=opt)
@@ -138,7 +132,7 @@ def _case_resume(rank: int, **options) -> dict[str, Any]:
     def make():
         model = _model()
         ddp = DDP(model)
-        opt = _adamw(_trainable(model))
+        opt = _adamw(trainable(model))
         state = register_compression(ddp, config, optimizer=opt)
         # a learning rate that changes every step: a mode that kept the groups of before a load would use stale ones
         return model, ddp, opt, state, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
@@ -159,7 +153,7 @@ def _case_resume(rank: int, **options) -> dict[str, Any]:
     model, ddp, opt, state, sched = make()
     with torch.no_grad():
         offset = 0
-        for p in _trainable(model):
+        for p in trainable(model):
             p.copy_(saved["params"][offset: offset + p.numel()].view_as(p))
             offset += p.numel()
     opt.load_state_dict(saved["opt"][0])
@@ -198,18 +192,18 @@ def _reference_momentum() -> torch.Tensor:
     """1-bit Adam without compression, in one process: AdamW on the mean gradient for WARMUP steps, then the mean
     momentum with the second moment (and its bias correction) frozen."""
     models = [_model() for _ in range(WORLD)]
-    params = _trainable(models[0])
+    params = trainable(models[0])
     opt = _adamw(params)
     beta1, beta2 = opt.param_groups[0]["betas"]
     for step in range(STEPS):
         grads = []
         for rank, model in enumerate(models):
             with torch.no_grad():
-                for p, q in zip(_trainable(model), params):
+                for p, q in zip(trainable(model), params):
                     p.copy_(q)
             model.zero_grad()
             _loss(model, rank, step).backward()
-            grads.append([p.grad.clone() for p in _trainable(model)])
+            grads.append([p.grad.clone() for p in trainable(model)])
         mean = [sum(g[i] for g in grads) / WORLD for i in range(len(params))]
         if step < WARMUP:
             for p, g in zip(params, mean):
@@ -359,8 +353,8 @@ def test_momentum_needs_adam():
 
     model = _model()
     with pytest.raises(ValueError, match="needs torch.optim.Adam or AdamW, got SGD"):
-        check_optimizer(torch.optim.SGD(_trainable(model), lr=0.1))
+        check_optimizer(torch.optim.SGD(trainable(model), lr=0.1))
     with pytest.raises(ValueError, match=r"amsgrad=True\) is not supported"):
-        check_optimizer(torch.optim.Adam(_trainable(model), amsgrad=True))
-    assert isinstance(check_optimizer(_adamw(_trainable(model))), torch.optim.AdamW)
+        check_optimizer(torch.optim.Adam(trainable(model), amsgrad=True))
+    assert isinstance(check_optimizer(_adamw(trainable(model))), torch.optim.AdamW)
     assert CompressedMomentum.__doc__

@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common.communication import check_checkpoint_processes, check_world_size_on_resume
-from conftest import RECIPES, free_port
+from conftest import RECIPES, free_port, frozen_base_mlp, trainable
 from gsoft.distributed import CompressionConfig, register_compression
 from gsoft.distributed.state import SingleProcessState, is_single_process_state, one_process_resume
 from test_roberta_glue import TINY
@@ -53,18 +53,12 @@ def one_process_group(tmp_path):
 
 
 def _model() -> nn.Module:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, OUT))
-    model[0].requires_grad_(False)
-    return model
+    return frozen_base_mlp(IN, HIDDEN, OUT)
 
-
-def _trainable(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def _optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(_trainable(model), lr=1e-2)
+    return torch.optim.AdamW(trainable(model), lr=1e-2)
 
 
 def _steps(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int = 0) -> None:
@@ -112,14 +106,14 @@ def _one_process(saved: dict) -> tuple[nn.Module, torch.optim.Optimizer, SingleP
     if "params" in local:
         with torch.no_grad():
             offset = 0
-            for p in _trainable(model):
+            for p in trainable(model):
                 p.copy_(local["params"][offset: offset + p.numel()].view_as(p))
                 offset += p.numel()
     return model, opt, SingleProcessState(model, opt)
 
 
 def _flat(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in _trainable(model)])
+    return torch.cat([p.detach().reshape(-1) for p in trainable(model)])
 
 
 def _residual(resume, model: nn.Module) -> torch.Tensor:
@@ -144,7 +138,7 @@ def test_two_to_one_with_compressed_updates_is_the_synchronisation(one_process_g
         stand_in.load_state_dict(two)
     expected = first["params"] + 0.25 + _residual(resume, model)
     assert torch.allclose(_flat(model), expected)
-    for p, param_state in zip(_trainable(model), first["optimizer_state"]):
+    for p, param_state in zip(trainable(model), first["optimizer_state"]):
         assert torch.allclose(opt.state[p]["exp_avg"], param_state["exp_avg"] + 0.25)
         assert torch.allclose(opt.state[p]["exp_avg_sq"], param_state["exp_avg_sq"] + 0.25)
         assert torch.equal(opt.state[p]["step"], param_state["step"])
@@ -236,7 +230,7 @@ def test_one_to_several_starts_fresh_from_the_loaded_model(one_process_group, co
     _steps(ddp, opt, 3)
     assert state.steps == 3 and state.state_dict()["ranks"][0].get("feedback")  # one process sends 0 bytes
     with torch.no_grad():  # the model accelerate loaded from the one-process checkpoint
-        for p in _trainable(ddp.module):
+        for p in trainable(ddp.module):
             p.add_(1.0)
     loaded = _flat(ddp.module).clone()
     state.load_state_dict(SingleProcessState(ddp.module, opt).state_dict())
