@@ -515,9 +515,11 @@ def test_divergence_with_cayley_neumann_names_the_exact_map(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------------
 # A swarm step is 1,920 samples (60 batches among the peers), so that a step lasts longer than hivemind's progress
 # refresh on this machine; 8 epochs of the smoke data are 17 swarm steps (one of warm-up), long enough for a fourth
-# peer started when the others begin (about 20 s to set up on 2 loaded cores) to join mid-run. The single-process
-# run to compare with trains on the same 8 epochs.
+# peer started when the others begin (about 20 s to set up on 2 loaded cores) to join mid-run.
 SWARM_EPOCHS = ["--num_train_epochs", "8"]
+# A single process trained on the same 8 epochs reaches the task's ceiling, 0.964 (docs/volunteer.md; the ceiling is
+# 1 - the 5% label noise, measured on the validation set), so the swarm's survivors must reach 0.964 - 2 points.
+SINGLE_PROCESS_8_EPOCHS = 0.964
 SWARM = ["--config", str(SMOKE), "--progress_bar", "false", "--report_to", "none", "--backend", "hivemind",
          "--run_id", "smoke-swarm", "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--use_relay", "false",
          "--target_batch_size", "1920", "--warmup_steps", "1", "--matchmaking_time", "1", "--averaging_timeout",
@@ -552,14 +554,13 @@ def _reached(out: Path, step: int) -> bool:
 
 def test_hivemind_swarm_with_a_peer_leaving_and_one_joining_late(tmp_path):
     """Three peers start the smoke task together; once they train a fourth joins, and at swarm step 3 one dies
-    (SIGKILL of its process group); the survivors finish, match the single-process run's accuracy within 2 points, count their
-    bytes, and their saved adapter reloads and reproduces the accuracy."""
+    (SIGKILL of its process group); the survivors finish, match the accuracy of a single-process run of the same
+    epochs within 2 points and count their bytes, and the late peer's saved adapter reloads and reproduces its
+    accuracy."""
     import signal
 
     pytest.importorskip("hivemind")
-    _launch(["--config", str(SMOKE), "--output_dir", str(tmp_path / "single"), "--progress_bar", "false",
-             "--report_to", "none", *SWARM_EPOCHS])
-    single = json.loads((tmp_path / "single" / "results.json").read_text())["eval"]["accuracy"]
+    single = SINGLE_PROCESS_8_EPOCHS
     first = tmp_path / "a"
     peers = [_peer(first, "--min_peers", "3")]
     try:
