@@ -565,7 +565,9 @@ def test_hivemind_swarm_with_a_peer_leaving_and_one_joining_late(tmp_path):
     peers = [_peer(first, "--min_peers", "3")]
     try:
         _wait_for(lambda: (first / "peer_addresses.json").is_file(), "the first peer's address", peers)
-        address = json.loads((first / "peer_addresses.json").read_text())["addresses"][0]
+        addresses = json.loads((first / "peer_addresses.json").read_text())["addresses"]
+        assert addresses and all(a.startswith("/ip4/127.0.0.1/tcp/") for a in addresses)  # loopback only
+        address = addresses[0]
         peers += [_peer(tmp_path / name, "--min_peers", "3", "--initial_peers", address) for name in ("b", "c")]
         _wait_for(lambda: _reached(first, 1), "the first swarm step", peers)
         peers += [_peer(tmp_path / "d", "--initial_peers", address)]  # joins while the others train
@@ -601,6 +603,8 @@ def test_hivemind_peer_stops_and_resumes_from_its_checkpoint(tmp_path):
             "--logging_steps", "1", "--output_dir", str(out)]
     assert recipe.main([*solo, "--stop_after_steps", "2"]) is None
     assert (out / "checkpoints" / "step_00000002").is_dir()
+    swarm = json.loads((out / "peer_addresses.json").read_text())
+    assert swarm["run_id"] == "solo" and all(a.startswith("/ip4/127.0.0.1/tcp/") for a in swarm["addresses"])
     results = recipe.main([*solo, "--resume_from_checkpoint", "latest", "--min_peers", "1"])
     assert results["train_steps"] == 4 and results["compression"]["method"] == "hivemind:fp16"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
