@@ -6,7 +6,7 @@ are in, averages with whichever peers are there (a butterfly all-reduce that sur
 current state to a peer that joins late or falls behind. This module adds what a fine-tuning run needs on top:
 
 - :class:`VolunteerConfig`: the settings, checked when made, with the two modes. ``local_updates``: every peer steps
-  its own optimizer on every batch and the peers average parameters and optimizer state every
+  its own optimizer on every batch and the peers average their parameters every
   ``average_state_every`` epochs (gsoft's compressed-updates mode over a swarm: local steps, then a state average).
   ``gradients``: the peers accumulate ``target_batch_size`` samples of gradients, average them (optionally with
   hivemind's PowerSGD) and take one optimizer step together (synchronous large-batch training).
@@ -91,7 +91,7 @@ class VolunteerConfig:
     """``local_updates``: own optimizer step on every batch, state averaged every ``average_state_every`` epochs.
     ``gradients``: gradients averaged every epoch, one synchronous optimizer step (hivemind's default)."""
     average_state_every: int = 1
-    """Average parameters and optimizer state every N epochs (both modes; in ``gradients`` mode it re-aligns peers
+    """Average parameters every N epochs (both modes; in ``gradients`` mode it re-aligns peers
     whose local fallbacks made them drift)."""
     matchmaking_time: float = 5.0
     """Seconds a peer waits for others to form an averaging group (3-5 on one machine or a LAN, 10-15 over the

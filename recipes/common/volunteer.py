@@ -91,13 +91,13 @@ class VolunteerArgs:
     hivemind_mode: str = field(
         default="local_updates",
         metadata={"help": f"{' | '.join(MODES)}: local_updates = each peer steps AdamW on its own batches and the "
-                          "peers average parameters and optimizer state every --average_state_every swarm steps "
+                          "peers average their parameters every --average_state_every swarm steps "
                           "(local steps, like --compress updates); gradients = gradients averaged every swarm step, "
                           "one synchronous AdamW step (large-batch training).", "choices": MODES},
     )
     average_state_every: int = field(
         default=1,
-        metadata={"help": "hivemind: average parameters and optimizer state every N swarm steps.", "min": 1},
+        metadata={"help": "hivemind: average the peers' parameters every N swarm steps.", "min": 1},
     )
     matchmaking_time: float = field(
         default=5.0,
