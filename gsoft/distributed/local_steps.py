@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .state import CompressionState, mean_param_state, mean_tensors
+from .state import CompressionState, mean_replicas
 from .transport import chained_result, shared_seed
 
 KEY = "local_step_delta"
@@ -108,11 +108,8 @@ class LocalSteps:
         processes: the parameters (which differ between synchronisations) and the optimizer moments are averaged
         over them, which keeps the mean of the replicas; the reference and the schedule are equal on every process
         and come from the first. (The worker errors are the :class:`CompressionState`'s, averaged there.)"""
-        first = states[0]
-        merged = dict(first)
-        merged["params"] = mean_tensors([s["params"] for s in states])
-        merged["optimizer_state"] = [mean_param_state([s["optimizer_state"][i] for s in states]) if saved else saved
-                                     for i, saved in enumerate(first["optimizer_state"])]
+        merged = dict(states[0])
+        merged["params"], merged["optimizer_state"] = mean_replicas(states)
         return merged
 
     @torch.no_grad()

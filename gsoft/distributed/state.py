@@ -72,6 +72,21 @@ def mean_param_state(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
             for k, v in first.items()}
 
 
+def mean_replicas(locals_: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """The mean of the processes' local-step replicas (``params``, flat) and of each trained parameter's optimizer
+    state (its moments; an empty dict where no step was taken yet): what an exact synchronisation gives them."""
+    params = mean_tensors([local["params"] for local in locals_])
+    optimizer_state = [mean_param_state([local["optimizer_state"][i] for local in locals_]) if saved else saved
+                       for i, saved in enumerate(locals_[0]["optimizer_state"])]
+    return params, optimizer_state
+
+
+def mean_feedback_state(ranks: Sequence[dict[str, Any]], name: str, state: str, like: torch.Tensor) -> torch.Tensor:
+    """The mean over the saved processes of one parameter's error-feedback state (a process without it counts as
+    zeros, shaped like ``like``)."""
+    return mean_tensors([r.get("feedback", {}).get(name, {}).get(state, torch.zeros_like(like)) for r in ranks])
+
+
 def is_single_process_state(state: Any) -> bool:
     """Whether a checkpointed state is a one-process run's :meth:`SingleProcessState.state_dict`."""
     return isinstance(state, dict) and bool(state.get(SINGLE_PROCESS))
@@ -460,10 +475,8 @@ class CompressionState:
             shared = self.feedback.shared_states if self.feedback is not None else ()
             own["feedback"] = {}
             for name, states in first["feedback"].items():
-                own["feedback"][name] = {
-                    s: t.clone() if s in shared else
-                    mean_tensors([r["feedback"].get(name, {}).get(s, torch.zeros_like(t)) for r in ranks])
-                    for s, t in states.items()}
+                own["feedback"][name] = {s: t.clone() if s in shared else mean_feedback_state(ranks, name, s, t)
+                                         for s, t in states.items()}
         if "previous_parameters" in first:
             own["previous_parameters"] = first["previous_parameters"].clone()
         if "local" in first and self.local is not None:
@@ -530,16 +543,14 @@ def one_process_resume(state: dict[str, Any]) -> OneProcessResume:
     resume = OneProcessResume(world_size=world, target=str(options.get("compress")))
     locals_ = [r.get("local") or {} for r in ranks]
     if all("params" in local for local in locals_):
-        resume.params = mean_tensors([local["params"] for local in locals_])
+        resume.params, resume.optimizer_state = mean_replicas(locals_)
         resume.replica_spread = max(float((local["params"] - resume.params).norm()) for local in locals_)
-        resume.optimizer_state = [mean_param_state([local["optimizer_state"][i] for local in locals_]) if saved else {}
-                                  for i, saved in enumerate(locals_[0]["optimizer_state"])]
     references: dict[str, float] = {}
     for name in dict.fromkeys(n for r in ranks for n in r.get("feedback", {})):
         pieces = [r.get("feedback", {}).get(name, {}) for r in ranks]
         like = next(iter(next(p for p in pieces if p).values()))
         for s in dict.fromkeys(k for piece in pieces for k in piece):
-            mean = mean_tensors([piece.get(s, torch.zeros_like(like)) for piece in pieces])
+            mean = mean_feedback_state(ranks, name, s, like)
             if s == "error":
                 resume.residual[name] = mean
             else:
