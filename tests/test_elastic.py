@@ -447,7 +447,10 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_an_uninterrupted_one(e
     model, optimizer, RNG and compression state, so the final state is bit-identical to the uninterrupted run's."""
     log, (first, second) = elastic["logs"]["killed"], elastic["killed"]
     assert first["checkpoints"] == [] and "step_00000020" in second["checkpoints"], elastic["killed"]
-    assert log.count("failed (exitcode: -9)") == 2, log[-4000:]  # the agent saw both kills
+    # the agent saw both kills and restarted twice: it reports the first worker it finds failed, the killed one
+    # (-9) or, when the survivor's collective already failed, the survivor aborting on the broken connection (-6)
+    assert len(re.findall(r"failed \(exitcode: -(?:9|6)\)", log)) == 2, log[-4000:]
+    assert "torch elastic restart 2 of at most 2" in log
     resumed = re.findall(r"resumed from (\S+) at step (\d+)", log)
     assert len(resumed) == 1 and int(resumed[0][1]) >= 20, resumed
     full, killed = _results(elastic["runs"]["full"]), _results(elastic["runs"]["killed"])
