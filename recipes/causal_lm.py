@@ -552,9 +552,6 @@ class CausalLMRecipe(Recipe):
         args = self.args
         transformers.utils.logging.set_verbosity_error()
         check_model_source(args)
-        if args.quantization and run.accelerator.num_processes > 1:
-            raise ValueError(f"--load_in_{args.quantization} with {run.accelerator.num_processes} processes: this "
-                             "recipe trains a quantized base in one process only; launch one process.")
         with run.main_process_first():
             if args.task != "smoke":
                 self.data = read_data(data_files(args, run.output_dir), args)
