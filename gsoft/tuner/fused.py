@@ -21,7 +21,7 @@ matrices (form ``"factors"``) through :func:`gsoft.plan.gs_apply`.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -42,6 +42,9 @@ class LinearSpec(NamedTuple):
     out_side: Optional[Side]
     fan_in_fan_out: bool  # weight stored (in, out) (transformers' Conv1D)
     name: str  # for messages
+    # A quantized base weight: makes the dense ``(out, in)`` weight for one product and is called again in the
+    # backward, so the op keeps no dense copy between them (the op then takes ``weight = weight_cols = None``).
+    dense_weight: Optional[Callable[[], torch.Tensor]] = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -158,6 +161,11 @@ class AdaptedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, weight_cols, bias, scale, rot_in, rot_out, spec: LinearSpec):
+        quantized = spec.dense_weight is not None
+        if quantized:
+            weight = spec.dense_weight()
+            wt = weight.t()
+            weight_cols = wt.view(rot_in.shape[0], -1, wt.shape[1]) if spec.in_side.block_diagonal else wt
         cdtype, out_dtype = compute_dtypes(x, weight)
         out_features = weight_cols.shape[-1]
         # every operand in the GEMM dtype, once (no-ops without autocast); the backward reuses these casts
@@ -178,7 +186,8 @@ class AdaptedLinear(torch.autograd.Function):
         ctx.spec, ctx.cdtype, ctx.x_meta = spec, cdtype, (x.shape, x.dtype)
         ctx.param_dtypes = (rot_in.dtype, None if rot_out is None else rot_out.dtype, None if bias is None else bias.dtype)
         needs_y = scale is not None and ctx.needs_input_grad[4] or rot_out is not None
-        ctx.save_for_backward(x2, weight_c, bias_c, scale, scale_c, rot_c, rot_out_c, y if needs_y else None)
+        ctx.save_for_backward(x2, None if quantized else weight_c, bias_c, scale, scale_c, rot_c, rot_out_c,
+                              y if needs_y else None)
         return y
 
     @staticmethod
@@ -222,6 +231,8 @@ def _backward(ctx, grad, x2, weight, bias, scale, scale_c, rot_in, rot_out, y):
         w, grad_out = _output_rotation_backward(w, z, scale_c, rot_out, spec.out_side, cdtype, rows, need_out)
         if grad_out is not None:
             grad_out = _cast(grad_out, out_dtype)
+    if weight is None:  # a quantized base: its dense weight again, for this product only
+        weight = _cast(spec.dense_weight(), cdtype)
     v = torch.mm(w, weight.t() if spec.fan_in_fan_out else weight)  # dL/d(Q_in x)
     side = spec.in_side
     if not side.block_diagonal:

@@ -6,7 +6,7 @@ All GS math comes from :mod:`gsoft.gs`; this module only decides where the rotat
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -122,8 +122,17 @@ class GSOFTLayer(BaseTunerLayer):
         """The base weight viewed as ``(out, in, ...)``."""
         return weight
 
-    def _base_forward_no_bias(self, x: torch.Tensor) -> torch.Tensor:
+    def _base_forward(self, x: torch.Tensor, bias: bool) -> torch.Tensor:
+        """The base layer's op on ``x``, with or without its bias (the output rotation and scale come before it)."""
         raise NotImplementedError
+
+    def _input_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the base op reads: its weight's."""
+        return self.get_base_layer().weight.dtype
+
+    def _dense_weight(self) -> torch.Tensor:
+        """The base weight as a floating-point ``(out, in, ...)`` tensor, for merging (a view where possible)."""
+        return self._weight_out_in(self.get_base_layer().weight.data)
 
     # -- adapter management --------------------------------------------------------------------------------------------
     def update_layer(
@@ -217,7 +226,8 @@ class GSOFTLayer(BaseTunerLayer):
             "get the unadapted layer back."
         )
 
-    def _set_weight_out_in(self, new_out_in: torch.Tensor) -> None:
+    def _set_weight_out_in(self, new_out_in: torch.Tensor, adapter: str) -> None:
+        """Write a merged (or unmerged) ``(out, in, ...)`` weight into the base layer; ``adapter`` names it."""
         weight = self.get_base_layer().weight
         new = self._weight_out_in(new_out_in)  # the out/in view is its own inverse
         weight.data.copy_(new.to(weight.dtype))
@@ -233,15 +243,14 @@ class GSOFTLayer(BaseTunerLayer):
         for adapter in adapter_names:
             if adapter not in self.gsoft_in:
                 continue
-            base_weight = self.get_base_layer().weight
             with torch.no_grad():
-                merged = self._merge_one(self._weight_out_in(base_weight.data), adapter)
+                merged = self._merge_one(self._dense_weight(), adapter)
                 if not torch.isfinite(merged).all():
                     raise ValueError(
                         f"NaN or inf in the merged weight of adapter '{adapter}' in layer '{self._layer_name}'; the "
                         "adapter (or the base weight) holds non-finite values. The base weight was left unchanged."
                     )
-                self._set_weight_out_in(merged)
+                self._set_weight_out_in(merged, adapter)
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
@@ -254,22 +263,22 @@ class GSOFTLayer(BaseTunerLayer):
             adapter = self.merged_adapters[-1]
             if adapter in self.gsoft_in:
                 with torch.no_grad():
-                    base_weight = self.get_base_layer().weight
-                    restored = self._merge_one(self._weight_out_in(base_weight.data), adapter, inverse=True)
+                    restored = self._merge_one(self._dense_weight(), adapter, inverse=True)
                     if not torch.isfinite(restored).all():
                         raise self._unmerge_error(
                             adapter,
                             "the unmerged weight would hold NaN or inf (a near-zero entry of the magnitude vector "
                             "gsoft_scale or a near-singular rotation block)",
                         )
-                    self._set_weight_out_in(restored)
+                    self._set_weight_out_in(restored, adapter)
             self.merged_adapters.pop()
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """The merged weight minus the current base weight (in the base layer's layout), for inspection."""
-        weight = self.get_base_layer().weight
-        merged = self._weight_out_in(self._merge_one(self._weight_out_in(weight.detach()), adapter))
-        return merged.to(weight.dtype) - weight.detach()
+        """The merged weight minus the current base weight (in the base layer's layout, in the dtype of
+        :meth:`_dense_weight`), for inspection and export."""
+        with torch.no_grad():
+            weight = self._dense_weight()
+            return self._weight_out_in(self._merge_one(weight, adapter).to(weight.dtype) - weight)
 
     # -- forward -------------------------------------------------------------------------------------------------------
     def _scale_view(self, s: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -309,8 +318,10 @@ class GSOFTLayer(BaseTunerLayer):
         rot_out = self.gsoft_out[adapter].rotation() if adapter in self.gsoft_out else None
         scale = self.gsoft_scale[adapter] if adapter in self.gsoft_scale else None
         rot_in = self.gsoft_in[adapter]
-        cols = self._weight_cols(base.weight, rot_in)
-        return fused.AdaptedLinear.apply(x, base.weight, cols, base.bias, scale, rot_in.rotation(), rot_out, spec)
+        weight = cols = None  # a quantized base: the op makes its dense weight itself (spec.dense_weight)
+        if spec.dense_weight is None:
+            weight, cols = base.weight, self._weight_cols(base.weight, rot_in)
+        return fused.AdaptedLinear.apply(x, weight, cols, base.bias, scale, rot_in.rotation(), rot_out, spec)
 
     def _weight_cols(self, weight: torch.Tensor, rotation: GSOrthogonal) -> torch.Tensor:
         """``W^T`` as the fused op's weight rotation reads it (a view, cached while the weight keeps its storage)."""
@@ -332,7 +343,10 @@ class GSOFTLayer(BaseTunerLayer):
         # Input side in reverse order, so that this forward equals merging the adapters in active order.
         for adapter in reversed(adapters):
             x = self._rotate(x, self.gsoft_in[adapter])
-        y = self._base_forward_no_bias(self._cast_input_dtype(x, base.weight.dtype))
+        output_side = any(a in self.gsoft_out or a in self.gsoft_scale for a in adapters)
+        y = self._base_forward(self._cast_input_dtype(x, self._input_dtype(x)), bias=not output_side)
+        if not output_side:
+            return y.to(previous_dtype)
         for adapter in adapters:
             if adapter in self.gsoft_out:
                 y = self._rotate(y, self.gsoft_out[adapter])
@@ -352,6 +366,8 @@ class Linear(nn.Module, GSOFTLayer):
     # nn.Module comes first in the MRO (as in PEFT's layers), so point its hooks at the shared implementation
     forward = GSOFTLayer._gsoft_forward
     __repr__ = GSOFTLayer.__repr__
+    #: Quantized bases: makes the dense weight for the fused op (:attr:`gsoft.tuner.fused.LinearSpec.dense_weight`)
+    _op_dense_weight: Optional[Callable[[], torch.Tensor]] = None
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, config: GSOFTConfig, fan_in_fan_out: bool = False, **kwargs: Any
@@ -370,12 +386,14 @@ class Linear(nn.Module, GSOFTLayer):
         spec = self._specs.get(key)
         if spec is None:
             out = self.gsoft_out[adapter].side(x) if adapter in self.gsoft_out else None
-            spec = fused.LinearSpec(self.gsoft_in[adapter].side(x), out, self.fan_in_fan_out, self._layer_name)
+            spec = fused.LinearSpec(self.gsoft_in[adapter].side(x), out, self.fan_in_fan_out, self._layer_name,
+                                    self._op_dense_weight)
             self._specs[key] = spec
         return spec
 
-    def _base_forward_no_bias(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._weight_out_in(self.get_base_layer().weight))
+    def _base_forward(self, x: torch.Tensor, bias: bool) -> torch.Tensor:
+        base = self.get_base_layer()
+        return F.linear(x, self._weight_out_in(base.weight), base.bias if bias else None)
 
 
 class Conv2d(nn.Module, GSOFTLayer):
@@ -399,6 +417,6 @@ class Conv2d(nn.Module, GSOFTLayer):
     def _features(self, base: nn.Module) -> tuple[int, int]:
         return base.in_channels, base.out_channels
 
-    def _base_forward_no_bias(self, x: torch.Tensor) -> torch.Tensor:
+    def _base_forward(self, x: torch.Tensor, bias: bool) -> torch.Tensor:
         base = self.get_base_layer()
-        return base._conv_forward(x, base.weight, None)
+        return base._conv_forward(x, base.weight, base.bias if bias else None)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any
+import warnings
+from typing import Any, Iterator, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -12,6 +14,7 @@ from torch import nn
 from .config import GSOFTConfig
 from .layer import Conv2d, GSOFTLayer, Linear
 from .peft_type import PREFIX
+from .quantized import QuantizedLinear, quantized_layer, summarize_requantization
 
 logger = logging.getLogger("gsoft")
 
@@ -120,6 +123,9 @@ class GSOFTModel(BaseTuner):
         gsoft_config: GSOFTConfig, adapter_name: str, target: nn.Module, layer_name: str = ""
     ) -> GSOFTLayer:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        quantized = quantized_layer(target, base, adapter_name, gsoft_config, layer_name)
+        if quantized is not None:  # bitsandbytes' layers subclass nn.Linear: checked first
+            return quantized
         conv1d = _conv1d_cls()
         if isinstance(base, nn.Linear):
             if gsoft_config.fan_in_fan_out:
@@ -131,9 +137,38 @@ class GSOFTModel(BaseTuner):
             return Conv2d(target, adapter_name, gsoft_config, layer_name=layer_name)
         raise TypeError(
             f"Target module '{layer_name}' is a {type(base).__name__}, which GSOFT does not support. Supported: "
-            "torch.nn.Linear, torch.nn.Conv2d and transformers' Conv1D. Narrow `target_modules` (or add this "
+            "torch.nn.Linear, torch.nn.Conv2d, transformers' Conv1D and bitsandbytes' Linear4bit and Linear8bitLt "
+            "(int8 weights). Narrow `target_modules` (or add this "
             "name to `exclude_modules`)."
         )
+
+    @contextlib.contextmanager
+    def _reporting_requantization(self) -> Iterator[None]:
+        """Warn once, after a merge call, with the error that requantizing merged quantized weights added."""
+        layers = [m for m in self.model.modules() if isinstance(m, QuantizedLinear)]
+        for layer in layers:
+            layer.requantization_errors.clear()
+        try:
+            yield
+        finally:
+            text = summarize_requantization([e for layer in layers for e in layer.requantization_errors])
+            if text is not None:
+                warnings.warn(text, stacklevel=4)
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        with self._reporting_requantization():
+            super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        with self._reporting_requantization():
+            super().unmerge_adapter()
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names: Optional[list[str]] = None) -> nn.Module:
+        with self._reporting_requantization():
+            return super()._unload_and_optionally_merge(
+                merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+            )
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         # PEFT's base version copies `child.weight` onto unloaded modules, which breaks merge_and_unload for
