@@ -17,6 +17,7 @@ import torch
 
 from common.causal_lm_data import IGNORE_INDEX, Collator, Example, encode_examples, read_examples, split_prompt
 from common.causal_lm_smoke import make_pairs, train_word_level_tokenizer
+from common.methods import build_peft_config
 from common.run import RESULTS_SCHEMA
 
 recipe = importlib.import_module("causal_lm")
@@ -169,6 +170,14 @@ def test_refused_options_name_the_fix(tmp_path, extra, expected):
     message = _error([*TINY, "--output_dir", str(tmp_path / "out"), *extra])
     assert message.startswith("causal_lm: error:") and expected in message
     assert not (tmp_path / "out").exists()
+
+
+def test_the_llama_config_names_a_hub_model_and_options_for_every_method():
+    args = recipe.parse_recipe_args(recipe.CausalLMArgs, ["--config", str(SMOKE.with_name("llama.yaml"))])
+    assert args.task == "custom" and args.model_name_or_path == "meta-llama/Llama-3.2-1B"
+    assert set(args.method_options) == {"gsoft", "double_gsoft", "lora", "oft", "boft"}
+    for method, options in args.method_options.items():
+        build_peft_config(method, None, options=options)  # every option is one its config class knows
 
 
 def test_custom_task_needs_its_files(tmp_path):
