@@ -3,8 +3,8 @@
 GSOFT, LoRA, OFT, BOFT or full fine-tuning, optionally on a 4-bit or 8-bit (bitsandbytes) base.
 
     accelerate launch -q recipes/causal_lm.py --config configs/causal_lm/smoke.yaml   # offline, under a minute on a CPU
-    accelerate launch -q recipes/causal_lm.py --config configs/causal_lm/llama.yaml \
-        --train_file data/train.jsonl --validation_file data/validation.jsonl [--load_in_4bit]
+    accelerate launch -q recipes/causal_lm.py --config configs/causal_lm/llama.yaml [--load_in_4bit]
+        # with train_file and validation_file set to your JSON lines (in the YAML or as --train_file ...)
 
 The manual (data format, options, outputs, 4-bit, what is refused) is recipes/causal_lm.md.
 
@@ -336,7 +336,8 @@ class _CausalLMOptions:
                              "the adapter is saved on its own (load it onto a full-precision base and merge there), "
                              "so drop --save_merged.")
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise ValueError(f"{flag} needs bitsandbytes, which is not installed: pip install bitsandbytes.")
+            raise ValueError(f"{flag} needs bitsandbytes, which is not installed; install gsoft's [quantized] extra: "
+                             "pip install -e \".[quantized]\" (from the repository root).")
 
     @property
     def quantization(self) -> Optional[str]:
