@@ -232,6 +232,27 @@ def test_no_grad_inference_mode_and_deepcopy() -> None:
     assert not torch.allclose(copy_(x).detach(), first)
 
 
+def test_each_model_builds_only_its_own_rotations(monkeypatch) -> None:
+    """Two models in one process (and a deep copy): a step of one builds all of its own rotations in one batch and
+    none of the other's, so it neither pays for the other's rebuild nor keeps its graph."""
+    first, second = make({"block_size": 4}), make({"block_size": 4})
+    copied = copy.deepcopy(first)
+    groups = [{layer.gsoft_in["default"].build_group for layer in layers(m)} for m in (first, second, copied)]
+    assert all(len(g) == 1 and None not in g for g in groups)
+    assert len(set.union(*groups)) == 3
+    built: list[int] = []
+    real = rotations._Build.apply
+    monkeypatch.setattr(rotations._Build, "apply", lambda layout, *skews: built.append(len(skews)) or real(layout, *skews))
+    x = torch.randn(40, 24, dtype=torch.float64)
+    for model in (first, second, copied):  # every rotation of every model stale
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        model(x).sum().backward()
+        opt.step()
+    built.clear()
+    first(x).sum().backward()
+    assert built == [len(layers(first))]  # one build, of the first model's rotations only
+
+
 def test_requires_grad_switch() -> None:
     model = make({"block_size": 4})
     x = torch.randn(40, 24, dtype=torch.float64)

@@ -47,6 +47,7 @@ class GSOrthogonal(nn.Module):
         self.backend = backend
         self.skew = nn.Parameter(torch.zeros(n_factors, self.n_blocks, gs.n_skew_params(block_size)))
         self._sides: dict[tuple, fused.Side] = {}
+        self.build_group: Optional[rotations.BuildGroup] = None  # the model's (GSOFTModel sets it)
         rotations.register(self)
 
     def form(self, device_type: str) -> plan.Form:

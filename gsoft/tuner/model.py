@@ -11,8 +11,9 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from . import rotations
 from .config import GSOFTConfig
-from .layer import Conv2d, GSOFTLayer, Linear
+from .layer import Conv2d, GSOFTLayer, GSOrthogonal, Linear
 from .peft_type import PREFIX
 from .quantized import QuantizedLinear, quantized_layer, summarize_requantization
 
@@ -225,7 +226,9 @@ class GSOFTModel(BaseTuner):
         return remapped
 
     def _post_injection_hook(self, model: nn.Module, config: GSOFTConfig, adapter_name: str) -> None:
-        """Report the layer sizes whose GS matrices are not dense, once per process for each set of sizes."""
+        """Put the model's rotations in one build group (:func:`gsoft.tuner.rotations.join`), and report the layer sizes
+        whose GS matrices are not dense, once per process for each set of sizes."""
+        rotations.join([m for m in model.modules() if isinstance(m, GSOrthogonal)])
         sparse: dict[str, int] = {}
         for module in model.modules():
             if isinstance(module, GSOFTLayer) and adapter_name in module.gsoft_settings:

@@ -2,9 +2,12 @@
 
 Building one rotation (skew entries -> skew-symmetric blocks -> Cayley / Neumann / exp -> dense two-factor groups)
 takes a dozen small ops, and its backward as many again. Done per layer and per forward, that is most of GSOFT's
-step on a GPU, where every op is a kernel launch. Here the rotations that share a block size, orthogonal map,
-device and dtype (usually all of a model's) are built in one batched computation, cached per
-:class:`~gsoft.tuner.layer.GSOrthogonal`, and rebuilt only when a parameter changed:
+step on a GPU, where every op is a kernel launch. Here the rotations of one model (one :class:`BuildGroup`) that
+share a block size, orthogonal map, device and dtype are built in one batched computation, cached per
+:class:`~gsoft.tuner.layer.GSOrthogonal`, and rebuilt only when a parameter changed. Other models' rotations are
+never built with them: a step of one model neither pays for another's rebuild nor holds its graph.
+
+A rotation is rebuilt when:
 
 * an optimizer step that updated it (a global ``torch.optim`` step post-hook marks the stepped parameters);
 * an in-place write (the parameter's version counter), a new storage (``.to()``, ``load_state_dict`` of another
@@ -55,7 +58,26 @@ class Member(Protocol):
     orthogonal_map: str
     neumann_terms: int
 
+    build_group: Optional["BuildGroup"]  # the model it belongs to (None: every ungrouped rotation together)
+
     def form(self, device_type: str) -> plan.Form: ...
+
+
+class BuildGroup:
+    """The token that the rotations of one model share (:func:`join`). Compared by identity; a deep copy of a model
+    copies its token once (``copy.deepcopy``'s memo), so the copy's rotations form their own group."""
+
+    __slots__ = ("__weakref__",)
+
+
+def join(modules: list[Member]) -> None:
+    """Put ``modules`` (one model's rotations) in one build group: the group one of them already has, or a new one."""
+    group = next((m.build_group for m in modules if m.build_group is not None), None) or BuildGroup()
+    for module in modules:
+        module.build_group = group
+        cache = _CACHES.get(module)
+        if cache is not None:
+            cache.group = _group_key(module)
 
 
 _generation = 0
@@ -127,7 +149,8 @@ def _state_key(module: Member, cache: _Cache) -> tuple:
 
 def _group_key(module: Member) -> tuple:
     skew = module.skew
-    return (skew.device, skew.dtype, module.block_size, module.n_factors, module.orthogonal_map, module.neumann_terms)
+    return (id(module.build_group), skew.device, skew.dtype, module.block_size, module.n_factors,
+            module.orthogonal_map, module.neumann_terms)
 
 
 def register(module: Member) -> _Cache:
