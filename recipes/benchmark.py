@@ -7,6 +7,7 @@
     kernels     the GS multiply per backend vs a dense GEMM and PEFT's OFT / BOFT multiplies (--sweep: Triton tiles)
     glue        every method of recipes/roberta_glue.py on one GLUE task, one table
     dreambooth  a DreamBooth UNet train step per method (time, peak memory)
+    quantized   QGSOFT vs QLoRA and OFT on the same 4-bit decoder base (time, peak memory, equal LoRA budget)
     comm        2 data-parallel workers on an emulated slow link, compressed gradients vs fp32 all-reduce
     olga        OLGA / EF-OLGA vs GD, EF21, Qsparse-local-SGD, AEG: uplink bits to a target accuracy (in process)
 
@@ -23,7 +24,7 @@ from typing import Any, Optional, Sequence
 
 from common.extras import needs
 
-BENCHMARKS = ("adapters", "kernels", "glue", "dreambooth", "comm", "olga")
+BENCHMARKS = ("adapters", "kernels", "glue", "dreambooth", "quantized", "comm", "olga")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Any:

@@ -1,0 +1,281 @@
+"""Train-step time and peak memory of QGSOFT (GSOFT on a 4-bit base) against QLoRA and PEFT's OFT on the same base.
+
+Usage::
+
+    python recipes/benchmark.py quantized                   # configs/bench/quantized.yaml; 2 decoder layers on a CPU
+    python recipes/benchmark.py quantized --layers 16 --batch_size 4 --seq_len 512      # a Llama-3.2-1B-sized run, GPU
+    python recipes/benchmark.py quantized --quick           # seconds: a tiny decoder (tests)
+
+The decoder is a ``LlamaForCausalLM`` built from ``model_configs[model]`` with random weights (nothing is downloaded;
+timing and memory do not depend on the weights), saved once to a temporary directory and loaded for every method
+the way QLoRA users load a model: ``from_pretrained(quantization_config=BitsAndBytesConfig(...))`` then
+``peft.prepare_model_for_kbit_training``. Every method adapts the same layers (all attention and MLP projections).
+
+Equal trainable budget: LoRA's rank is set from ``match_params`` (default ``gsoft``): the rank whose LoRA has as many
+trainable parameters as that method (``lora_rank``: the nearest whole rank, at least 1). The table gives each method's
+parameters, so the match can be read off.
+
+One step: ``zero_grad``, causal-LM loss of a fixed random batch of ``batch_size x seq_len`` tokens, backward, AdamW
+step. Measurements: median step wall time over interleaved rounds (every method in turn, so that machine noise hits
+all alike), after ``warmup`` untimed steps; peak train memory above the frozen quantized weights = adapter state +
+AdamW state + the peak tensor memory of one step (``measure.peak_step_bytes``: the CUDA allocator's peak, or the CPU
+profiler's allocation events). Ratio columns divide by the ``reference`` methods; ``targets`` are reported as held
+or MISSED.
+
+Outputs in ``output_dir``: ``quantized.md``, ``quantized.json`` and ``quantized.png``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Sequence
+
+import torch
+
+from common.methods import METHODS, apply_method
+
+from . import measure
+from .options import BenchOptions, parse_options
+
+#: The quantization kinds: bitsandbytes 4-bit NormalFloat, 4-bit float, and 8-bit integers.
+Quantization = Literal["nf4", "fp4", "int8"]
+
+
+@dataclass
+class QuantizedOptions(BenchOptions):
+    """Options of the quantized-base benchmark (defaults: configs/bench/quantized.yaml)."""
+
+    output_dir: str = field(default="outputs/bench_quantized", metadata={"help": "Where quantized.md/.json/.png go."})
+    model: str = field(default="llama-1b", metadata={"help": "Key of model_configs."})
+    model_configs: dict = field(default_factory=dict, metadata={"help": "LlamaConfig keyword arguments by name."})
+    layers: Optional[int] = field(
+        default=None, metadata={"help": "Decoder layers built (null: the config's num_hidden_layers)."}
+    )
+    quantization: Quantization = field(default="nf4", metadata={"help": "nf4, fp4 (4-bit) or int8."})
+    double_quant: bool = field(default=True, metadata={"help": "4-bit: quantize the quantization constants too."})
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = field(
+        default="auto", metadata={"help": "4-bit compute dtype (auto: bfloat16 on a GPU, float32 on a CPU)."}
+    )
+    methods: list[Literal[METHODS]] = field(
+        default_factory=lambda: ["gsoft", "double_gsoft", "lora", "oft"],
+        metadata={"help": f"Methods to run, in order (from {', '.join(m for m in METHODS if m != 'full')})."},
+    )
+    method_options: dict = field(default_factory=dict, metadata={"help": "Config options per method."})
+    match_params: Optional[str] = field(
+        default="gsoft",
+        metadata={"help": "LoRA's rank gives it as many trainable parameters as this method (null: method_options)."},
+    )
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        metadata={"help": "Layers adapted by every method."},
+    )
+    batch_size: int = field(default=4, metadata={"help": "Sequences per step."})
+    seq_len: int = field(default=512, metadata={"help": "Tokens per sequence."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "prepare_model_for_kbit_training's."})
+    warmup: int = field(default=1, metadata={"help": "Untimed steps per method first."})
+    rounds: int = field(default=3, metadata={"help": "Interleaved timing rounds."})
+    steps_per_round: int = field(default=2, metadata={"help": "Timed steps per method and round."})
+    memory: bool = field(default=True, metadata={"help": "Measure peak memory (one extra step per method)."})
+    reference: dict = field(default_factory=lambda: {"lora": "lora"},
+                            metadata={"help": "Ratio columns: {label: method}."})
+    targets: dict = field(
+        default_factory=lambda: {"method": "gsoft", "mem_vs_lora": 1.1},
+        metadata={"help": "{method: name, <metric>: limit}: value <= limit, reported."},
+    )
+    threads: Optional[int] = field(default=None, metadata={"help": "torch threads on a CPU (null: torch's default)."})
+    device: measure.DeviceName = field(default="auto", metadata={"help": "auto (cuda when available), cpu or cuda."})
+    device_overrides: dict = field(default_factory=dict, metadata={"help": "Options per device type (cpu, cuda)."})
+    seed: int = field(default=0, metadata={"help": "Seed of weights and inputs."})
+
+    def __post_init__(self) -> None:
+        if self.model not in self.model_configs:
+            raise ValueError(f"--model: unknown {self.model!r}; model_configs has {sorted(self.model_configs)}.")
+        if "full" in self.methods:
+            raise ValueError("--methods: 'full' cannot train a quantized base; choose adapter methods.")
+        if self.match_params is not None and self.match_params not in self.methods:
+            raise ValueError(f"--match_params {self.match_params!r} is not in --methods {self.methods}; add it, or "
+                             "set --match_params null to take LoRA's rank from method_options.")
+        measure.resolve_device(self.device)  # --device cuda without a GPU fails here, naming the fix
+
+
+def quantization_config(options: QuantizedOptions, device: torch.device) -> Any:
+    """The ``BitsAndBytesConfig`` every method's base is loaded with."""
+    from transformers import BitsAndBytesConfig
+
+    if options.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = options.compute_dtype
+    if compute == "auto":
+        compute = "bfloat16" if device.type == "cuda" else "float32"
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=options.quantization,
+                              bnb_4bit_use_double_quant=options.double_quant,
+                              bnb_4bit_compute_dtype=getattr(torch, compute))
+
+
+def save_base(options: QuantizedOptions, directory: str) -> dict[str, Any]:
+    """Build the random full-precision decoder, save it to ``directory``; returns its config."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = dict(options.model_configs[options.model])
+    if options.layers is not None:
+        config["num_hidden_layers"] = options.layers
+    torch.manual_seed(options.seed)
+    LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(directory)
+    return config
+
+
+def load_base(directory: str, options: QuantizedOptions, device: torch.device) -> torch.nn.Module:
+    """The quantized base, prepared as for QLoRA."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, quantization_config=quantization_config(options, device),
+                                                 device_map={"": device}, dtype=torch.float32)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=options.gradient_checkpointing)
+
+
+def lora_rank(target_params: int, base: torch.nn.Module, target_modules: Sequence[str]) -> int:
+    """The LoRA rank whose adapters of ``target_modules`` have about ``target_params`` parameters: each adapted layer
+    costs ``r * (in + out)``."""
+    per_rank = sum(m.in_features + m.out_features for name, m in base.named_modules()
+                   if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in target_modules)
+    if per_rank == 0:
+        raise ValueError(f"--target_modules {list(target_modules)} match no linear layer of the model.")
+    return max(1, round(target_params / per_rank))
+
+
+def trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_models(options: QuantizedOptions, directory: str,
+                 device: torch.device) -> tuple[dict[str, torch.nn.Module], dict[str, dict[str, Any]]]:
+    """One freshly loaded quantized base per method, adapted, and the options each was built with; LoRA is built
+    last when its rank is matched to another method."""
+    order = sorted(options.methods, key=lambda m: m == "lora" and options.match_params is not None)
+    models: dict[str, torch.nn.Module] = {}
+    used: dict[str, dict[str, Any]] = {}
+    for method in order:
+        method_opts = dict(options.method_options.get(method) or {})
+        base = load_base(directory, options, device)
+        if method == "lora" and options.match_params is not None:
+            method_opts["r"] = lora_rank(trainable(models[options.match_params]), base, options.target_modules)
+            method_opts.setdefault("lora_alpha", 2 * method_opts["r"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            models[method] = apply_method(base, method, list(options.target_modules), options=method_opts).train()
+        used[method] = method_opts
+    return {m: models[m] for m in options.methods}, used
+
+
+def run(options: QuantizedOptions, device: torch.device) -> dict[str, Any]:
+    """Every method's train step on the same quantized decoder, side by side."""
+    with tempfile.TemporaryDirectory(prefix="gsoft-bench-quantized-") as directory:
+        config = save_base(options, directory)
+        frozen = load_base(directory, options, device)
+        frozen_bytes = measure.model_bytes(frozen)
+        base_params = sum(p.numel() for p in frozen.parameters())
+        del frozen
+        models, used = build_models(options, directory, device)
+    g = torch.Generator().manual_seed(options.seed)
+    ids = torch.randint(0, config["vocab_size"], (options.batch_size, options.seq_len), generator=g).to(device)
+    opts = {m: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            for m, model in models.items()}
+
+    def step(method: str, zero_grad: bool = True) -> None:
+        if zero_grad:
+            opts[method].zero_grad(set_to_none=True)
+        models[method](input_ids=ids, labels=ids).loss.backward()
+        opts[method].step()
+
+    load_start = measure.load_average()
+    bar = measure.progress(len(models) * (options.warmup + options.rounds * options.steps_per_round
+                                          + int(options.memory)), f"{options.model}/{device.type}")
+    for method in models:
+        for _ in range(options.warmup):
+            bar.set_postfix_str(f"warmup {method}")
+            step(method)
+            bar.update()
+    times = measure.interleaved_times({m: (lambda m=m: step(m)) for m in models}, device,
+                                      dict.fromkeys(models, options.rounds),
+                                      dict.fromkeys(models, options.steps_per_round), bar)
+    rows = []
+    for method, model in models.items():
+        opts_text = ", ".join(f"{k}={v}" for k, v in used[method].items())
+        row = {"method": method, "name": f"{method} ({opts_text})" if opts_text else method,
+               "trainable_params": trainable(model), "step_s": measure.summary(times[method]),
+               "step_samples_s": times[method]}
+        if options.memory:
+            bar.set_postfix_str(f"memory {method}")
+            row.update(measure.peak_train_memory(lambda m=method: step(m, zero_grad=False), model, opts[method],
+                                                 frozen_bytes, device))
+            bar.update()
+        rows.append(row)
+    bar.close()
+    measure.add_ratios(rows, options.reference, {"step": "step_s", "mem": "peak_train_mem_bytes"}, key="method")
+    return {
+        "device": measure.device_label(device),
+        "model": options.model,
+        "model_config": config,
+        "base_params": base_params,
+        "frozen_bytes": frozen_bytes,
+        "quantization": options.quantization,
+        "batch_size": options.batch_size,
+        "seq_len": options.seq_len,
+        "rounds": options.rounds,
+        "steps_per_round": options.steps_per_round,
+        "loadavg": [load_start, measure.load_average()],
+        "rows": rows,
+        "targets": measure.check_targets(rows, measure.target_specs(options.targets), key="method"),
+    }
+
+
+def markdown(result: dict[str, Any], options: QuantizedOptions) -> str:
+    config = result["model_config"]
+    text = (
+        f"#### {result['model']} decoder, {result['quantization']} base ({config['num_hidden_layers']} layers, hidden "
+        f"{config['hidden_size']}, {result['base_params'] / 1e6:.0f}M params, {measure.fmt_mib(result['frozen_bytes'])} "
+        f"MiB quantized) — {result['device']}\n\nbatch {result['batch_size']} x {result['seq_len']} tokens; "
+        f"{', '.join(options.target_modules)} adapted; median of {result['rounds'] * result['steps_per_round']} "
+        f"interleaved steps; load average {result['loadavg'][0]} -> {result['loadavg'][1]}. Memory: adapter + AdamW "
+        "state + peak step tensors, frozen quantized weights excluded.\n\n"
+    )
+    refs = list(options.reference)
+    header = ["method", "params", "step ms", *[f"step ×{k}" for k in refs], "peak train MiB",
+              *[f"mem ×{k}" for k in refs]]
+    cells = [[r["name"], f"{r['trainable_params']:,}", measure.fmt_ms(r["step_s"]["median"]),
+              *[measure.fmt_ratio(r["relative"][f"step_vs_{k}"]) for k in refs],
+              measure.fmt_mib(r.get("peak_train_mem_bytes")),
+              *[measure.fmt_ratio(r["relative"][f"mem_vs_{k}"]) for k in refs]] for r in result["rows"]]
+    return text + measure.markdown_table(header, cells) + measure.targets_text(result["targets"])
+
+
+def plot(result: dict[str, Any]) -> Any:
+    rows = result["rows"]
+    names = [r["method"] for r in rows]
+    fig, axes = measure.subplots(1, 2, 11, 0.4 * len(rows) + 2)
+    measure.bar_panel(axes[0][0], names, [1000 * r["step_s"]["median"] for r in rows], "train step, ms (median)",
+                      "step time")
+    measure.bar_panel(axes[0][1], names, [(r.get("peak_train_mem_bytes") or 0) / measure.MiB for r in rows],
+                      "peak train memory above frozen weights, MiB", "peak memory", color="tab:orange")
+    fig.suptitle(f"Train step on a {result['quantization']} {result['model']} decoder — {result['device']}",
+                 fontsize=10)
+    return fig
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Run the benchmark; returns the report that is also written to ``<output_dir>/quantized.json``."""
+    import gsoft  # noqa: F401  (registers GSOFT with PEFT)
+
+    options = parse_options(QuantizedOptions, "quantized", argv, __doc__,
+                            device_of=lambda o: measure.resolve_device(o.device).type)
+    device = measure.resolve_device(options.device)
+    with measure.cpu_threads(device, options.threads):
+        result = run(options, device)
+    table = markdown(result, options)
+    print("\n" + table)
+    report = {**measure.report_header("quantized", options, "transformers", "bitsandbytes"), **result}
+    measure.write_outputs(options.output_dir, "quantized", table, report, plot(result) if options.plot else None)
+    return report
