@@ -17,8 +17,6 @@ checkpoints, logging, results.json) is the recipes' shared skeleton, ``common.ru
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +43,7 @@ with needs("glue", "roberta_glue"):  # a missing package is one line naming the 
         get_scheduler,
     )
 
+    from gsoft.export import writing_dir
     from gsoft.tuner import TARGET_MODULES_MAPPING
 
     from common.args import (
@@ -53,12 +52,13 @@ with needs("glue", "roberta_glue"):  # a missing package is one line naming the 
         check_model_path,
         check_options,
         config_to_dict,
-        option_error,
         parse_recipe_args,
     )
     from common.communication import CommunicationArgs, check_communication_args
-    from common.loop import LoopSettings, Recipe, TrainLoop, Trainables, format_metrics, naming_option, run_recipe
-    from common.methods import GSOFT_METHODS, METHODS, apply_method, target_modules_value
+    from common.loop import (
+        LoopOptions, LoopSettings, Recipe, TrainLoop, Trainables, format_metrics, naming_option, run_recipe,
+    )
+    from common.methods import GSOFT_METHODS, METHODS, apply_method, check_method_choice, target_modules_value
     from common.volunteer import VolunteerArgs, loop_class, volunteer_config
     from common import glue_smoke
     from common.glue_data import encode_labels, load_raw_datasets
@@ -227,68 +227,20 @@ class _GlueOptions:
         default="outputs/glue/run",
         metadata={"help": "Where results.json, metrics.jsonl, checkpoints and the adapter go."},
     )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Replace an output directory that holds another run."},
-    )
-    resume_from_checkpoint: Optional[str] = field(
-        default=None,
-        metadata={"help": "'latest' or a checkpoint directory; continues with identical results."},
-    )
-    eval_steps: Optional[int] = field(
-        default=None,
-        metadata={"help": "Evaluate every N optimizer steps; null = every epoch. Always at the end.", "min": 1},
-    )
-    save_steps: Optional[int] = field(
-        default=None,
-        metadata={"help": "Checkpoint every N steps; null = at every evaluation.", "min": 1},
-    )
-    checkpoints_total_limit: Optional[int] = field(
-        default=2,
-        metadata={"help": "Keep only the newest N checkpoints; null = all.", "min": 1},
-    )
     save_best: bool = field(
         default=True,
         metadata={"help": "Save the adapter with the best main metric to <output_dir>/best."},
     )
-    logging_steps: int = field(default=10, metadata={"help": "Log loss, learning rate and throughput every N steps.",
-                                                     "min": 1})
-    report_to: str = field(
-        default="tensorboard",
-        metadata={"help": "tensorboard (when installed; metrics.jsonl is always written) or none.",
-                  "choices": ("tensorboard", "none")},
-    )
-    progress_bar: bool = field(default=True, metadata={"help": "tqdm progress bar on the main process."})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes.", "min": 0})
-    torch_num_threads: Optional[int] = field(
-        default=None,
-        metadata={"help": "CPU threads of torch per process; null = torch's default. Tiny models run fastest with 1.",
-                  "min": 1},
-    )
-    stop_after_steps: Optional[int] = field(
-        default=None,
-        metadata={"help": "Debugging: checkpoint and exit after N steps, as if interrupted (no results.json).",
-                  "min": 1},
-    )
 
     def __post_init__(self) -> None:
         check_options(self)
-        if self.method not in METHODS:
-            raise option_error("method", self.method, f"not one of {', '.join(METHODS)}")
-        unknown = sorted(set(self.method_learning_rates) - set(METHODS))
-        if unknown:
-            raise option_error("method_learning_rates", self.method_learning_rates,
-                               f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-        for method, rate in self.method_learning_rates.items():
-            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < float("inf"):
-                raise option_error("method_learning_rates", self.method_learning_rates,
-                                   f"the rate of {method} must be a number > 0, got {rate!r}")
+        check_method_choice(self.method, self.method_learning_rates)
         if self.base_pretrain_steps and not (self.model_config and self.base_pretrain_label_column):
             raise ValueError("--base_pretrain_steps needs --model_config and --base_pretrain_label_column.")
 
 
 @dataclass
-class GlueArgs(VolunteerArgs, CommunicationArgs, _GlueOptions):
+class GlueArgs(VolunteerArgs, CommunicationArgs, LoopOptions, _GlueOptions):
     """All options of the recipe (YAML keys and ``--key value`` flags): its own, then the communication ones, then
     the hivemind ones."""
 
@@ -352,13 +304,11 @@ def build_base_model(args: GlueArgs, raw: datasets.DatasetDict, spec: TaskSpec, 
                     aux, args.base_pretrain_steps, time.perf_counter() - start, loss)
     # Only the encoder is the "pretrained" model: the task head is created fresh when it is loaded, as for roberta-base.
     # Written beside ``path`` and renamed into place: a process killed mid-write (an elastic restart) leaves no
-    # half-written base that every restart would find and fail to load.
-    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.base_model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    shutil.rmtree(path, ignore_errors=True)  # a leftover without config.json (the caller builds only then)
-    os.replace(partial, path)
+    # half-written base that every restart would find and fail to load; a leftover without config.json (the caller
+    # builds only then) is replaced.
+    with writing_dir(path, overwrite=True) as partial:
+        model.base_model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
 
 
 def model_config(args: GlueArgs, source: str, spec: TaskSpec) -> PretrainedConfig:

@@ -96,6 +96,54 @@ class TrainingDiverged(RuntimeError):
 
 
 @dataclass
+class LoopOptions:
+    """The run options that mean the same in every recipe on :func:`run_recipe` (YAML keys and ``--key value``
+    flags): checkpoints, resuming, evaluation and logging intervals, data workers, threads. A recipe's options class
+    lists them after its own (``class Args(CommunicationArgs, LoopOptions, _RecipeOptions)``) and maps them onto
+    :class:`LoopSettings`."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace an output directory that holds another run."},
+    )
+    resume_from_checkpoint: Optional[str] = field(
+        default=None,
+        metadata={"help": "'latest' or a checkpoint directory; continues with identical results."},
+    )
+    eval_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "Evaluate every N optimizer steps; null = every epoch. Always at the end.", "min": 1},
+    )
+    save_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "Checkpoint every N steps; null = at every evaluation.", "min": 1},
+    )
+    checkpoints_total_limit: Optional[int] = field(
+        default=2,
+        metadata={"help": "Keep only the newest N checkpoints; null = all.", "min": 1},
+    )
+    logging_steps: int = field(default=10, metadata={"help": "Log loss, learning rate and throughput every N steps.",
+                                                     "min": 1})
+    report_to: str = field(
+        default="tensorboard",
+        metadata={"help": "tensorboard (when installed; metrics.jsonl is always written) or none.",
+                  "choices": ("tensorboard", "none")},
+    )
+    progress_bar: bool = field(default=True, metadata={"help": "tqdm progress bar on the main process."})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes.", "min": 0})
+    torch_num_threads: Optional[int] = field(
+        default=None,
+        metadata={"help": "CPU threads of torch per process; null = torch's default. Tiny models run fastest with 1.",
+                  "min": 1},
+    )
+    stop_after_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "Debugging: checkpoint and exit after N steps, as if interrupted (no results.json).",
+                  "min": 1},
+    )
+
+
+@dataclass
 class LoopSettings:
     """How the loop runs a recipe. Each recipe fills it from its own options, whose names it keeps, and checks
     those options itself."""

@@ -16,6 +16,8 @@ from torch import nn
 
 from gsoft.tuner import GSOFTConfig
 
+from .args import option_error
+
 logger = logging.getLogger(__name__)
 
 #: The PEFT config class of each adapter method.
@@ -37,6 +39,20 @@ def _check_method(method: str) -> None:
         close = difflib.get_close_matches(str(method), METHODS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"Unknown method {method!r}{hint}; choose one of {', '.join(METHODS)}.")
+
+
+def check_method_choice(method: str, method_learning_rates: dict[str, Any]) -> None:
+    """A recipe's ``--method`` and ``--method_learning_rates`` (a peak learning rate per method name)."""
+    if method not in METHODS:
+        raise option_error("method", method, f"not one of {', '.join(METHODS)}")
+    unknown = sorted(set(method_learning_rates) - set(METHODS))
+    if unknown:
+        raise option_error("method_learning_rates", method_learning_rates,
+                           f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    for name, rate in method_learning_rates.items():
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < float("inf"):
+            raise option_error("method_learning_rates", method_learning_rates,
+                               f"the rate of {name} must be a number > 0, got {rate!r}")
 
 
 def target_modules_value(targets: Optional[Union[Sequence[str], str]]) -> Optional[Union[list[str], str]]:
