@@ -27,6 +27,7 @@ Outputs in ``output_dir``: ``quantized.md``, ``quantized.json`` and ``quantized.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from typing import Any, Literal, Optional, Sequence
 import torch
 
 from common.methods import METHODS, apply_method
+from gsoft import plan
 
 from . import measure
 from .options import BenchOptions, parse_options
@@ -78,6 +80,11 @@ class QuantizedOptions(BenchOptions):
     rounds: int = field(default=3, metadata={"help": "Interleaved timing rounds."})
     steps_per_round: int = field(default=2, metadata={"help": "Timed steps per method and round."})
     memory: bool = field(default=True, metadata={"help": "Measure peak memory (one extra step per method)."})
+    matrix_forms: Literal["device", "cuda"] = field(
+        default="device",
+        metadata={"help": "device: GS matrix forms by the run's device (gsoft.plan.matrix_form); cuda: the CUDA rules "
+                          "on any device, so a CPU run measures the memory of the forms a GPU run uses."},
+    )
     reference: dict = field(default_factory=lambda: {"lora": "lora"},
                             metadata={"help": "Ratio columns: {label: method}."})
     targets: dict = field(
@@ -170,6 +177,25 @@ def build_models(options: QuantizedOptions, directory: str,
     return {m: models[m] for m in options.methods}, used
 
 
+@contextlib.contextmanager
+def matrix_forms(options: QuantizedOptions, device: torch.device) -> Any:
+    """With ``matrix_forms: cuda``, the device's form rules replaced by the CUDA ones while the block runs."""
+    if options.matrix_forms == "device" or device.type == "cuda":
+        yield
+        return
+    saved = (plan.DENSE_MAX.get(device.type), plan.GROUPED_MAX_BLOCK.get(device.type))
+    plan.DENSE_MAX[device.type] = plan.DENSE_MAX["cuda"]
+    plan.GROUPED_MAX_BLOCK[device.type] = plan.GROUPED_MAX_BLOCK["cuda"]
+    try:
+        yield
+    finally:
+        for table, value in zip((plan.DENSE_MAX, plan.GROUPED_MAX_BLOCK), saved):
+            if value is None:
+                table.pop(device.type, None)
+            else:
+                table[device.type] = value
+
+
 def run(options: QuantizedOptions, device: torch.device) -> dict[str, Any]:
     """Every method's train step on the same quantized decoder, side by side."""
     with tempfile.TemporaryDirectory(prefix="gsoft-bench-quantized-") as directory:
@@ -222,6 +248,7 @@ def run(options: QuantizedOptions, device: torch.device) -> dict[str, Any]:
         "base_params": base_params,
         "frozen_bytes": frozen_bytes,
         "quantization": options.quantization,
+        "matrix_forms": options.matrix_forms,
         "batch_size": options.batch_size,
         "seq_len": options.seq_len,
         "rounds": options.rounds,
@@ -234,13 +261,15 @@ def run(options: QuantizedOptions, device: torch.device) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any], options: QuantizedOptions) -> str:
     config = result["model_config"]
+    size = (f"{config['num_hidden_layers']} layers, hidden {config['hidden_size']}, {result['base_params'] / 1e6:.0f}M "
+            f"params, {measure.fmt_mib(result['frozen_bytes'])} MiB quantized")
+    steps = result["rounds"] * result["steps_per_round"]
     text = (
-        f"#### {result['model']} decoder, {result['quantization']} base ({config['num_hidden_layers']} layers, hidden "
-        f"{config['hidden_size']}, {result['base_params'] / 1e6:.0f}M params, {measure.fmt_mib(result['frozen_bytes'])} "
-        f"MiB quantized) — {result['device']}\n\nbatch {result['batch_size']} x {result['seq_len']} tokens; "
-        f"{', '.join(options.target_modules)} adapted; median of {result['rounds'] * result['steps_per_round']} "
-        f"interleaved steps; load average {result['loadavg'][0]} -> {result['loadavg'][1]}. Memory: adapter + AdamW "
-        "state + peak step tensors, frozen quantized weights excluded.\n\n"
+        f"#### {result['model']} decoder, {result['quantization']} base ({size}) — {result['device']}\n\n"
+        f"batch {result['batch_size']} x {result['seq_len']} tokens; {', '.join(options.target_modules)} adapted; GS "
+        f"matrix forms of the {result['matrix_forms']} rules; median of {steps} interleaved steps; load average "
+        f"{result['loadavg'][0]} -> {result['loadavg'][1]}. Memory: adapter + AdamW state + peak step tensors, frozen "
+        "quantized weights excluded.\n\n"
     )
     refs = list(options.reference)
     header = ["method", "params", "step ms", *[f"step ×{k}" for k in refs], "peak train MiB",
@@ -272,7 +301,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     options = parse_options(QuantizedOptions, "quantized", argv, __doc__,
                             device_of=lambda o: measure.resolve_device(o.device).type)
     device = measure.resolve_device(options.device)
-    with measure.cpu_threads(device, options.threads):
+    with measure.cpu_threads(device, options.threads), matrix_forms(options, device):
         result = run(options, device)
     table = markdown(result, options)
     print("\n" + table)
