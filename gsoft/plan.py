@@ -54,7 +54,11 @@ GROUPED_MAX_BLOCK: dict[str, int] = {"cpu": gs.GROUPED_MAX_BLOCK, "cuda": 16}
 #: Largest dimension whose GS matrix runs as one dense ``n x n`` block on each device type when it is not grouped.
 #: On a GPU one GEMM of ``n`` multiply-adds per feature beats the factored form's ``2m`` passes of small block
 #: multiplies with shuffles in between (each a kernel over the whole activation); on a CPU the arithmetic counts.
-DENSE_MAX: dict[str, int] = {"cpu": 0, "cuda": 2048}
+#: The bound is memory: a dense rotation and its gradient are ``n^2`` floats each, kept for the whole step, where the
+#: factors are ``m n b``. 1280 keeps the Stable Diffusion UNets' attention widths (320-1280) dense; at Llama-3.2-1B's
+#: 2048 the dense form took a 4-bit GSOFT step's peak memory to 2.88x QLoRA's, against 1.09x with the factors
+#: (``python recipes/benchmark.py quantized --matrix_forms cuda``, measured on a CPU; docs/quantized.md).
+DENSE_MAX: dict[str, int] = {"cpu": 0, "cuda": 1280}
 Form = Literal["blocks", "groups", "dense", "factors"]
 
 

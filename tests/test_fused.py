@@ -354,3 +354,5 @@ def test_matrix_form_rules(monkeypatch) -> None:
     assert plan.matrix_form(2, 32, 10, "cpu") == "factors"  # SD UNet, 32 blocks of 10: b does not divide r
     assert plan.matrix_form(2, 32, 10, "cuda") == "dense"
     assert plan.matrix_form(2, 128, 32, "cuda") == "factors"  # n = 4096: too wide for one dense block
+    assert plan.matrix_form(2, 32, 40, "cuda") == "dense"  # SD UNet's widest attention, 1280 = 32 blocks of 40
+    assert plan.matrix_form(2, 32, 64, "cuda") == "factors"  # Llama-3.2-1B, b = 64: n^2 floats would cost the memory
