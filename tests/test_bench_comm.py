@@ -43,13 +43,12 @@ def test_quick_no_netns_writes_table_json_plot(tmp_path):
         ref["counted_bytes_per_step"] / topk["counted_bytes_per_step"])
 
 
-def test_without_root_says_why_and_writes_nothing(tmp_path):
+def test_without_root_says_why_and_writes_nothing(tmp_path, monkeypatch, capsys):
     out = tmp_path / "bench"
-    done = subprocess.run([sys.executable, str(SCRIPT), "comm", "--output_dir", str(out)], capture_output=True,
-                          text=True, cwd=REPO_ROOT, timeout=300,
-                          env=dict(os.environ, GSOFT_BENCH_COMM_SIMULATE_NO_NETNS="1"))
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "cannot run here" in done.stdout and "--no_netns" in done.stdout and "Nothing was written" in done.stdout
+    monkeypatch.setenv(comm.SIMULATE_NO_NETNS_ENV, "1")
+    assert comm.main(["--output_dir", str(out)]) is None
+    printed = capsys.readouterr().out
+    assert "cannot run here" in printed and "--no_netns" in printed and "Nothing was written" in printed
     assert not out.exists()
 
 
