@@ -584,6 +584,58 @@ def bar_panel(ax: Any, labels: Sequence[str], values: Sequence[float], xlabel: s
 # ======================================================================================================================
 # Results
 # ======================================================================================================================
+def train_step_rows(step: Callable[[str, bool], Any], models: Mapping[str, torch.nn.Module],
+                    opts: Mapping[str, torch.optim.Optimizer], options: Any, frozen_bytes: int,
+                    device: torch.device, label: str) -> dict[str, dict[str, Any]]:
+    """Every model's train step, side by side: ``options.warmup`` untimed steps each, then ``options.rounds``
+    interleaved rounds of ``options.steps_per_round`` timed steps, then (with ``options.memory``) one profiled step
+    each (:func:`peak_train_memory`). ``step(method, zero_grad)`` runs one step of that method. Per method:
+    ``step_s`` (:func:`summary`), ``step_samples_s`` and the peak memory keys."""
+    bar = progress(len(models) * (options.warmup + options.rounds * options.steps_per_round + int(options.memory)),
+                   label)
+    for method in models:
+        for _ in range(options.warmup):
+            bar.set_postfix_str(f"warmup {method}")
+            step(method, True)
+            bar.update()
+    times = interleaved_times({m: (lambda m=m: step(m, True)) for m in models}, device,
+                              dict.fromkeys(models, options.rounds),
+                              dict.fromkeys(models, options.steps_per_round), bar)
+    rows: dict[str, dict[str, Any]] = {}
+    for method, model in models.items():
+        row = rows[method] = {"step_s": summary(times[method]), "step_samples_s": times[method]}
+        if options.memory:
+            bar.set_postfix_str(f"memory {method}")
+            row.update(peak_train_memory(lambda m=method: step(m, False), model, opts[method], frozen_bytes, device))
+            bar.update()
+    bar.close()
+    return rows
+
+
+def step_memory_table(rows: Sequence[Mapping[str, Any]], refs: Sequence[str]) -> str:
+    """The table of a side-by-side train-step benchmark: parameters, step time, peak train memory and their ratios
+    to the ``refs`` (rows with ``name``, ``trainable_params`` and :func:`add_ratios`' ``relative``)."""
+    header = ["method", "params", "step ms", *[f"step ×{k}" for k in refs], "peak train MiB",
+              *[f"mem ×{k}" for k in refs]]
+    cells = [[r["name"], f"{r['trainable_params']:,}", fmt_ms(r["step_s"]["median"]),
+              *[fmt_ratio(r["relative"][f"step_vs_{k}"]) for k in refs],
+              fmt_mib(r.get("peak_train_mem_bytes")),
+              *[fmt_ratio(r["relative"][f"mem_vs_{k}"]) for k in refs]] for r in rows]
+    return markdown_table(header, cells)
+
+
+def step_memory_plot(rows: Sequence[Mapping[str, Any]], title: str) -> Any:
+    """Step time and peak train memory per method, two bar panels."""
+    names = [r["method"] for r in rows]
+    fig, axes = subplots(1, 2, 11, 0.4 * len(rows) + 2)
+    bar_panel(axes[0][0], names, [1000 * r["step_s"]["median"] for r in rows], "train step, ms (median)",
+              "step time")
+    bar_panel(axes[0][1], names, [(r.get("peak_train_mem_bytes") or 0) / MiB for r in rows],
+              "peak train memory above frozen weights, MiB", "peak memory", color="tab:orange")
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
 def report_header(name: str, options: Any, *extra_packages: str) -> dict[str, Any]:
     """What every ``<name>.json`` starts with: the benchmark, its command line, date, versions and options."""
     return {

@@ -217,29 +217,13 @@ def run(options: QuantizedOptions, device: torch.device) -> dict[str, Any]:
         opts[method].step()
 
     load_start = measure.load_average()
-    bar = measure.progress(len(models) * (options.warmup + options.rounds * options.steps_per_round
-                                          + int(options.memory)), f"{options.model}/{device.type}")
-    for method in models:
-        for _ in range(options.warmup):
-            bar.set_postfix_str(f"warmup {method}")
-            step(method)
-            bar.update()
-    times = measure.interleaved_times({m: (lambda m=m: step(m)) for m in models}, device,
-                                      dict.fromkeys(models, options.rounds),
-                                      dict.fromkeys(models, options.steps_per_round), bar)
+    measured = measure.train_step_rows(step, models, opts, options, frozen_bytes, device,
+                                       f"{options.model}/{device.type}")
     rows = []
     for method, model in models.items():
         opts_text = ", ".join(f"{k}={v}" for k, v in used[method].items())
-        row = {"method": method, "name": f"{method} ({opts_text})" if opts_text else method,
-               "trainable_params": trainable(model), "step_s": measure.summary(times[method]),
-               "step_samples_s": times[method]}
-        if options.memory:
-            bar.set_postfix_str(f"memory {method}")
-            row.update(measure.peak_train_memory(lambda m=method: step(m, zero_grad=False), model, opts[method],
-                                                 frozen_bytes, device))
-            bar.update()
-        rows.append(row)
-    bar.close()
+        rows.append({"method": method, "name": f"{method} ({opts_text})" if opts_text else method,
+                     "trainable_params": trainable(model), **measured[method]})
     measure.add_ratios(rows, options.reference, {"step": "step_s", "mem": "peak_train_mem_bytes"}, key="method")
     return {
         "device": measure.device_label(device),
@@ -271,27 +255,13 @@ def markdown(result: dict[str, Any], options: QuantizedOptions) -> str:
         f"{result['loadavg'][0]} -> {result['loadavg'][1]}. Memory: adapter + AdamW state + peak step tensors, frozen "
         "quantized weights excluded.\n\n"
     )
-    refs = list(options.reference)
-    header = ["method", "params", "step ms", *[f"step ×{k}" for k in refs], "peak train MiB",
-              *[f"mem ×{k}" for k in refs]]
-    cells = [[r["name"], f"{r['trainable_params']:,}", measure.fmt_ms(r["step_s"]["median"]),
-              *[measure.fmt_ratio(r["relative"][f"step_vs_{k}"]) for k in refs],
-              measure.fmt_mib(r.get("peak_train_mem_bytes")),
-              *[measure.fmt_ratio(r["relative"][f"mem_vs_{k}"]) for k in refs]] for r in result["rows"]]
-    return text + measure.markdown_table(header, cells) + measure.targets_text(result["targets"])
+    return (text + measure.step_memory_table(result["rows"], list(options.reference))
+            + measure.targets_text(result["targets"]))
 
 
 def plot(result: dict[str, Any]) -> Any:
-    rows = result["rows"]
-    names = [r["method"] for r in rows]
-    fig, axes = measure.subplots(1, 2, 11, 0.4 * len(rows) + 2)
-    measure.bar_panel(axes[0][0], names, [1000 * r["step_s"]["median"] for r in rows], "train step, ms (median)",
-                      "step time")
-    measure.bar_panel(axes[0][1], names, [(r.get("peak_train_mem_bytes") or 0) / measure.MiB for r in rows],
-                      "peak train memory above frozen weights, MiB", "peak memory", color="tab:orange")
-    fig.suptitle(f"Train step on a {result['quantization']} {result['model']} decoder — {result['device']}",
-                 fontsize=10)
-    return fig
+    return measure.step_memory_plot(
+        result["rows"], f"Train step on a {result['quantization']} {result['model']} decoder — {result['device']}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
