@@ -33,7 +33,6 @@ from common.extras import needs
 
 with needs("glue", "causal_lm"):  # the same packages as the GLUE recipe: a missing one is one line naming the extra
     import transformers
-    from accelerate import DataLoaderConfiguration
     from accelerate.utils import set_seed
     from datasets import Dataset
     from transformers import (
@@ -56,13 +55,12 @@ with needs("glue", "causal_lm"):  # the same packages as the GLUE recipe: a miss
         SEED_RANGE,
         check_model_path,
         check_options,
-        config_to_dict,
         parse_recipe_args,
     )
     from common.causal_lm_data import IGNORE_INDEX, Collator, encode_examples, read_examples, split_prompt
     from common.communication import CommunicationArgs, check_communication_args
     from common.loop import (
-        LoopOptions, LoopSettings, Recipe, TrainLoop, Trainables, format_metrics, naming_option, run_recipe,
+        LoopOptions, Recipe, TrainLoop, Trainables, format_metrics, naming_option, run_recipe,
     )
     from common.methods import GSOFT_METHODS, METHODS, apply_method, check_method_choice, target_modules_value
 
@@ -640,25 +638,10 @@ class CausalLMRecipe(Recipe):
                 f"{run.output_dir / 'results.json'}")
 
 
-def loop_settings(args: CausalLMArgs) -> LoopSettings:
-    """The recipe's options as the shared loop's settings."""
-    return LoopSettings(
-        output_dir=args.output_dir, run_config=config_to_dict(args), seed=args.seed, max_steps=args.max_steps,
-        num_epochs=args.num_train_epochs, gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision, max_grad_norm=args.max_grad_norm, scheduler_per_micro_batch=False,
-        eval_steps=args.eval_steps, save_steps=args.save_steps, checkpoints_total_limit=args.checkpoints_total_limit,
-        logging_steps=args.logging_steps, stop_after_steps=args.stop_after_steps,
-        resume_from_checkpoint=args.resume_from_checkpoint, overwrite_output_dir=args.overwrite_output_dir,
-        tensorboard=args.report_to == "tensorboard", logging_dir="tensorboard", progress_bar=args.progress_bar,
-        progress_desc=f"{args.task}/{args.method}", torch_num_threads=args.torch_num_threads,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), communication=args,
-    )
-
-
 def main(argv: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
     """Run the recipe; returns the results (also written to results.json), or None after ``--stop_after_steps``."""
     args = parse_recipe_args(CausalLMArgs, argv, description=__doc__, prog=NAME)
-    return run_recipe(CausalLMRecipe(args), loop_settings(args))
+    return run_recipe(CausalLMRecipe(args), args.loop_settings())
 
 
 if __name__ == "__main__":

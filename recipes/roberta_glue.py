@@ -31,7 +31,7 @@ from common.extras import needs
 with needs("glue", "roberta_glue"):  # a missing package is one line naming the extra that installs it
     import datasets
     import transformers
-    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import (
         AutoConfig,
@@ -51,12 +51,11 @@ with needs("glue", "roberta_glue"):  # a missing package is one line naming the 
         SEED_RANGE,
         check_model_path,
         check_options,
-        config_to_dict,
         parse_recipe_args,
     )
     from common.communication import CommunicationArgs, check_communication_args
     from common.loop import (
-        LoopOptions, LoopSettings, Recipe, TrainLoop, Trainables, format_metrics, naming_option, run_recipe,
+        LoopOptions, Recipe, TrainLoop, Trainables, format_metrics, naming_option, run_recipe,
     )
     from common.methods import GSOFT_METHODS, METHODS, apply_method, check_method_choice, target_modules_value
     from common.volunteer import VolunteerArgs, loop_class, volunteer_config
@@ -526,26 +525,10 @@ class GlueRecipe(Recipe):
                 f"results in {run.output_dir / 'results.json'}")
 
 
-def loop_settings(args: GlueArgs) -> LoopSettings:
-    """The recipe's options as the shared loop's settings."""
-    return LoopSettings(
-        output_dir=args.output_dir, run_config=config_to_dict(args), seed=args.seed, max_steps=args.max_steps,
-        num_epochs=args.num_train_epochs, gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision, max_grad_norm=args.max_grad_norm, scheduler_per_micro_batch=False,
-        eval_steps=args.eval_steps, save_steps=args.save_steps, checkpoints_total_limit=args.checkpoints_total_limit,
-        logging_steps=args.logging_steps, stop_after_steps=args.stop_after_steps,
-        resume_from_checkpoint=args.resume_from_checkpoint, overwrite_output_dir=args.overwrite_output_dir,
-        tensorboard=args.report_to == "tensorboard", logging_dir="tensorboard", progress_bar=args.progress_bar,
-        progress_desc=f"{args.task}/{args.method}", torch_num_threads=args.torch_num_threads,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), communication=args,
-        volunteer=volunteer_config(args),
-    )
-
-
 def main(argv: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
     """Run the recipe; returns the results (also written to results.json), or None after ``--stop_after_steps``."""
     args = parse_recipe_args(GlueArgs, argv, description=__doc__, prog=NAME)
-    return run_recipe(GlueRecipe(args), loop_settings(args), loop_class(args))
+    return run_recipe(GlueRecipe(args), args.loop_settings(volunteer=volunteer_config(args)), loop_class(args))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader
 from gsoft.distributed import collective_failure
 from gsoft.distributed.volunteer import AveragingFailed, VolunteerConfig
 
+from .args import config_to_dict
 from .checkpoint import (
     load_checkpoint,
     newest_intact_checkpoint,
@@ -99,8 +100,8 @@ class TrainingDiverged(RuntimeError):
 class LoopOptions:
     """The run options that mean the same in every recipe on :func:`run_recipe` (YAML keys and ``--key value``
     flags): checkpoints, resuming, evaluation and logging intervals, data workers, threads. A recipe's options class
-    lists them after its own (``class Args(CommunicationArgs, LoopOptions, _RecipeOptions)``) and maps them onto
-    :class:`LoopSettings`."""
+    lists them after its own (``class Args(CommunicationArgs, LoopOptions, _RecipeOptions)``); :meth:`loop_settings`
+    maps them onto :class:`LoopSettings`."""
 
     overwrite_output_dir: bool = field(
         default=False,
@@ -141,6 +142,25 @@ class LoopOptions:
         metadata={"help": "Debugging: checkpoint and exit after N steps, as if interrupted (no results.json).",
                   "min": 1},
     )
+
+    def loop_settings(self, **settings: Any) -> "LoopSettings":
+        """These options, with the run options every recipe on :func:`run_recipe` declares itself (``output_dir``,
+        ``seed``, ``max_steps``, ``num_train_epochs``, ``gradient_accumulation_steps``, ``mixed_precision``,
+        ``max_grad_norm``, ``task``, ``method``; the recipe's options are its communication options too), as the
+        loop's settings; ``settings`` adds or replaces some (``volunteer=...``)."""
+        opts: Any = self
+        base = dict(
+            output_dir=opts.output_dir, run_config=config_to_dict(opts), seed=opts.seed, max_steps=opts.max_steps,
+            num_epochs=opts.num_train_epochs, gradient_accumulation_steps=opts.gradient_accumulation_steps,
+            mixed_precision=opts.mixed_precision, max_grad_norm=opts.max_grad_norm, scheduler_per_micro_batch=False,
+            eval_steps=self.eval_steps, save_steps=self.save_steps,
+            checkpoints_total_limit=self.checkpoints_total_limit, logging_steps=self.logging_steps, stop_after_steps=self.stop_after_steps,
+            resume_from_checkpoint=self.resume_from_checkpoint, overwrite_output_dir=self.overwrite_output_dir,
+            tensorboard=self.report_to == "tensorboard", logging_dir="tensorboard", progress_bar=self.progress_bar,
+            progress_desc=f"{opts.task}/{opts.method}", torch_num_threads=self.torch_num_threads,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), communication=opts,
+        )
+        return LoopSettings(**{**base, **settings})
 
 
 @dataclass
