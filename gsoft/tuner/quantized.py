@@ -1,8 +1,10 @@
 """GSOFT on bitsandbytes-quantized linear layers (QGSOFT): full-precision rotations around a base that stays quantized.
 
-GSOFT multiplies a layer's input (and, for Double GSOFT, its output) by orthogonal matrices, so training uses the
-quantized weight only through bitsandbytes' own forward: no dequantized copy of the weight is made or kept. The
-rotations train in the adapter's dtype (fp32) around ``bnb.nn.Linear4bit`` (nf4 / fp4) and ``bnb.nn.Linear8bitLt``.
+GSOFT multiplies a layer's input (and, for Double GSOFT, its output) by orthogonal matrices, so the quantized weight
+itself never changes while training and no dense copy of it is kept: the 4-bit layer's fused op dequantizes it for
+each product and drops it (as bitsandbytes' own 4-bit matmul does when it trains), the 8-bit layer runs bitsandbytes'
+own int8 forward. The rotations train in the adapter's dtype (fp32) around ``bnb.nn.Linear4bit`` (nf4 / fp4) and
+``bnb.nn.Linear8bitLt``.
 
 Merging is the one place that needs the weight itself: it dequantizes, merges in fp32 and quantizes the result again.
 Requantizing rounds the merged weight to the quantization grid, so a merged quantized layer is close to, not equal to,
@@ -38,8 +40,8 @@ class RequantizationError:
 
 
 class QuantizedLinear(Linear):
-    """GSOFT around a bitsandbytes linear layer: the base op is the layer's own forward, the weight is read only to
-    merge. Subclasses say how to dequantize and quantize their weight type."""
+    """GSOFT around a bitsandbytes linear layer: the composed forward runs the layer's own forward, merging reads and
+    rewrites its weight. Subclasses say how to dequantize and quantize their weight type."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: GSOFTConfig, **kwargs: Any) -> None:
         self.requantization_errors: list[RequantizationError] = []
