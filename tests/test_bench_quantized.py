@@ -27,3 +27,22 @@ def test_match_params_must_be_a_run_method(tmp_path: Path) -> None:
 
     with pytest.raises(SystemExit):
         bench_quantized.main(["--quick", "--methods", "lora", "--output_dir", str(tmp_path)])
+
+
+def test_matrix_forms_cuda_applies_the_cuda_rules_on_a_cpu_run_only_inside() -> None:
+    """--matrix_forms cuda: inside the run a CPU picks the forms a GPU would (two factors of b = 16 as dense groups,
+    CUDA's grouped limit; the CPU's is b = 8), and the CPU's own rules are back afterwards."""
+    import torch
+
+    from bench import quantized as bench_quantized
+    from gsoft import plan
+
+    options = bench_quantized.parse_options(bench_quantized.QuantizedOptions, "quantized",
+                                            ["--quick", "--matrix_forms", "cuda", "--device", "cpu"], None)
+    cpu = torch.device("cpu")
+    before = (dict(plan.DENSE_MAX), dict(plan.GROUPED_MAX_BLOCK))
+    assert plan.matrix_form(2, 32, 16, "cpu") == "factors"
+    with bench_quantized.matrix_forms(options, cpu):
+        assert plan.matrix_form(2, 32, 16, "cpu") == plan.matrix_form(2, 32, 16, "cuda") == "groups"
+        assert plan.matrix_form(2, 20, 64, "cpu") == "dense"  # n = 1280: CUDA's dense bound
+    assert (dict(plan.DENSE_MAX), dict(plan.GROUPED_MAX_BLOCK)) == before

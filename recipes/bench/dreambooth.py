@@ -41,11 +41,11 @@ from common.run import count_parameters
 from dreambooth import latent_loss
 
 from . import measure
-from .options import BenchOptions, parse_options, repo_path
+from .options import TrainStepOptions, parse_options, repo_path
 
 
 @dataclass
-class DreamboothOptions(BenchOptions):
+class DreamboothOptions(TrainStepOptions):
     """Options of the DreamBooth UNet benchmark (defaults: configs/bench/dreambooth.yaml)."""
 
     output_dir: str = field(default="outputs/bench_dreambooth", metadata={"help": "Where dreambooth.md/.json/.png go."})
@@ -71,10 +71,6 @@ class DreamboothOptions(BenchOptions):
     resolution: int = field(default=512, metadata={"help": "Image side in pixels (latents are resolution / 8)."})
     text_len: int = field(default=77, metadata={"help": "Text tokens per prompt (CLIP: 77)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "UNet gradient checkpointing."})
-    warmup: int = field(default=1, metadata={"help": "Untimed steps per method first."})
-    rounds: int = field(default=3, metadata={"help": "Interleaved timing rounds."})
-    steps_per_round: int = field(default=2, metadata={"help": "Timed steps per method and round."})
-    memory: bool = field(default=True, metadata={"help": "Measure peak memory (one extra step per method)."})
     boft_fbd: measure.BoftFbd = field(
         default="torch", metadata={"help": "torch: pure-PyTorch BOFT block-diagonal op; peft: PEFT's (CPU: m = 1)."}
     )
@@ -84,16 +80,12 @@ class DreamboothOptions(BenchOptions):
         default_factory=lambda: {"method": "gsoft", "step_vs_boft": 0.5, "mem_vs_boft": 1.0, "step_vs_lora": 1.2},
         metadata={"help": "{method: name, <metric>: limit}: value <= limit, reported."},
     )
-    threads: Optional[int] = field(default=None, metadata={"help": "torch threads on a CPU (null: torch's default)."})
-    device: measure.DeviceName = field(default="auto", metadata={"help": "auto (cuda when available), cpu or cuda."})
-    device_overrides: dict = field(default_factory=dict, metadata={"help": "Options per device type (cpu, cuda)."})
-    seed: int = field(default=0, metadata={"help": "Seed of weights and inputs."})
 
     def __post_init__(self) -> None:
         if self.unet not in self.unet_configs:
             raise ValueError(f"--unet: unknown {self.unet!r}; unet_configs has {sorted(self.unet_configs)}.")
         self.method_config = str(repo_path(self.method_config))
-        measure.resolve_device(self.device)  # --device cuda without a GPU fails here, naming the fix
+        super().__post_init__()
 
 
 def unet_config(options: DreamboothOptions, device: torch.device) -> tuple[dict[str, Any], bool]:

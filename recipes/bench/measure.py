@@ -587,10 +587,10 @@ def bar_panel(ax: Any, labels: Sequence[str], values: Sequence[float], xlabel: s
 def train_step_rows(step: Callable[[str, bool], Any], models: Mapping[str, torch.nn.Module],
                     opts: Mapping[str, torch.optim.Optimizer], options: Any, frozen_bytes: int,
                     device: torch.device, label: str) -> dict[str, dict[str, Any]]:
-    """Every model's train step, side by side: ``options.warmup`` untimed steps each, then ``options.rounds``
-    interleaved rounds of ``options.steps_per_round`` timed steps, then (with ``options.memory``) one profiled step
-    each (:func:`peak_train_memory`). ``step(method, zero_grad)`` runs one step of that method. Per method:
-    ``step_s`` (:func:`summary`), ``step_samples_s`` and the peak memory keys."""
+    """Every model's train step, side by side, as ``options`` (a :class:`bench.options.TrainStepOptions`) say:
+    ``warmup`` untimed steps each, then ``rounds`` interleaved rounds of ``steps_per_round`` timed steps, then (with
+    ``memory``) one profiled step each (:func:`peak_train_memory`). ``step(method, zero_grad)`` runs one step of that
+    method. Per method: ``step_s`` (:func:`summary`), ``step_samples_s`` and the peak memory keys."""
     bar = progress(len(models) * (options.warmup + options.rounds * options.steps_per_round + int(options.memory)),
                    label)
     for method in models:

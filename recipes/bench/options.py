@@ -19,6 +19,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 
 from common.args import parse_recipe_args
 
+from .measure import DeviceName, resolve_device
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs" / "bench"
 #: Option layers that are not options themselves: they may not set each other.
@@ -43,6 +45,24 @@ class BenchOptions:
     )
     plot: bool = field(default=True, metadata={"help": "Save <name>.png next to the tables."})
     argv: list = field(default_factory=list, init=False, metadata={"help": "The command line (for the report)."})
+
+
+@dataclass
+class TrainStepOptions(BenchOptions):
+    """The options of a benchmark that times and profiles whole train steps side by side
+    (:func:`bench.measure.train_step_rows` reads them), and its device."""
+
+    warmup: int = field(default=1, metadata={"help": "Untimed steps per method first."})
+    rounds: int = field(default=3, metadata={"help": "Interleaved timing rounds."})
+    steps_per_round: int = field(default=2, metadata={"help": "Timed steps per method and round."})
+    memory: bool = field(default=True, metadata={"help": "Measure peak memory (one extra step per method)."})
+    threads: Optional[int] = field(default=None, metadata={"help": "torch threads on a CPU (null: torch's default)."})
+    device: DeviceName = field(default="auto", metadata={"help": "auto (cuda when available), cpu or cuda."})
+    device_overrides: dict = field(default_factory=dict, metadata={"help": "Options per device type (cpu, cuda)."})
+    seed: int = field(default=0, metadata={"help": "Seed of weights and inputs."})
+
+    def __post_init__(self) -> None:
+        resolve_device(self.device)  # --device cuda without a GPU fails here, naming the fix
 
 
 def parse_options(cls: type[T], name: str, argv: Optional[Sequence[str]], description: Optional[str],

@@ -39,14 +39,14 @@ from common.methods import METHODS, apply_method
 from gsoft import plan
 
 from . import measure
-from .options import BenchOptions, parse_options
+from .options import TrainStepOptions, parse_options
 
 #: The quantization kinds: bitsandbytes 4-bit NormalFloat, 4-bit float, and 8-bit integers.
 Quantization = Literal["nf4", "fp4", "int8"]
 
 
 @dataclass
-class QuantizedOptions(BenchOptions):
+class QuantizedOptions(TrainStepOptions):
     """Options of the quantized-base benchmark (defaults: configs/bench/quantized.yaml)."""
 
     output_dir: str = field(default="outputs/bench_quantized", metadata={"help": "Where quantized.md/.json/.png go."})
@@ -76,10 +76,6 @@ class QuantizedOptions(BenchOptions):
     batch_size: int = field(default=4, metadata={"help": "Sequences per step."})
     seq_len: int = field(default=512, metadata={"help": "Tokens per sequence."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "prepare_model_for_kbit_training's."})
-    warmup: int = field(default=1, metadata={"help": "Untimed steps per method first."})
-    rounds: int = field(default=3, metadata={"help": "Interleaved timing rounds."})
-    steps_per_round: int = field(default=2, metadata={"help": "Timed steps per method and round."})
-    memory: bool = field(default=True, metadata={"help": "Measure peak memory (one extra step per method)."})
     matrix_forms: Literal["device", "cuda"] = field(
         default="device",
         metadata={"help": "device: GS matrix forms by the run's device (gsoft.plan.matrix_form); cuda: the CUDA rules "
@@ -91,10 +87,6 @@ class QuantizedOptions(BenchOptions):
         default_factory=lambda: {"method": "gsoft", "mem_vs_lora": 1.1},
         metadata={"help": "{method: name, <metric>: limit}: value <= limit, reported."},
     )
-    threads: Optional[int] = field(default=None, metadata={"help": "torch threads on a CPU (null: torch's default)."})
-    device: measure.DeviceName = field(default="auto", metadata={"help": "auto (cuda when available), cpu or cuda."})
-    device_overrides: dict = field(default_factory=dict, metadata={"help": "Options per device type (cpu, cuda)."})
-    seed: int = field(default=0, metadata={"help": "Seed of weights and inputs."})
 
     def __post_init__(self) -> None:
         if self.model not in self.model_configs:
@@ -104,7 +96,7 @@ class QuantizedOptions(BenchOptions):
         if self.match_params is not None and self.match_params not in self.methods:
             raise ValueError(f"--match_params {self.match_params!r} is not in --methods {self.methods}; add it, or "
                              "set --match_params null to take LoRA's rank from method_options.")
-        measure.resolve_device(self.device)  # --device cuda without a GPU fails here, naming the fix
+        super().__post_init__()
 
 
 def quantization_config(options: QuantizedOptions, device: torch.device) -> Any:
