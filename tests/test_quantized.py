@@ -42,9 +42,10 @@ class Wrap(nn.Module):
         return self.lin(x)
 
 
-def adapted(kind: str, double: bool = False, init_weights: bool = False, **layer_kwargs) -> nn.Module:
-    config = gsoft.GSOFTConfig(block_size=16, target_modules=["lin"], double=double, scaling=double,
-                               init_weights=init_weights)
+def adapted(kind: str, double: bool = False, init_weights: bool = False, gs_options: dict | None = None,
+            **layer_kwargs) -> nn.Module:
+    config = gsoft.GSOFTConfig(target_modules=["lin"], double=double, scaling=double, init_weights=init_weights,
+                               **(gs_options or {"block_size": 16}))
     return get_peft_model(Wrap(quantized_linear(kind, **layer_kwargs)), config)
 
 
@@ -81,11 +82,17 @@ def test_identity_at_init(kind):
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
 
 
+# the matrix forms on a CPU: one pass per factor, dense groups, one block-diagonal factor
+FORMS = {"factors": {"block_size": 16}, "groups": {"block_size": 8}, "blocks": {"block_size": 16, "n_factors": 1}}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("double", [False, True], ids=["gsoft", "double"])
 @pytest.mark.parametrize("rows", [5, 100], ids=["few_rows", "many_rows"])
-def test_fused_4bit_op_equals_composed_forward(double, rows):
-    model = adapted("nf4", double)
+def test_fused_4bit_op_equals_composed_forward(double, rows, form):
+    model = adapted("nf4", double, gs_options=FORMS[form])
     layer = layer_of(model)
+    assert layer.gsoft_in["default"].form("cpu") == form
     x = torch.randn(rows, 64, requires_grad=True)
     g = torch.randn(rows, 48)
 
